@@ -1,0 +1,9 @@
+"""CLI commands contributed by flows (registered through the selfattn.cli entry point)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this layer's commands to the selfattn CLI."""
