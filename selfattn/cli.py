@@ -24,6 +24,19 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Self-attention models and the pipeline that trains, tunes, evaluates, registers and promotes them."""
+
+
+@app.command()
+def version() -> None:
+    """Print the selfattn version."""
+    from selfattn import __version__
+
+    print(__version__)
+
+
 def _register_plugins() -> None:
     for ep in entry_points(group="selfattn.cli"):
         try:
@@ -46,16 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    except Exception as exc:  # click usage errors are ClickException subclasses
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except typer.exceptions.TyperException as exc:  # usage errors: bad option, missing argument
+        if hasattr(exc, "show"):
             exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            return 130
-        raise
+        return getattr(exc, "exit_code", 2)
     return 0
 
 
