@@ -8,8 +8,10 @@ Heavy libraries (torch, prefect, mlflow, ...) are imported inside the commands, 
 
 from __future__ import annotations
 
+import json
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import typer
 
@@ -37,6 +39,69 @@ def version() -> None:
     print(__version__)
 
 
+# --------------------------------------------------------------------------- training
+
+_CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML/JSON config file")
+_SET_OPT = typer.Option([], "--set", "-s", help="dotted override, e.g. --set train.max_steps=100 (repeatable)")
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+def pretrain(
+    config: Path = _CONFIG_OPT,
+    overrides: list[str] = _SET_OPT,
+    output: Path = typer.Option(..., "--output", "-o", help="output directory (checkpoints, best/, metrics.json, plots/)"),
+) -> None:
+    """Pretrain a causal LM (resumes automatically when OUTPUT holds a checkpoint)."""
+    from selfattn.config import load_config
+    from selfattn.train import PretrainConfig
+    from selfattn.train import pretrain as run_pretrain
+
+    cfg = load_config(PretrainConfig, config, overrides)
+    _setup_logging()
+    result = run_pretrain(cfg, output)
+    print(json.dumps({"out_dir": str(result.out_dir), "best_dir": str(result.best_dir), **result.metrics}))
+
+
+@app.command()
+def finetune(
+    config: Path = _CONFIG_OPT,
+    overrides: list[str] = _SET_OPT,
+    output: Path = typer.Option(..., "--output", "-o", help="output directory (checkpoints, best/, metrics.json, plots/)"),
+) -> None:
+    """Fine-tune a sequence classifier (from scratch, from init_from, or with LoRA)."""
+    from selfattn.config import load_config
+    from selfattn.train import FinetuneConfig
+    from selfattn.train import finetune as run_finetune
+
+    cfg = load_config(FinetuneConfig, config, overrides)
+    _setup_logging()
+    result = run_finetune(cfg, output)
+    print(json.dumps({"out_dir": str(result.out_dir), "best_dir": str(result.best_dir), **result.metrics}))
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., "--model", "-m", help="a save_pretrained directory (or a training output dir: its best/)"),
+    data: str = typer.Option(..., "--data", "-d", help="a data file or hub id, or a YAML file holding the data section"),
+    overrides: list[str] = _SET_OPT,
+    output: Path = typer.Option(..., "--output", "-o", help="where metrics.json and plots/ go"),
+) -> None:
+    """Evaluate a saved model on data: metrics.json and plots under OUTPUT."""
+    from selfattn.evaluate import data_config_for, evaluate_checkpoint
+
+    model_dir = model / "best" if not (model / "config.json").is_file() and (model / "best" / "config.json").is_file() else model
+    data_cfg = data_config_for(model_dir, data, overrides)
+    _setup_logging()
+    metrics = evaluate_checkpoint(model_dir, data_cfg, output)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
+
+
 def _register_plugins() -> None:
     for ep in entry_points(group="selfattn.cli"):
         try:
@@ -51,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user mistakes become one paragraph and a non-zero exit."""
     _register_plugins()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # standalone_mode=False: typer.Exit(n) comes back as n
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -66,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(exc, "show"):
             exc.show()
         return getattr(exc, "exit_code", 2)
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,6 +52,7 @@ class ModelConfig(StrictModel):
     # classifier head (ignored by the LM)
     n_classes: int | None = Field(default=None, ge=2)
     pooling: PoolingKind = "mean"
+    causal: bool = Field(default=False, description="classifier trunk: causal (as pretrained LM) or bidirectional")
     pad_token_id: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")

@@ -1,0 +1,312 @@
+"""MLflow Model Registry: idempotent registration, the champion gate, manual promote and rollback.
+
+Aliases: every registered version gets ``challenger``; ``champion`` moves only through
+:func:`gate` (better than the current champion on the same evaluation set by a margin, or no
+champion), :func:`promote` (manual) or :func:`rollback`. The champion history lives in the
+registered model's ``champion_history`` tag (comma-separated versions, oldest first) and the
+``previous_champion`` alias, so a rollback always knows where to go back to.
+
+Race freedom: the read-compare-move of the gate, promote and rollback runs under an exclusive
+file lock in ``<home>/locks/`` (``fcntl.flock``), so two pipelines on the same machine cannot
+interleave, whatever the tracking store (SQLite or PostgreSQL). Different machines sharing a
+remote store are not serialised by this lock (see docs/pipeline.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from selfattn.errors import UserError
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous_champion"
+HISTORY_TAG = "champion_history"
+
+# version tags written at registration (read back by the gate)
+TAG_RUN_KEY = "selfattn.run_key"
+TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
+TAG_METRIC = "eval.metric"
+TAG_SCORE = "eval.score"
+TAG_EVAL_DIGEST = "eval.dataset_digest"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of the champion gate, also written into the challenger's version tags."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    reason: str
+    metric: str
+    challenger_score: float | None
+    champion_version: str | None
+    champion_score: float | None
+    margin: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+@contextlib.contextmanager
+def registry_lock(model_name: str, home: Path | None = None, timeout_s: float = 120.0) -> Iterator[None]:
+    """Exclusive lock for one registered model (same-machine processes)."""
+    from flows.config import selfattn_home
+
+    lock_dir = (home or selfattn_home()) / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    with open(lock_dir / f"registry-{safe}.lock", "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"registry lock for {model_name!r} not acquired in {timeout_s} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def find_version(model_name: str, run_key: str, client=None):
+    """The version registered earlier for ``run_key`` (idempotency), or None."""
+    client = client or _client()
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.`{TAG_RUN_KEY}` = '{run_key}'")
+    except Exception:  # the registered model does not exist yet
+        return None
+    found = sorted(found, key=lambda mv: int(mv.version))
+    return found[0] if found else None
+
+
+def register(
+    *,
+    model_uri: str,
+    model_name: str,
+    run_key: str,
+    tags: dict[str, str] | None = None,
+    home: Path | None = None,
+    client=None,
+):
+    """Register ``model_uri`` as a new version of ``model_name`` with alias ``challenger``.
+
+    Idempotent: a version already tagged with ``run_key`` is returned instead of a second one,
+    so a pipeline killed during registration and run again ends with exactly one version.
+    """
+    import mlflow
+
+    client = client or _client()
+    all_tags = {TAG_RUN_KEY: run_key, **{k: str(v) for k, v in (tags or {}).items()}}
+    with registry_lock(model_name, home):
+        mv = find_version(model_name, run_key, client)
+        if mv is None:
+            mv = mlflow.register_model(model_uri, model_name, tags=all_tags)
+        else:
+            for k, v in all_tags.items():
+                if mv.tags.get(k) != v:
+                    client.set_model_version_tag(model_name, mv.version, k, v)
+        client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
+    return client.get_model_version(model_name, mv.version)
+
+
+# --------------------------------------------------------------------------- champion
+
+
+def champion_version(model_name: str, client=None):
+    """The version holding alias ``champion``, or None."""
+    client = client or _client()
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except Exception:
+        return None
+
+
+def _score(mv, metric: str) -> float | None:
+    if mv is None or mv.tags.get(TAG_METRIC) != metric:
+        return None
+    try:
+        value = float(mv.tags.get(TAG_SCORE, "nan"))
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value
+
+
+def _history(model_name: str, client) -> list[str]:
+    rm = client.get_registered_model(model_name)
+    raw = rm.tags.get(HISTORY_TAG, "")
+    return [v for v in raw.split(",") if v]
+
+
+def _move_champion(model_name: str, version: str, client) -> str | None:
+    """Point ``champion`` at ``version``; remember the old one. Caller holds the lock."""
+    old = champion_version(model_name, client)
+    if old is not None and old.version == str(version):
+        return old.version
+    history = _history(model_name, client)
+    if old is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old.version)
+        client.set_model_version_tag(model_name, version, "previous_champion", old.version)
+        if not history or history[-1] != old.version:
+            history.append(old.version)
+    history.append(str(version))
+    client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    client.set_registered_model_tag(model_name, HISTORY_TAG, ",".join(history))
+    return old.version if old is not None else None
+
+
+def gate(
+    *,
+    model_name: str,
+    version: str,
+    metric: str,
+    margin: float,
+    home: Path | None = None,
+    client=None,
+) -> Decision:
+    """Move ``champion`` to ``version`` if it beats the champion by ``margin`` (or there is none).
+
+    Scores come from the version tags ``eval.score``/``eval.metric``; the two are compared only
+    when both were evaluated on the same data (``eval.dataset_digest``). Higher is better.
+    The decision and both scores are written into the challenger's version tags.
+    """
+    client = client or _client()
+    version = str(version)
+    with registry_lock(model_name, home):
+        mv = client.get_model_version(model_name, version)
+        score = _score(mv, metric)
+        champ = champion_version(model_name, client)
+        champ_score = _score(champ, metric)
+        champ_v = champ.version if champ is not None else None
+        if score is None:
+            promoted, reason = False, f"version {version} has no {metric!r} score tag"
+        elif champ is None:
+            promoted, reason = True, "no champion yet"
+        elif champ_v == version:
+            promoted, reason = True, "already champion"
+        elif champ.tags.get(TAG_EVAL_DIGEST) != mv.tags.get(TAG_EVAL_DIGEST):
+            promoted, reason = False, (
+                f"champion v{champ_v} was evaluated on different data "
+                f"({champ.tags.get(TAG_EVAL_DIGEST)} vs {mv.tags.get(TAG_EVAL_DIGEST)}); promote manually"
+            )
+        elif champ_score is None:
+            promoted, reason = True, f"champion v{champ_v} has no {metric!r} score"
+        elif score > champ_score + margin:
+            promoted, reason = True, f"{metric} {score:.4f} > champion {champ_score:.4f} + margin {margin}"
+        else:
+            promoted, reason = False, f"{metric} {score:.4f} <= champion {champ_score:.4f} + margin {margin}"
+        if promoted:
+            _move_champion(model_name, version, client)
+        decision = Decision(
+            model_name=model_name,
+            version=version,
+            promoted=promoted,
+            reason=reason,
+            metric=metric,
+            challenger_score=score,
+            champion_version=champ_v,
+            champion_score=champ_score,
+            margin=margin,
+        )
+        for k, v in {
+            "promotion.decision": "promoted" if promoted else "rejected",
+            "promotion.reason": reason,
+            "promotion.challenger_score": "" if score is None else f"{score:.6f}",
+            "promotion.champion_version": champ_v or "",
+            "promotion.champion_score": "" if champ_score is None else f"{champ_score:.6f}",
+            "promotion.margin": str(margin),
+        }.items():
+            client.set_model_version_tag(model_name, version, k, v)
+    return decision
+
+
+def promote(model_name: str, version: str | int, *, home: Path | None = None, client=None) -> str | None:
+    """Manually make ``version`` the champion; returns the previous champion's version."""
+    client = client or _client()
+    version = str(version)
+    try:
+        client.get_model_version(model_name, version)
+    except Exception as exc:
+        raise UserError(f"model {model_name!r} has no version {version!r} ({type(exc).__name__})") from None
+    with registry_lock(model_name, home):
+        old = _move_champion(model_name, version, client)
+        client.set_model_version_tag(model_name, version, "promotion.decision", "promoted (manual)")
+    return old
+
+
+def rollback(model_name: str, *, home: Path | None = None, client=None) -> str:
+    """Move ``champion`` back to the previous champion; returns the version now champion."""
+    client = client or _client()
+    try:
+        client.get_registered_model(model_name)
+    except Exception:
+        raise UserError(f"registered model {model_name!r} not found in {_registry_uri()}") from None
+    with registry_lock(model_name, home):
+        history = _history(model_name, client)
+        current = champion_version(model_name, client)
+        if current is not None and history and history[-1] == current.version:
+            history = history[:-1]
+        if not history:
+            raise UserError(f"model {model_name!r} has no previous champion to roll back to")
+        target = history[-1]
+        client.set_registered_model_alias(model_name, CHAMPION, target)
+        if current is not None:
+            client.set_model_version_tag(model_name, current.version, "promotion.decision", f"rolled back to v{target}")
+        if len(history) > 1:
+            client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, history[-2])
+        else:
+            with contextlib.suppress(Exception):
+                client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
+        client.set_registered_model_tag(model_name, HISTORY_TAG, ",".join(history))
+    return target
+
+
+def describe(model_name: str, client=None) -> dict:
+    """Aliases and history of a registered model (for the CLI and the run summary)."""
+    client = client or _client()
+    rm = client.get_registered_model(model_name)
+    return {
+        "name": model_name,
+        "aliases": dict(rm.aliases or {}),
+        "history": _history(model_name, client),
+    }
+
+
+def _registry_uri() -> str:
+    import mlflow
+
+    return mlflow.get_registry_uri()
+
+
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "Decision",
+    "champion_version",
+    "describe",
+    "find_version",
+    "gate",
+    "promote",
+    "register",
+    "registry_lock",
+    "rollback",
+]

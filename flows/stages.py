@@ -1,0 +1,470 @@
+"""The pipeline's stages as plain functions (no Prefect, no MLflow), each cached by a done marker.
+
+Caching design (own done markers, not Prefect's result cache): every stage writes into
+``<home>/runs/<stage>-<key>/`` where ``key`` is a SHA-256 of the stage's inputs (its config
+section, the keys of the stages it depends on, the digests of the data files it reads) and the
+code version (a digest of the ``selfattn`` sources and this file). When a stage finishes, it
+writes ``_SUCCESS`` (JSON result) atomically (temp file + fsync + rename); a re-run finds the
+marker and returns the stored result without doing the work; a changed config changes the keys
+of that stage and of everything downstream only. A stage killed half-way has no marker, so it
+runs again in the same directory, where the training engine resumes from its last checkpoint.
+
+Why not Prefect's ``INPUTS + TASK_SOURCE`` cache: the stage directory must be stable across a
+crash for checkpoint resume (issue 7), the same stages must run without Prefect (benchmark,
+``selfattn tune``), and a marker on disk is easy to inspect and delete by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from selfattn.errors import UserError
+
+from flows.config import PipelineConfig, data_root, merge, resolve_local_path
+
+log = logging.getLogger(__name__)
+
+MARKER = "_SUCCESS"
+
+
+# --------------------------------------------------------------------------- keys and markers
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of the canonical JSON of ``obj``."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Digest of the training code (``selfattn`` package sources and this module)."""
+    import selfattn
+
+    root = Path(selfattn.__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")) + [Path(__file__).resolve()]:
+        h.update(str(p.relative_to(p.parents[1])).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class StageOutput(BaseModel):
+    """What a stage hands downstream: paths and small JSON values, never tensors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    stage: str
+    key: str
+    dir: str
+    cached: bool = False
+    result: dict[str, Any] = {}
+
+
+@dataclass
+class Stage:
+    """A stage directory keyed by its inputs; ``done()`` reads the marker, ``finish()`` writes it."""
+
+    home: Path
+    name: str
+    inputs: dict[str, Any]
+    key: str = field(init=False)
+    dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = digest({"stage": self.name, "inputs": self.inputs, "code": code_version()})[:16]
+        self.dir = self.home / "runs" / f"{self.name}-{self.key}"
+
+    def done(self) -> StageOutput | None:
+        marker = self.dir / MARKER
+        if not marker.is_file():
+            return None
+        try:
+            result = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return StageOutput(stage=self.name, key=self.key, dir=str(self.dir), cached=True, result=result)
+
+    def start(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / "inputs.json", json.dumps(self.inputs, indent=2, sort_keys=True, default=str))
+        return self.dir
+
+    def finish(self, result: dict[str, Any]) -> StageOutput:
+        write_atomic(self.dir / MARKER, json.dumps(result, indent=2, sort_keys=True, default=str))
+        return StageOutput(stage=self.name, key=self.key, dir=str(self.dir), cached=False, result=result)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _source_identity(spec: str, *, home: Path) -> dict[str, Any]:
+    if data_root() is None:
+        return {"remote": spec}
+    p = resolve_local_path(spec, home=home)
+    return {"file": str(p), "sha256": file_digest(p)}
+
+
+def _write_table(rows: Any, path: Path) -> None:
+    """A pandas DataFrame -> TSV without quoting (SST-2 style)."""
+    lines = ["\t".join(map(str, rows.columns))]
+    for rec in rows.itertuples(index=False):
+        lines.append("\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in rec))
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _read_tsv(path: Path):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, sep="\t", quoting=3, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several types for broken files
+        raise UserError(f"could not read data file {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _hub_table(hub_id: str, split: str, cfg: PipelineConfig):
+    """Download a hub split (users with internet) -> DataFrame with the configured columns."""
+    from selfattn.data import load_table
+
+    ds = load_table(hub_id, split=split, columns=[cfg.data.text_column, cfg.data.label_column])
+    return ds.select_columns([cfg.data.text_column, cfg.data.label_column]).to_pandas().astype(str)
+
+
+def prepare_data(cfg: PipelineConfig, home: Path) -> StageOutput:
+    """Materialise the run's data files (subsampled, exactly what is trained, checked and logged).
+
+    Local copies come from ``SELFATTN_DATA_DIR``; without it the public sources are downloaded
+    (SST-2 from the HF hub, Tiny Shakespeare from its canonical URL).
+    """
+    d = cfg.data
+    sources = {
+        "corpus": _source_identity(d.corpus if data_root() else d.corpus_url, home=home),
+        "train": _source_identity(d.train if data_root() else f"{d.sst2_hub}:train", home=home),
+        "dev": _source_identity(d.dev if data_root() else f"{d.sst2_hub}:validation", home=home),
+    }
+    stage = Stage(home, "data", {"data": d.model_dump(), "sources": sources, "seed": cfg.seed})
+    if (out := stage.done()) is not None:
+        return out
+    out_dir = stage.start()
+    # corpus
+    if "file" in sources["corpus"]:
+        text = Path(sources["corpus"]["file"]).read_text(encoding="utf-8", errors="replace")
+    else:
+        with urllib.request.urlopen(d.corpus_url, timeout=60) as resp:  # noqa: S310 (fixed https URL from config)
+            text = resp.read().decode("utf-8", errors="replace")
+    if d.corpus_chars is not None:
+        text = text[: d.corpus_chars]
+    write_atomic(out_dir / "corpus.txt", text)
+    # labelled splits
+    for split, hub_split in (("train", "train"), ("dev", "validation")):
+        src = sources[split]
+        target = out_dir / f"{split}.tsv"
+        n = d.train_rows if split == "train" else d.dev_rows
+        if "file" in src and n is None:
+            shutil.copyfile(src["file"], target)
+            continue
+        table = _read_tsv(Path(src["file"])) if "file" in src else _hub_table(d.sst2_hub, hub_split, cfg)
+        if n is not None and n < len(table):
+            table = table.sample(n=n, random_state=cfg.seed).sort_index() if split == "train" else table.head(n)
+        _write_table(table, target)
+    files = {name: str(out_dir / name) for name in ("corpus.txt", "train.tsv", "dev.tsv")}
+    digests = {name: file_digest(Path(p)) for name, p in files.items()}
+    return stage.finish({"files": files, "digests": digests, "digest": digest(digests)[:16], "sources": sources})
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_data(cfg: PipelineConfig, data: StageOutput, home: Path) -> StageOutput:
+    """data_checks on the corpus, the training split and the dev split (against train).
+
+    A failed check is not cached (the next run checks again); a passed one is. The result holds
+    ``passed``, the failures and the paths of report.json and the GX Data Docs.
+    """
+    from data_checks import validate
+
+    d = cfg.data
+    files = data.result["files"]
+    stage = Stage(home, "validate", {"data": data.result["digests"], "labels": d.labels, "cols": [d.text_column, d.label_column]})
+    if (out := stage.done()) is not None:
+        return out
+    out_dir = stage.start()
+    reports = {}
+    common = {"text_column": d.text_column, "label_column": d.label_column, "labels": d.labels}
+    reports["corpus"] = validate(files["corpus.txt"], kind="corpus", output_dir=out_dir / "corpus")
+    reports["train"] = validate(files["train.tsv"], kind="labelled", output_dir=out_dir / "train", **common)
+    reports["dev"] = validate(files["dev.tsv"], kind="labelled", against=files["train.tsv"], output_dir=out_dir / "dev", **common)
+    summary = {name: r.to_dict() for name, r in reports.items()}
+    write_atomic(out_dir / "report.json", json.dumps(summary, indent=2, default=str))
+    passed = all(r.passed for r in reports.values())
+    result = {
+        "passed": passed,
+        "failures": {name: [f"{c.name}: {c.detail}" for c in r.failures] for name, r in reports.items() if r.failures},
+        "warnings": {name: [f"{c.name}: {c.detail}" for c in r.warnings] for name, r in reports.items() if r.warnings},
+        "report": str(out_dir / "report.json"),
+        "data_docs": {name: str(r.data_docs) for name, r in reports.items() if r.data_docs},
+    }
+    if not passed:
+        return StageOutput(stage="validate", key=stage.key, dir=str(out_dir), cached=False, result=result)
+    return stage.finish(result)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def pretrain_config(cfg: PipelineConfig, data: StageOutput) -> dict[str, Any]:
+    return merge(cfg.pretrain, {"data": {"path": data.result["files"]["corpus.txt"]}})
+
+
+def finetune_config(
+    cfg: PipelineConfig,
+    data: StageOutput,
+    pretrained: StageOutput,
+    params: dict[str, Any] | None = None,
+    *,
+    trial: bool = False,
+) -> dict[str, Any]:
+    """The engine's FinetuneConfig mapping. Trials hold out part of train (val_path None), so
+    the dev split stays unseen until the final evaluation."""
+    from flows.tuning import apply_params
+
+    d = cfg.data
+    files = data.result["files"]
+    base = merge(
+        cfg.finetune,
+        {
+            "data": {
+                "train_path": files["train.tsv"],
+                "val_path": None if trial else files["dev.tsv"],
+                "text_column": d.text_column,
+                "label_column": d.label_column,
+                "labels": d.labels,
+            },
+            "init_from": pretrained.result["best_dir"],
+        },
+    )
+    if trial:
+        base = merge(base, cfg.search.trial_overrides)
+    return apply_params(base, params or {})
+
+
+def _without_paths(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Config mapping minus run-specific paths (they are keyed by digests instead)."""
+    out = json.loads(json.dumps(mapping, default=str))
+    out.get("data", {}).pop("path", None)
+    for k in ("train_path", "val_path"):
+        if out.get("data", {}).get(k):
+            out["data"][k] = Path(out["data"][k]).name
+    out.pop("init_from", None)
+    return out
+
+
+def _train_result(result: Any, out_dir: Path) -> dict[str, Any]:
+    history_path = out_dir / "history.json"
+    write_atomic(history_path, json.dumps(list(result.history or []), default=str))
+    return {
+        "best_dir": str(result.best_dir),
+        "last_ckpt": str(result.last_ckpt) if result.last_ckpt else None,
+        "metrics": {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "history": str(history_path),
+    }
+
+
+def pretrain_stage(cfg: PipelineConfig, data: StageOutput, home: Path, callbacks: Sequence[Any] = ()) -> StageOutput:
+    """Causal-LM pretraining on the corpus (resumes from the stage's checkpoint after a crash)."""
+    from selfattn.train import PretrainConfig, pretrain
+
+    engine_cfg = pretrain_config(cfg, data)
+    stage = Stage(home, "pretrain", {"config": _without_paths(engine_cfg), "corpus": data.result["digests"]["corpus.txt"]})
+    if (out := stage.done()) is not None:
+        return out
+    out_dir = stage.start()
+    result = pretrain(PretrainConfig.model_validate(engine_cfg), out_dir / "train", list(callbacks))
+    return stage.finish({**_train_result(result, out_dir), "config": engine_cfg})
+
+
+def search_stage(
+    cfg: PipelineConfig,
+    data: StageOutput,
+    pretrained: StageOutput,
+    home: Path,
+    trial_callbacks: Callable[[Any, dict[str, Any]], Sequence[Any]] | None = None,
+    study_callbacks: Sequence[Callable[[Any, Any], None]] = (),
+) -> StageOutput:
+    """Optuna search (resumable study); the result holds the best parameters.
+
+    ``trial_callbacks(trial, params)`` returns extra engine callbacks for a trial (e.g. one that
+    logs it as a nested MLflow run). With ``search.enabled: false`` the best parameters are {}.
+    """
+    from flows import tuning
+
+    inputs = {
+        "search": cfg.search.model_dump(exclude={"storage"}),
+        "pretrain": pretrained.key,
+        "finetune": _without_paths(finetune_config(cfg, data, pretrained, trial=True)),
+        "data": data.result["digests"],
+    }
+    stage = Stage(home, "search", inputs)
+    if (out := stage.done()) is not None:
+        return out
+    out_dir = stage.start()
+    if not cfg.search.enabled or not cfg.search.space or cfg.search.n_trials == 0:
+        return stage.finish({"best_params": {}, "enabled": False})
+    objective = make_objective(cfg, data, pretrained, out_dir, trial_callbacks)
+    study = tuning.optimize(cfg, objective, home=home, callbacks=study_callbacks)
+    summary = tuning.summarize(study, cfg, home)
+    plots = [str(p) for p in tuning.save_plots(study, out_dir / "plots")]
+    return stage.finish({**summary.to_dict(), "enabled": True, "plots": plots})
+
+
+def make_objective(
+    cfg: PipelineConfig,
+    data: StageOutput,
+    pretrained: StageOutput,
+    out_dir: Path,
+    trial_callbacks: Callable[[Any, dict[str, Any]], Sequence[Any]] | None = None,
+) -> Callable[[Any], float]:
+    """Optuna objective: a short fine-tune from the pretrained checkpoint; returns the metric."""
+
+    def objective(trial: Any) -> float:
+        from optuna.storages import RetryFailedTrialCallback
+
+        from flows import tuning
+        from selfattn.train import FinetuneConfig, finetune
+
+        params = tuning.suggest(trial, cfg)
+        engine_cfg = finetune_config(cfg, data, pretrained, params, trial=True)
+        # a retried trial (its process died) resumes in the dead trial's directory
+        number = RetryFailedTrialCallback.retried_trial_number(trial)
+        trial_dir = out_dir / f"trial-{trial.number if number is None else number}"
+        callbacks = [tuning.PruningCallback(trial=trial, metric=cfg.search.metric)]
+        callbacks += list(trial_callbacks(trial, params) if trial_callbacks else [])
+        result = finetune(FinetuneConfig.model_validate(engine_cfg), trial_dir, callbacks)
+        value = tuning.pick_metric(result.metrics or {}, cfg.search.metric)
+        if value is None:
+            raise UserError(f"trial {trial.number}: the engine reported no {cfg.search.metric!r} metric (got {sorted(result.metrics)})")
+        trial.set_user_attr("out_dir", str(trial_dir))
+        return value
+
+    return objective
+
+
+def finetune_stage(
+    cfg: PipelineConfig,
+    data: StageOutput,
+    pretrained: StageOutput,
+    search: StageOutput,
+    home: Path,
+    callbacks: Sequence[Any] = (),
+) -> StageOutput:
+    """The final fine-tune with the best parameters (GPU when the engine finds one)."""
+    from selfattn.train import FinetuneConfig, finetune
+
+    params = search.result.get("best_params", {})
+    engine_cfg = finetune_config(cfg, data, pretrained, params)
+    stage = Stage(home, "finetune", {"config": _without_paths(engine_cfg), "pretrain": pretrained.key, "data": data.result["digests"]})
+    if (out := stage.done()) is not None:
+        return out
+    out_dir = stage.start()
+    result = finetune(FinetuneConfig.model_validate(engine_cfg), out_dir / "train", list(callbacks))
+    return stage.finish({**_train_result(result, out_dir), "config": engine_cfg, "params": params})
+
+
+def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> StageOutput:
+    """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention)."""
+    from selfattn.train import evaluate_checkpoint
+
+    dev = data.result["files"]["dev.tsv"]
+    stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"]})
+    if (out := stage.done()) is not None:
+        return out
+    out_dir = stage.start()
+    eval_data = eval_data_config(cfg, dev)
+    metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), eval_data, out_dir / "eval")
+    plots = make_plots(cfg, metrics, finetuned, out_dir / "plots")
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    return stage.finish(
+        {
+            "metrics": scalars,
+            "metrics_file": str(out_dir / "metrics.json"),
+            "plots": plots,
+            "dataset_digest": data.result["digests"]["dev.tsv"][:16],
+            "eval_dir": str(out_dir / "eval"),
+        }
+    )
+
+
+def eval_data_config(cfg: PipelineConfig, dev: str) -> dict[str, Any]:
+    d = cfg.data
+    return {"train_path": dev, "val_path": dev, "text_column": d.text_column, "label_column": d.label_column, "labels": d.labels}
+
+
+def make_plots(cfg: PipelineConfig, metrics: dict[str, Any], finetuned: StageOutput, out_dir: Path) -> list[str]:
+    """Learning curves, confusion matrix, reliability diagram and attention maps (best effort)."""
+    from selfattn import plots as sp
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made: list[str] = []
+    history = json.loads(Path(finetuned.result["history"]).read_text(encoding="utf-8"))
+    attempts: list[tuple[str, Callable[[], Any]]] = [("learning_curves.png", lambda: sp.plot_learning_curves(history, out_dir / "learning_curves.png"))]
+    if metrics.get("confusion_matrix") is not None:
+        attempts.append(("confusion_matrix.png", lambda: sp.plot_confusion_matrix(metrics["confusion_matrix"], cfg.data.labels, out_dir / "confusion_matrix.png")))
+    if metrics.get("confidences") is not None and metrics.get("correct") is not None:
+        attempts.append(("reliability.png", lambda: sp.plot_reliability_diagram(metrics["confidences"], metrics["correct"], out_dir / "reliability.png")))
+    attempts.append(("attention.png", lambda: _attention_plot(cfg, finetuned, out_dir / "attention.png")))
+    for name, fn in attempts:
+        try:
+            fn()
+            made.append(str(out_dir / name))
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.warning("plot %s skipped: %s", name, exc)
+    return made
+
+
+def _attention_plot(cfg: PipelineConfig, finetuned: StageOutput, path: Path) -> None:
+    from selfattn.checkpoint import load_pretrained
+    from selfattn.interpret import attention_maps, plot_attention
+
+    pre = load_pretrained(finetuned.result["best_dir"])
+    tokens, weights = attention_maps(pre.model, pre.tokenizer, cfg.tracking.attention_example)
+    plot_attention(tokens, weights, path)

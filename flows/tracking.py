@@ -1,0 +1,307 @@
+"""MLflow helpers: the store, stage runs, batched step metrics, datasets, stale-run cleanup.
+
+Everything is set up by the flow at run time (``configure``), never on import. Runs carry the
+tags ``selfattn.host`` and ``selfattn.pid`` so the next start can mark runs whose process died
+(SIGKILL, OOM, preemption) as ``KILLED`` instead of leaving them ``RUNNING`` forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from selfattn.train import Callback
+
+from flows.config import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
+
+TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
+TAG_STAGE = "selfattn.stage"
+TAG_HOST = "selfattn.host"
+TAG_PID = "selfattn.pid"
+TAG_GIT = "mlflow.source.git.commit"
+TAG_DATA_DIGEST = "selfattn.data_digest"
+
+
+def configure(home: Path | None = None) -> str:
+    """Point MLflow at the configured store; returns the tracking URI."""
+    import mlflow
+
+    home = home or selfattn_home()
+    uri = mlflow_tracking_uri(home)
+    if uri.startswith("sqlite:///"):
+        home.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+def ensure_experiment(name: str, home: Path | None = None) -> str:
+    """The id of experiment ``name``, created with artifacts under ``<home>/mlartifacts`` if new."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        root = Path(mlflow_artifact_root(home))
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another pipeline
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def process_tags() -> dict[str, str]:
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_stale_runs(experiment_id: str) -> list[str]:
+    """Runs left RUNNING by a dead process on this host -> ``KILLED``; returns their ids.
+
+    Runs of live processes (a concurrent pipeline) and of other hosts are left alone.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    killed = []
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(TAG_HOST) != host or not tags.get(TAG_PID, "").isdigit():
+            continue
+        if int(tags[TAG_PID]) == os.getpid() or _pid_alive(int(tags[TAG_PID])):
+            continue
+        client.set_tag(run.info.run_id, "selfattn.stale", "process died; marked KILLED on the next start")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        killed.append(run.info.run_id)
+    return killed
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """HEAD commit of the source tree, when it is a git checkout."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def stage_run(
+    name: str,
+    *,
+    parent_run_id: str | None,
+    experiment_id: str,
+    tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    log_system_metrics: bool | None = None,
+) -> Iterator[Any]:
+    """A nested MLflow run (``mlflow.start_run``) under ``parent_run_id``; FAILED on an exception.
+
+    Works whether or not the parent is the active run of this thread (Prefect may run a
+    task in another thread).
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    all_tags = {**process_tags(), TAG_STAGE: name, **(tags or {})}
+    kwargs: dict[str, Any] = {"run_name": name, "tags": all_tags, "log_system_metrics": log_system_metrics}
+    if active is not None:
+        kwargs["nested"] = True  # under the active run (the parent, or the stage run of a trial)
+    else:
+        kwargs["parent_run_id"] = parent_run_id
+        kwargs["experiment_id"] = experiment_id
+    run = mlflow.start_run(**kwargs)
+    try:
+        if params:
+            log_params(run.info.run_id, params)
+        yield run
+    except BaseException as exc:
+        mlflow.set_tag("selfattn.error", f"{type(exc).__name__}: {exc}"[:4000])
+        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        mlflow.end_run()
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as JSON)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Flattened params in batches of 100 (MLflow's limit), values cut to 6000 chars."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    flat = flatten(params)
+    items = [Param(k[:250], str(v)[:6000]) for k, v in flat.items()]
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
+    items = [p for p in items if p.key not in existing]  # a resumed run must not re-log different values
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
+
+
+def log_json(run_id: str, obj: Any, artifact_file: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_dict(run_id, obj, artifact_file)
+
+
+class MlflowCallback(Callback):
+    """Training callback that logs to MLflow: step metrics batched, eval metrics, checkpoints.
+
+    Step metrics are buffered and sent with one ``log_batch`` call every ``log_every`` steps
+    (not one request per step); eval metrics go out at each eval, prefixed ``val_`` unless the
+    engine already named them so.
+    """
+
+    def __init__(self, *, run_id: str, log_every: int = 20, prefix: str = "") -> None:
+        from mlflow import MlflowClient
+
+        if log_every <= 0:
+            raise ValueError(f"log_every ({log_every}) must be > 0")
+        self.run_id = run_id
+        self.log_every = log_every
+        self.prefix = prefix
+        self._client = MlflowClient()
+        self._buffer: list[Any] = []
+        self._since_flush = 0
+
+    def _metric(self, key: str, value: Any, step: int):
+        from mlflow.entities import Metric
+
+        return Metric(f"{self.prefix}{key}", float(value), int(time.time() * 1000), int(step))
+
+    def _add(self, metrics: dict[str, Any], step: int, name=lambda k: k) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._buffer.append(self._metric(name(k), v, step))
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), 1000):
+            self._client.log_batch(self.run_id, metrics=self._buffer[i : i + 1000], synchronous=True)
+        self._buffer = []
+        self._since_flush = 0
+
+    def on_train_start(self, info: dict) -> None:
+        params = {k: v for k, v in (info or {}).items() if isinstance(v, (int, float, str, bool))}
+        if params:
+            log_params(self.run_id, {f"{self.prefix}info.{k}": v for k, v in params.items()})
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        self._add(metrics, step)
+        self._since_flush += 1
+        if self._since_flush >= self.log_every:
+            self.flush()
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self._add(metrics, step, name=lambda k: k if k.startswith(("val", "eval")) else f"val_{k}")
+        self.flush()
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self._client.set_tag(self.run_id, f"{self.prefix}last_checkpoint", f"{path} (step {step})")
+
+    def on_train_end(self, result: Any) -> None:
+        self.flush()
+
+
+def log_dataset(path: Path, *, name: str, context: str, targets: str | None = None, digest: str | None = None) -> None:
+    """``mlflow.log_input`` for a TSV/text file on the active run (digest + source)."""
+    import mlflow
+    import pandas as pd
+
+    path = Path(path)
+    if path.suffix == ".tsv":
+        df = pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False)
+    else:
+        df = pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()})
+        targets = None
+    ds = mlflow.data.from_pandas(df, source=str(path), name=name, targets=targets, digest=digest[:36] if digest else None)
+    mlflow.log_input(ds, context=context)
+
+
+def run_url(run_id: str, experiment_id: str) -> str:
+    """A link to the run: the MLflow UI for http stores, else the ``selfattn ui`` hint."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id} (open with `selfattn ui`, experiment {experiment_id})"
+
+
+class TrialRuns:
+    """Logs each Optuna trial as a nested MLflow run under ``parent_run_id``.
+
+    ``factory(trial, params)`` (passed as the search stage's ``trial_callbacks``) opens the run,
+    logs the sampled params and returns the engine callback that streams the trial's metrics;
+    the instance itself is an Optuna study callback that closes the run with the trial's state
+    and value once the trial is over (complete, pruned or failed).
+    """
+
+    def __init__(self, *, parent_run_id: str, experiment_id: str, log_every: int = 20, tags: dict[str, str] | None = None) -> None:
+        self.parent_run_id = parent_run_id
+        self.experiment_id = experiment_id
+        self.log_every = log_every
+        self.tags = tags or {}
+        self.runs: dict[int, str] = {}
+
+    def factory(self, trial: Any, params: dict[str, Any]) -> list[Callback]:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        run = client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial.number}",
+            tags={"mlflow.parentRunId": self.parent_run_id, TAG_STAGE: "trial", "optuna.trial": str(trial.number), **process_tags(), **self.tags},
+        )
+        self.runs[trial.number] = run.info.run_id
+        log_params(run.info.run_id, params)
+        return [MlflowCallback(run_id=run.info.run_id, log_every=self.log_every)]
+
+    def __call__(self, study: Any, frozen: Any) -> None:
+        from mlflow import MlflowClient
+
+        run_id = self.runs.pop(frozen.number, None)
+        if run_id is None:
+            return
+        client = MlflowClient()
+        client.set_tag(run_id, "optuna.state", frozen.state.name)
+        if frozen.value is not None:
+            client.log_metric(run_id, "objective", float(frozen.value))
+        client.set_terminated(run_id, status="FAILED" if frozen.state.name == "FAIL" else "FINISHED")

@@ -1,0 +1,291 @@
+"""Optuna search: trials fine-tune from the pretrained checkpoint with a short budget.
+
+The study lives in an RDB storage (SQLite under ``SELFATTN_HOME`` by default, any SQLAlchemy URL
+via ``search.storage``) with a heartbeat: a trial whose process died (SIGKILL, OOM) is failed on
+the next start and retried once with the same parameters (``RetryFailedTrialCallback``).
+``search.n_trials`` is the number of finished (complete or pruned) trials the study should hold,
+so a re-run continues the study and several workers (``selfattn tune --workers N``) share it.
+Trials are logged as nested MLflow runs by us (not optuna-integration's MLflowCallback).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from selfattn.errors import UserError
+from selfattn.train import Callback
+
+from flows.config import PipelineConfig, merge, optuna_storage_url
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def pick_metric(metrics: dict[str, Any], name: str) -> float | None:
+    """``metrics[name]``, else the engine's ``val_<name>`` / ``eval_<name>`` spelling."""
+    for key in (name, f"val_{name}", f"eval_{name}", f"val/{name}"):
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+class PruningCallback(Callback):
+    """Reports each eval's metric to the trial; raises ``optuna.TrialPruned`` when told to prune.
+
+    The engine lets an exception raised in ``on_eval`` stop training and propagate, which is
+    how Optuna's pruning reaches ``study.optimize``.
+    """
+
+    def __init__(self, *, trial: Any, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        import optuna
+
+        value = pick_metric(metrics, self.metric)
+        if value is None:
+            return
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} ({self.metric}={value:.4f})")
+
+
+def storage(cfg: PipelineConfig, home: Path | None = None):
+    """The study's RDB storage with heartbeat and retry of trials whose process died."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = optuna_storage_url(cfg, home)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=cfg.search.heartbeat_interval_s,
+            grace_period=cfg.search.grace_period_s,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=cfg.search.max_retry),
+        )
+
+
+def make_study(cfg: PipelineConfig, home: Path | None = None, *, worker: int = 0):
+    """Create or load (``load_if_exists``) the study named in the config; TPE seeded."""
+    import optuna
+
+    s = cfg.search
+    if s.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=s.pruner_warmup_steps)
+    elif s.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner()
+    else:
+        pruner = optuna.pruners.NopPruner()
+    sampler = optuna.samplers.TPESampler(seed=s.seed + worker, n_startup_trials=max(2, min(10, s.n_trials // 2)))
+    return optuna.create_study(
+        study_name=s.study_name,
+        storage=storage(cfg, home),
+        sampler=sampler,
+        pruner=pruner,
+        direction=s.direction,
+        load_if_exists=True,
+    )
+
+
+def suggest(trial: Any, cfg: PipelineConfig) -> dict[str, Any]:
+    """Sample every key of ``search.space`` (dotted finetune keys) -> ``{key: value}``."""
+    params: dict[str, Any] = {}
+    for key, sp in cfg.search.space.items():
+        if sp.type == "categorical":
+            params[key] = trial.suggest_categorical(key, sp.choices)
+        elif sp.type == "int":
+            params[key] = trial.suggest_int(key, int(sp.low), int(sp.high), step=int(sp.step or 1), log=sp.log)
+        else:
+            params[key] = trial.suggest_float(key, sp.low, sp.high, step=sp.step, log=sp.log)
+    return params
+
+
+def apply_params(finetune: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``lora.rank``) of a finetune mapping."""
+    out = merge({}, finetune)
+    for key, value in params.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def n_finished(study: Any) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str
+    best_params: dict[str, Any]
+    best_value: float
+    best_trial: int
+    n_trials: int
+    n_complete: int
+    n_pruned: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def summarize(study: Any, cfg: PipelineConfig, home: Path | None = None) -> SearchResult:
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise UserError(
+            f"Optuna study {cfg.search.study_name!r} has no complete trial "
+            f"({len(trials)} trials: {sorted({t.state.name for t in trials})}); check the trial logs in MLflow"
+        )
+    best = study.best_trial
+    return SearchResult(
+        study_name=cfg.search.study_name,
+        storage=optuna_storage_url(cfg, home),
+        best_params=dict(best.params),
+        best_value=float(best.value),
+        best_trial=best.number,
+        n_trials=len(trials),
+        n_complete=len(complete),
+        n_pruned=sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
+    )
+
+
+def optimize(
+    cfg: PipelineConfig,
+    objective: Callable[[Any], float],
+    *,
+    home: Path | None = None,
+    worker: int = 0,
+    callbacks: Sequence[Callable[[Any, Any], None]] = (),
+) -> Any:
+    """Run trials until the study holds ``search.n_trials`` finished ones (or the timeout)."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+
+    study = make_study(cfg, home, worker=worker)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = cfg.search.n_trials - n_finished(study)
+    if remaining > 0:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=cfg.search.timeout_s,
+            callbacks=[MaxTrialsCallback(cfg.search.n_trials, states=states), *callbacks],
+            catch=(FloatingPointError, ArithmeticError),
+            gc_after_trial=True,
+        )
+    return study
+
+
+def save_plots(study: Any, out_dir: Path) -> list[Path]:
+    """Optimisation history and parameter importances (matplotlib), when they can be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in (("optuna_history.png", ovm.plot_optimization_history), ("optuna_importances.png", ovm.plot_param_importances)):
+            try:
+                ax = fn(study)
+            except (ValueError, RuntimeError, ZeroDivisionError, optuna.exceptions.OptunaError) as exc:
+                log.info("skipping %s: %s", name, exc)
+                continue
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.tight_layout()
+            fig.savefig(out_dir / name, dpi=90)
+            plt.close(fig)
+            paths.append(out_dir / name)
+    return paths
+
+
+# --------------------------------------------------------------------------- `selfattn tune --workers N`
+
+
+def _worker(cfg_json: str, data_json: str, pre_json: str, home: str, out_dir: str, parent_run_id: str, experiment_id: str, worker: int) -> int:
+    """One worker process: optimise the shared study until it holds ``n_trials`` finished trials."""
+    from flows import stages, tracking
+
+    cfg = PipelineConfig.model_validate_json(cfg_json)
+    data = stages.StageOutput.model_validate_json(data_json)
+    pre = stages.StageOutput.model_validate_json(pre_json)
+    tracking.configure(Path(home))
+    trials = tracking.TrialRuns(parent_run_id=parent_run_id, experiment_id=experiment_id, log_every=cfg.tracking.log_every)
+    objective = stages.make_objective(cfg, data, pre, Path(out_dir), trials.factory)
+    study = optimize(cfg, objective, home=Path(home), worker=worker, callbacks=[trials])
+    return n_finished(study)
+
+
+def tune_command(cfg: PipelineConfig, home: Path, *, workers: int = 1) -> dict[str, Any]:
+    """Data gate and pretraining (cached stages), then ``workers`` processes on one study.
+
+    Each worker is a separate process (``spawn``) with its own storage connection; the RDB
+    storage serialises trial bookkeeping, ``MaxTrialsCallback`` stops all of them at
+    ``search.n_trials`` finished trials. Trials are nested MLflow runs under one ``tune`` run.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mlflow import MlflowClient
+
+    from flows import stages, tracking
+
+    if workers < 1:
+        raise ValueError(f"workers ({workers}) must be >= 1")
+    tracking.configure(home)
+    experiment_id = tracking.ensure_experiment(cfg.tracking.experiment, home)
+    tracking.mark_stale_runs(experiment_id)
+    data = stages.prepare_data(cfg, home)
+    checked = stages.validate_data(cfg, data, home)
+    if not checked.result["passed"]:
+        raise UserError(f"data checks failed: {checked.result['failures']} (report: {checked.result['report']})")
+    pre = stages.pretrain_stage(cfg, data, home)
+    client = MlflowClient()
+    parent = client.create_run(experiment_id, run_name=f"tune-{cfg.search.study_name}", tags={**tracking.process_tags(), tracking.TAG_STAGE: "tune"})
+    out_dir = home / "runs" / f"tune-{cfg.search.study_name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = (cfg.model_dump_json(), data.model_dump_json(), pre.model_dump_json(), str(home), str(out_dir), parent.info.run_id, experiment_id)
+    status = "FAILED"
+    try:
+        if workers == 1:
+            _worker(*args, 0)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                for f in [pool.submit(_worker, *args, i) for i in range(workers)]:
+                    f.result()
+        study = make_study(cfg, home)
+        summary = summarize(study, cfg, home)
+        for p in save_plots(study, out_dir / "plots"):
+            client.log_artifact(parent.info.run_id, str(p), "plots")
+        client.log_dict(parent.info.run_id, summary.to_dict(), "search.json")
+        status = "FINISHED"
+        return {**summary.to_dict(), "workers": workers, "mlflow_run_id": parent.info.run_id}
+    finally:
+        client.set_terminated(parent.info.run_id, status=status)

@@ -1,0 +1,315 @@
+"""Multi-head self-attention (full / sliding window / low rank), positions and a KV cache.
+
+``MultiHeadAttention`` projects ``x [B, T, D]`` to queries ``[B, H, T, hd]`` and keys/values
+``[B, H_kv, T, hd]`` (``H_kv`` < ``H`` = grouped-query, 1 = multi-query), applies positions
+(RoPE rotates q/k; ALiBi adds a score bias; learned positions are added by the model), optionally
+appends k/v to a :class:`KVCache`, and runs :func:`selfattn.functional.scaled_dot_product_attention`.
+
+Variants (``attention=``):
+
+* ``"full"``: every query sees every (earlier, if causal) key.
+* ``"sliding_window"``: each query sees the last ``window`` keys, itself included (causal); with
+  ``is_causal=False`` a symmetric band ``|i - j| < window``. Implemented as a banded boolean mask
+  ``[T, S]`` on the fused kernel: it computes the same thing as full attention restricted to the
+  band, **not** less work: time and memory stay O(T * S) (the mask itself is T * S bytes).
+* ``"low_rank"``: Linformer. Learned projections ``E, F [low_rank_k, max_len]`` mix keys and values
+  along the sequence axis (``K' = E[:, :T] K``), so the scores are ``[T, low_rank_k]``: O(T * k).
+  Bidirectional only (a projected key mixes past and future tokens), meant for the classifier;
+  ``is_causal=True`` or a KV cache raise ``ValueError``. Padding keys are zeroed before projecting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from selfattn.functional import causal_mask, scaled_dot_product_attention, sliding_window_mask
+from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary
+
+if TYPE_CHECKING:
+    from selfattn.config import ModelConfig
+
+__all__ = ["KVCache", "MultiHeadAttention"]
+
+_ATTENTION_KINDS = ("full", "sliding_window", "low_rank")
+_POSITION_KINDS = ("rope", "learned", "alibi", "none")
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding, one pair of tensors per layer.
+
+    Each layer holds ``k, v [batch_size, n_kv_heads, max_len, head_dim]`` (kv heads unexpanded, keys
+    already rotated when RoPE is used). ``update(layer_idx, k, v)`` writes the new positions after the
+    ones already held and returns views of everything so far. ``length`` is the number of positions
+    held by every layer (what the next token's position is); ``layer_length(i)`` is one layer's count.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        for name, value in (
+            ("n_layers", n_layers),
+            ("batch_size", batch_size),
+            ("n_kv_heads", n_kv_heads),
+            ("head_dim", head_dim),
+            ("max_len", max_len),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCache {name} ({value}) must be a positive int")
+        self.n_layers = n_layers
+        self.batch_size = batch_size
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.max_len = max_len
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self._lengths = [0] * n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions held by every layer (the position of the next token)."""
+        return min(self._lengths)
+
+    def layer_length(self, layer_idx: int) -> int:
+        self._check_layer(layer_idx)
+        return self._lengths[layer_idx]
+
+    def _check_layer(self, layer_idx: int) -> None:
+        if not 0 <= layer_idx < self.n_layers:
+            raise ValueError(f"layer_idx ({layer_idx}) must be in [0, {self.n_layers}) for this KVCache")
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``k, v [B, n_kv_heads, t, head_dim]``; return ``(k_all, v_all) [B, n_kv_heads, S, head_dim]``."""
+        self._check_layer(layer_idx)
+        expected = (self.batch_size, self.n_kv_heads, k.shape[-2] if k.dim() == 4 else -1, self.head_dim)
+        if k.dim() != 4 or tuple(k.shape) != expected or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(
+                f"KVCache.update expects k and v of shape [batch={self.batch_size}, n_kv_heads={self.n_kv_heads}, "
+                f"t, head_dim={self.head_dim}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        start, t = self._lengths[layer_idx], k.shape[-2]
+        if start + t > self.max_len:
+            raise ValueError(
+                f"KVCache full: layer {layer_idx} holds {start} positions, adding {t} exceeds max_len={self.max_len}"
+            )
+        self.k[layer_idx][:, :, start : start + t] = k
+        self.v[layer_idx][:, :, start : start + t] = v
+        self._lengths[layer_idx] = start + t
+        return self.k[layer_idx][:, :, : start + t], self.v[layer_idx][:, :, : start + t]
+
+    def reset(self) -> None:
+        """Forget every position (the memory is kept and overwritten)."""
+        self._lengths = [0] * self.n_layers
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with grouped-query heads, positions, variants and a KV cache.
+
+    ``forward(x [B, T, D], attention_mask=None, is_causal=True, kv_cache=None, layer_idx=0,
+    return_weights=False) -> out [B, T, D]`` or ``(out, weights [B, H, T, S])`` where ``S`` is the
+    number of keys (``T`` plus cached positions; ``low_rank_k`` for ``low_rank``).
+
+    ``attention_mask`` is a key padding mask, bool, True = real token: ``[B, S]`` (with a KV cache,
+    ``S`` covers the cached positions too; ``[B, T]`` when there is no cache).
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        bias: bool = False,
+        dropout: float = 0.0,
+        attention: str = "full",
+        window: int | None = None,
+        low_rank_k: int | None = None,
+        max_len: int | None = None,
+        position: str = "rope",
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model < 1 or n_heads < 1 or n_kv_heads < 1:
+            raise ValueError(f"d_model ({d_model}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) must be >= 1")
+        if d_model % n_heads:
+            raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
+        if attention not in _ATTENTION_KINDS:
+            raise ValueError(f"attention ({attention!r}) must be one of {_ATTENTION_KINDS}")
+        if position not in _POSITION_KINDS:
+            raise ValueError(f"position ({position!r}) must be one of {_POSITION_KINDS}")
+        if attention == "sliding_window" and (window is None or window < 1):
+            raise ValueError(f"attention='sliding_window' needs window >= 1 (keys per query), got {window}")
+        if attention == "low_rank":
+            if low_rank_k is None or low_rank_k < 1:
+                raise ValueError(f"attention='low_rank' needs low_rank_k >= 1, got {low_rank_k}")
+            if max_len is None or max_len < 1:
+                raise ValueError(f"attention='low_rank' needs max_len >= 1 (longest sequence), got {max_len}")
+            if position == "alibi":
+                raise ValueError("attention='low_rank' cannot use position='alibi' (projected keys have no position)")
+        head_dim = d_model // n_heads
+        if position == "rope" and head_dim % 2:
+            raise ValueError(f"position='rope' needs an even head_dim, got {head_dim} (d_model={d_model}, n_heads={n_heads})")
+
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.attention = attention
+        self.window = window
+        self.low_rank_k = low_rank_k
+        self.max_len = max_len
+        self.position = position
+
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+
+        self.rotary = RotaryEmbedding(head_dim, rope_base) if position == "rope" else None
+        if position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)  # [H]
+        if attention == "low_rank":
+            assert low_rank_k is not None and max_len is not None
+            # Linformer E (keys) and F (values): [k, max_len]; std 1/sqrt(max_len) keeps E K ~ K in scale
+            self.e_proj = nn.Parameter(torch.randn(low_rank_k, max_len) / math.sqrt(max_len))
+            self.f_proj = nn.Parameter(torch.randn(low_rank_k, max_len) / math.sqrt(max_len))
+
+    @classmethod
+    def from_config(cls, cfg: "ModelConfig") -> "MultiHeadAttention":
+        """Build from a :class:`selfattn.config.ModelConfig` (``max_len`` = ``context_length``)."""
+        return cls(
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            bias=cfg.bias,
+            dropout=cfg.dropout,
+            attention=cfg.attention,
+            window=cfg.window,
+            low_rank_k=cfg.low_rank_k,
+            max_len=cfg.context_length,
+            position=cfg.position,
+            rope_base=cfg.rope_base,
+        )
+
+    def extra_repr(self) -> str:
+        extra = f", window={self.window}" if self.attention == "sliding_window" else ""
+        extra += f", low_rank_k={self.low_rank_k}" if self.attention == "low_rank" else ""
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+            f"attention={self.attention!r}{extra}, position={self.position!r}"
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        is_causal: bool = True,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, T, d_model={self.d_model}], got shape {tuple(x.shape)}")
+        if self.attention == "low_rank":
+            return self._forward_low_rank(x, attention_mask, is_causal, kv_cache, return_weights)
+        B, T, _ = x.shape
+        offset = kv_cache.layer_length(layer_idx) if kv_cache is not None else 0
+        S = offset + T  # keys after this step
+        key_mask = self._key_mask(attention_mask, B, T, S)  # [B, 1, 1, S] bool or None
+
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, hd]
+        if self.rotary is not None:
+            cos, sin = self.rotary(T, offset, device=x.device, dtype=q.dtype)  # [T, hd]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)  # [B, H_kv, S, hd]
+
+        mask = key_mask
+        causal = is_causal
+        if self.attention == "sliding_window":
+            assert self.window is not None
+            band = sliding_window_mask(T, S, self.window, x.device, causal=is_causal)  # [T, S]
+            mask = band if mask is None else mask & band
+            causal = False  # the band is already causal
+        if self.position == "alibi":
+            bias = alibi_bias(self.alibi_slopes, T, S, device=x.device, dtype=q.dtype)  # [H, T, S]
+            if causal:
+                mask = causal_mask(T, S, x.device) if mask is None else mask & causal_mask(T, S, x.device)
+                causal = False
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))  # [B?, H, T, S]
+
+        dropout_p = self.dropout if self.training else 0.0
+        result = scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p, return_weights=return_weights
+        )
+        out, weights = result if return_weights else (result, None)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
+        return (out, weights) if return_weights else out
+
+    def _key_mask(self, attention_mask: Tensor | None, B: int, T: int, S: int) -> Tensor | None:
+        """``[B, S]`` True = real token -> ``[B, 1, 1, S]`` bool; validates the shape."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] != S:
+            raise ValueError(
+                f"attention_mask must be [B={B}, S={S}] (True = real token; S = cached {S - T} + new {T}), "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.to(torch.bool)[:, None, None, :]
+
+    def _forward_low_rank(
+        self, x: Tensor, attention_mask: Tensor | None, is_causal: bool, kv_cache: KVCache | None, return_weights: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if is_causal:
+            raise ValueError(
+                "attention='low_rank' (Linformer) is bidirectional only: is_causal=True is not supported; "
+                "call with is_causal=False (sequence classification)"
+            )
+        if kv_cache is not None:
+            raise ValueError("attention='low_rank' does not support a kv_cache (it is not causal)")
+        B, T, _ = x.shape
+        assert self.max_len is not None
+        if T > self.max_len:
+            raise ValueError(f"attention='low_rank': sequence length ({T}) exceeds max_len ({self.max_len})")
+        key_mask = self._key_mask(attention_mask, B, T, T)
+
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            cos, sin = self.rotary(T, 0, device=x.device, dtype=q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if key_mask is not None:
+            keep = key_mask.transpose(-1, -2).to(k.dtype)  # [B, 1, S, 1]: padding keys contribute nothing
+            k, v = k * keep, v * keep
+        e = self.e_proj[:, :T].to(k.dtype)  # [k, T]
+        f = self.f_proj[:, :T].to(v.dtype)
+        k = e @ k  # [B, H_kv, k, hd]
+        v = f @ v  # [B, H_kv, k, hd]
+        dropout_p = self.dropout if self.training else 0.0
+        result = scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, return_weights=return_weights)
+        out, weights = result if return_weights else (result, None)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return (out, weights) if return_weights else out

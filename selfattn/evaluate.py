@@ -1,0 +1,267 @@
+"""Evaluation: LM loss/perplexity, classification accuracy, macro-F1, confusion matrix, ECE.
+
+Metric functions take plain arrays (numbers from scikit-learn where it has them); the
+model-driven helpers (``lm_loss``, ``classifier_predictions``) are shared with the training
+engine; :func:`evaluate_checkpoint` evaluates a ``save_pretrained`` directory on data and writes
+``metrics.json`` plus plots under an output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from selfattn.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from selfattn.data import ClassificationDataConfig, LMDataConfig
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` (inf when it overflows)."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def reliability_bins(confidences: Sequence[float], correct: Sequence[bool], *, n_bins: int = 15) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", "np.ndarray"]:
+    """Per equal-width confidence bin ``(lo, hi]``: accuracy, mean confidence, count, and the edges [n_bins+1]."""
+    import numpy as np
+
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf = np.asarray(confidences, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.shape != ok.shape:
+        raise ValueError(f"confidences {conf.shape} and correct {ok.shape} must have the same shape")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin b holds edges[b] < c <= edges[b+1]; a confidence of exactly 0 goes to the first bin
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins).astype(np.float64)
+    safe = np.maximum(counts, 1)
+    acc = np.bincount(which, weights=ok, minlength=n_bins) / safe
+    mean_conf = np.bincount(which, weights=conf, minlength=n_bins) / safe
+    return acc, mean_conf, counts, edges
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], *, n_bins: int = 15) -> float:
+    """ECE = sum over bins of ``(n_b / N) * |accuracy_b - confidence_b|`` (Guo et al., 2017)."""
+    acc, conf, counts, _ = reliability_bins(confidences, correct, n_bins=n_bins)
+    n = counts.sum()
+    return float((counts / n * abs(acc - conf)).sum()) if n else 0.0
+
+
+def classification_metrics(y_true: Sequence[int], probs: "np.ndarray", *, n_bins: int = 15) -> dict[str, Any]:
+    """accuracy, macro_f1, confusion_matrix (rows = true), ece, n from true class indices and probs [N, C]."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"probs must be [N, C] with N = len(y_true) ({len(y)}), got {p.shape}")
+    pred = p.argmax(axis=1)
+    classes = list(range(p.shape[1]))
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=classes, average="macro", zero_division=0)),
+        "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
+        "ece": expected_calibration_error(p.max(axis=1), pred == y, n_bins=n_bins),
+        "n": int(len(y)),
+    }
+
+
+# --------------------------------------------------------------------------- model-driven
+
+
+def autocast_context(device: "torch.device", dtype: "torch.dtype | None"):
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lm_loss(model: "torch.nn.Module", batches: Iterable[tuple["torch.Tensor", "torch.Tensor"]], *, device: "torch.device", amp_dtype: "torch.dtype | None" = None) -> float:
+    """Mean next-token loss over ``batches`` of ``(x [B,T], y [B,T])`` (token-weighted)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    with torch.no_grad():
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast_context(device, amp_dtype):
+                out = model(x, targets=y)
+            total += out.loss.double() * y.numel()
+            count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise UserError("no validation tokens to evaluate")
+    return float(total) / count
+
+
+def classifier_predictions(model: "torch.nn.Module", batches: Iterable[tuple["torch.Tensor", dict[str, "torch.Tensor"]]], n: int, *, device: "torch.device", amp_dtype: "torch.dtype | None" = None) -> tuple["np.ndarray", "np.ndarray", float]:
+    """``(probs [N, C], labels [N], mean loss)`` with rows put back in data order."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    probs: np.ndarray | None = None
+    labels = np.zeros(n, dtype=np.int64)
+    total = 0.0
+    with torch.no_grad():
+        for idx, b in batches:
+            with autocast_context(device, amp_dtype):
+                out = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+            logits = out.logits.float()
+            y = b["labels"].to(device)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            p = torch.softmax(logits, dim=-1).cpu().numpy()
+            if probs is None:
+                probs = np.zeros((n, p.shape[1]), dtype=np.float64)
+            probs[idx.numpy()] = p
+            labels[idx.numpy()] = b["labels"].numpy()
+    model.train(was_training)
+    if probs is None:
+        raise UserError("no validation examples to evaluate")
+    return probs, labels, total / n
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def evaluate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig | LMDataConfig | str | Path", out_dir: str | Path, *, batch_size: int = 64, device: str = "auto", n_attention_examples: int = 3) -> dict[str, Any]:
+    """Evaluate a ``save_pretrained`` directory; writes ``out_dir/metrics.json`` and ``out_dir/plots/``.
+
+    ``data`` is a data config (classifier: its ``val_path``, or the held-out ``val_fraction`` of
+    ``train_path``; LM: the held-out last ``val_fraction`` of the corpus, every block once) or a
+    file path (classifier: every row, read with the columns/labels the model was trained with;
+    LM: the whole file). Returns the metrics dict (also written as JSON).
+    """
+    from selfattn.checkpoint import load_pretrained
+    from selfattn.data import ClassificationDataConfig, LMDataConfig
+    from selfattn.train.engine import resolve_device
+
+    dev = resolve_device(device)
+    pre = load_pretrained(model_dir, map_location=dev)
+    if pre.tokenizer is None:
+        raise UserError(f"checkpoint {model_dir} has no tokenizer/; cannot evaluate on text")
+    out = Path(out_dir)
+    plots = out / "plots"
+    saved_data = (pre.extra or {}).get("data") or {}
+    if pre.task == "classifier":
+        if isinstance(data, (str, Path)):
+            base = {k: v for k, v in saved_data.items() if k in ClassificationDataConfig.model_fields}
+            base.update(train_path=str(data), val_path=str(data))
+            data = ClassificationDataConfig.model_validate(base)
+        if not isinstance(data, ClassificationDataConfig):
+            raise UserError(f"checkpoint {model_dir} is a classifier; evaluate it on labelled data (a ClassificationDataConfig or a file)")
+        metrics = _evaluate_classifier(pre, data, plots, batch_size=batch_size, device=dev, n_attention_examples=n_attention_examples)
+    else:
+        whole = isinstance(data, (str, Path))
+        if whole:
+            base = {k: v for k, v in saved_data.items() if k in LMDataConfig.model_fields}
+            base.update(path=str(data))
+            data = LMDataConfig.model_validate(base)
+        if not isinstance(data, LMDataConfig):
+            raise UserError(f"checkpoint {model_dir} is a language model; evaluate it on a corpus (an LMDataConfig or a file)")
+        metrics = _evaluate_lm(pre, data, whole=whole, batch_size=batch_size, device=dev)
+    metrics["model_dir"] = str(model_dir)
+    history_file = Path(model_dir).parent / "history.json"
+    if history_file.is_file():
+        from selfattn.plots import plot_learning_curves
+
+        history = json.loads(history_file.read_text())
+        if history:
+            plot_learning_curves(history, plots / "learning_curves.png")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def data_config_for(model_dir: str | Path, data: str, overrides: Sequence[str] = ()) -> "ClassificationDataConfig | LMDataConfig | str":
+    """The data config to evaluate ``model_dir`` on: ``data`` is a data file / hub id (columns and
+    labels as in training, whole file) or a YAML file holding the data section; ``overrides`` are
+    dotted ``key=value`` settings of that section. Without overrides a plain path is returned as is.
+    """
+    from selfattn.config import load_config
+    from selfattn.data import ClassificationDataConfig, LMDataConfig
+
+    meta_file = Path(model_dir) / "config.json"
+    if not meta_file.is_file():
+        raise UserError(f"{model_dir} is not a checkpoint: config.json is missing")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{meta_file} is not valid JSON: {exc}") from None
+    schema = ClassificationDataConfig if meta.get("task") == "classifier" else LMDataConfig
+    if data.endswith((".yaml", ".yml")):
+        return load_config(schema, data, overrides)
+    if not overrides:
+        return data
+    saved = ((meta.get("extra") or {}).get("data") or {})
+    base = {k: v for k, v in saved.items() if k in schema.model_fields}
+    base.update({"train_path": data, "val_path": data} if schema is ClassificationDataConfig else {"path": data})
+    return load_config(schema, None, overrides, base=base)
+
+
+def _evaluate_lm(pre: Any, data: "LMDataConfig", *, whole: bool, batch_size: int, device: "torch.device") -> dict[str, Any]:
+    import torch
+
+    from selfattn.data import encode_corpus, lm_eval_batches, load_corpus, prepare_lm_data
+
+    block = min(data.block_size, pre.config.context_length)
+    if whole:
+        ids = torch.tensor(encode_corpus(load_corpus(data), pre.tokenizer), dtype=torch.int64)
+        if len(ids) < block + 2:
+            raise UserError(f"corpus {data.path!r} has {len(ids)} tokens, too few for one block of {block}")
+    else:
+        ids = prepare_lm_data(data.model_copy(update={"block_size": block}), pre.tokenizer).val_ids
+    loss = lm_loss(pre.model, lm_eval_batches(ids, block_size=block, batch_size=batch_size, n_batches=None), device=device)
+    return {"task": "lm", "loss": loss, "perplexity": perplexity(loss), "tokens": int(len(ids)), "block_size": block}
+
+
+def _evaluate_classifier(pre: Any, data: "ClassificationDataConfig", plots: Path, *, batch_size: int, device: "torch.device", n_attention_examples: int) -> dict[str, Any]:
+    from selfattn.data import classification_eval_batches, encode_labelled, prepare_classification_data, read_labelled
+    from selfattn.plots import plot_confusion_matrix, plot_reliability_diagram
+
+    n_classes = pre.config.n_classes
+    if len(data.labels) != n_classes:
+        raise UserError(f"data.labels {data.labels} has {len(data.labels)} classes but the model predicts {n_classes}")
+    max_len = min(data.max_length, pre.config.context_length)
+    if data.val_path:
+        texts, labels = read_labelled(data.val_path, split=data.val_split, text_column=data.text_column, label_column=data.label_column, labels=data.labels)
+        val = encode_labelled(texts, labels, pre.tokenizer, max_len, source=f"data {data.val_path}")
+    else:
+        _, val = prepare_classification_data(data, pre.tokenizer, max_length=max_len)
+    batches = classification_eval_batches(val, batch_size=batch_size, pad_id=pre.tokenizer.pad_id)
+    probs, y, loss = classifier_predictions(pre.model, batches, len(val), device=device)
+    m = classification_metrics(y, probs)
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    plot_confusion_matrix(m["confusion_matrix"], data.labels, plots / "confusion_matrix.png")
+    plot_reliability_diagram(conf, pred == y, plots / "reliability.png")
+    if val.texts and n_attention_examples:
+        _attention_plots(pre, val.texts[:n_attention_examples], plots, max_len)
+    return {"task": "classifier", "loss": loss, **m, "labels": list(data.labels), "n_truncated": val.n_truncated}
+
+
+def _attention_plots(pre: Any, texts: Sequence[str], plots: Path, max_len: int) -> None:
+    from selfattn.interpret import attention_maps, plot_attention
+
+    if pre.config.attention == "low_rank":
+        return  # attends to projected keys, not tokens: no token-by-token map
+    device = next(pre.model.parameters()).device
+    for i, text in enumerate(texts):
+        tokens, weights = attention_maps(pre.model, pre.tokenizer, text, device=device)  # weights [L, H, T, T]
+        plot_attention(tokens[:max_len], weights[:, :, :max_len, :max_len], plots / f"attention_{i}.png")

@@ -1,0 +1,105 @@
+"""Transformer building blocks: norms, the MLP and the pre-norm block.
+
+A block is ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (pre-norm, as in GPT-2 and Llama):
+the residual stream is never normalised, which keeps deep stacks trainable without warm-up tricks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfattn.attention import KVCache, MultiHeadAttention
+from selfattn.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x**2) + eps) * weight`` over the last dim (Zhang & Sennrich, 2019).
+
+    Computed in float32 whatever the input dtype (stable in fp16/bf16), returned in the input dtype.
+    Same result as ``torch.nn.RMSNorm(dim, eps=eps)``.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        if dim <= 0:
+            raise ValueError(f"RMSNorm dim ({dim}) must be > 0")
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., dim]
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The normalisation layer ``cfg.norm`` names, over ``cfg.d_model`` features."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model)
+    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network, ``d_model -> ff_dim -> d_model``.
+
+    ``cfg.mlp == "gelu"``: ``down(gelu(up(x)))`` (GPT-2).
+    ``cfg.mlp == "swiglu"``: ``down(silu(gate(x)) * up(x))`` (Shazeer, 2020; Llama). It has three
+    matrices instead of two; set ``d_ff`` to about ``8/3 * d_model`` to match the GELU MLP's size.
+    ``down_proj`` writes into the residual stream (scaled init in the models).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, T, D]
+        if self.gate_proj is not None:
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [B, T, ff]
+        else:
+            hidden = F.gelu(self.up_proj(x))  # [B, T, ff]
+        return self.dropout(self.down_proj(hidden))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = MultiHeadAttention.from_config(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: Tensor,  # [B, T, D]
+        *,
+        attention_mask: Tensor | None = None,  # [B, T] or [B, S] bool, True = real token
+        is_causal: bool = True,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        attn_out = self.attn(
+            self.norm1(x),
+            attention_mask=attention_mask,
+            is_causal=is_causal,
+            kv_cache=kv_cache,
+            layer_idx=layer_idx,
+            return_weights=return_weights,
+        )
+        weights = None
+        if return_weights:
+            attn_out, weights = attn_out  # weights [B, H, T, S]
+        x = x + attn_out
+        x = x + self.mlp(self.norm2(x))
+        return (x, weights) if return_weights else x

@@ -1,0 +1,137 @@
+"""Position information for attention: rotary (RoPE), learned absolute, ALiBi.
+
+* :class:`RotaryEmbedding` + :func:`apply_rotary`: rotate query/key pairs by position-dependent
+  angles (Su et al., 2021), "rotate-half" layout as in GPT-NeoX / Llama. ``offset`` gives the
+  position of the first token, so a KV-cache decoding step rotates its one new token correctly.
+* :class:`LearnedPositions`: an embedding table ``[max_len, d_model]`` added to the token
+  embeddings by the model (the attention layer applies nothing for ``position="learned"``).
+* :func:`alibi_slopes` / :func:`alibi_bias`: ALiBi (Press et al., 2022) linear distance penalties,
+  one slope per head, added to the attention scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RotaryEmbedding", "apply_rotary", "LearnedPositions", "alibi_slopes", "alibi_bias"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Cached cos/sin tables for rotary position embeddings.
+
+    ``forward(seq_len, offset=0, device=None, dtype=None) -> (cos, sin)``, each ``[seq_len, head_dim]``
+    for positions ``offset .. offset + seq_len - 1``. The table grows on demand (no max length) and is
+    kept in float32; it is not part of the state dict.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"RotaryEmbedding needs an even head_dim >= 2, got {head_dim}")
+        if not base > 0:
+            raise ValueError(f"rope base ({base}) must be > 0")
+        self.head_dim = head_dim
+        self.base = float(base)
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 2]
+        self.register_buffer("_cos", torch.empty(0, head_dim), persistent=False)  # [cached, head_dim]
+        self.register_buffer("_sin", torch.empty(0, head_dim), persistent=False)
+
+    def _grow(self, length: int) -> None:
+        cached = self._cos.shape[0]
+        if length <= cached and self._cos.device == self.inv_freq.device:
+            return
+        length = max(length, 2 * cached)  # amortised growth
+        pos = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq)  # [length, head_dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)  # [length, head_dim]
+        self._cos = angles.cos()
+        self._sin = angles.sin()
+
+    def forward(
+        self, seq_len: int, offset: int = 0, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if seq_len < 0 or offset < 0:
+            raise ValueError(f"seq_len ({seq_len}) and offset ({offset}) must be >= 0")
+        self._grow(offset + seq_len)
+        cos = self._cos[offset : offset + seq_len]
+        sin = self._sin[offset : offset + seq_len]
+        return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [..., T, head_dim]`` by the angles in ``cos``/``sin [T, head_dim]`` (broadcast)."""
+    if x.shape[-1] != cos.shape[-1] or x.shape[-2] != cos.shape[-2]:
+        raise ValueError(
+            f"apply_rotary: x {tuple(x.shape)} needs cos/sin of shape [T={x.shape[-2]}, head_dim={x.shape[-1]}], "
+            f"got {tuple(cos.shape)}"
+        )
+    return x * cos + _rotate_half(x) * sin
+
+
+class LearnedPositions(nn.Module):
+    """Learned absolute positions: ``forward(seq_len, offset=0) -> [seq_len, d_model]``.
+
+    The model adds the result to its token embeddings. Raises ``ValueError`` past ``max_len``.
+    """
+
+    def __init__(self, max_len: int, d_model: int) -> None:
+        super().__init__()
+        if max_len < 1 or d_model < 1:
+            raise ValueError(f"LearnedPositions needs max_len >= 1 and d_model >= 1, got {max_len}, {d_model}")
+        self.max_len = max_len
+        self.embedding = nn.Embedding(max_len, d_model)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def forward(self, seq_len: int, offset: int = 0) -> Tensor:
+        if offset < 0 or offset + seq_len > self.max_len:
+            raise ValueError(
+                f"positions {offset}..{offset + seq_len - 1} exceed the learned table (max_len={self.max_len})"
+            )
+        pos = torch.arange(offset, offset + seq_len, device=self.embedding.weight.device)
+        return self.embedding(pos)  # [seq_len, d_model]
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi head slopes ``[n_heads]``: the geometric sequence 2^(-8/n), 2^(-16/n), ...
+
+    For a head count that is not a power of two, the slopes of the closest lower power of two are
+    followed by every other slope of the next power (the reference implementation's rule).
+    """
+    if n_heads < 1:
+        raise ValueError(f"n_heads ({n_heads}) must be >= 1")
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        slopes = power_of_two(n_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(n_heads))
+        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(
+    slopes: Tensor, lq: int, lk: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """ALiBi score bias ``[n_heads, lq, lk]``: ``-slope * |p - j|``.
+
+    Query ``i`` has absolute position ``p = i + (lk - lq)`` (bottom-right aligned, as with a KV cache).
+    The distance is symmetric, so the same bias serves causal attention (future keys are masked
+    anyway) and bidirectional attention (the classifier).
+    """
+    p = torch.arange(lq, device=device).unsqueeze(-1) + (lk - lq)  # [lq, 1]
+    j = torch.arange(lk, device=device).unsqueeze(0)  # [1, lk]
+    dist = (p - j).abs().to(torch.float32)  # [lq, lk]
+    bias = -slopes.to(device=device, dtype=torch.float32).view(-1, 1, 1) * dist  # [H, lq, lk]
+    return bias.to(dtype)

@@ -1,0 +1,41 @@
+"""Fixtures for the flows tests: a tiny real classifier checkpoint and a private MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TEXTS = ["a gripping , beautifully acted film .", "a dull , lifeless mess .", "great fun", "boring and long"]
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory) -> Path:
+    """A save_pretrained classifier (2 layers, 32 dims, char tokenizer), seeded."""
+    import torch
+
+    from selfattn.checkpoint import save_pretrained
+    from selfattn.config import ModelConfig
+    from selfattn.models import build_classifier
+    from selfattn.tokenization import CharTokenizer
+
+    torch.manual_seed(0)
+    tok = CharTokenizer.train(TEXTS)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, context_length=48, n_layers=2, d_model=32, n_heads=2, n_classes=2, pad_token_id=tok.pad_id)
+    model = build_classifier(cfg).eval()
+    out = tmp_path_factory.mktemp("clf") / "model"
+    save_pretrained(model, out, tokenizer=tok, extra={"labels": [0, 1]})
+    return out
+
+
+@pytest.fixture()
+def mlflow_home(selfattn_home):
+    """MLflow pointed at sqlite under a temporary SELFATTN_HOME (restored afterwards)."""
+    import mlflow
+
+    from flows import tracking
+
+    before = mlflow.get_tracking_uri()
+    tracking.configure(selfattn_home)
+    yield selfattn_home
+    mlflow.set_tracking_uri(before)

@@ -1,0 +1,86 @@
+"""Registry: idempotent registration, the champion gate, manual promote and rollback (real MLflow, SQLite)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows import registry
+from selfattn.errors import UserError
+
+NAME = "unit-model"
+
+
+@pytest.fixture()
+def model_uri(tiny_classifier_dir, mlflow_home):
+    import mlflow
+
+    from flows.serving import log_model
+
+    with mlflow.start_run():
+        return log_model(str(tiny_classifier_dir)).model_uri
+
+
+def _register(uri, key, score, digest="d1", home=None):
+    tags = {registry.TAG_METRIC: "accuracy", registry.TAG_SCORE: f"{score}", registry.TAG_EVAL_DIGEST: digest}
+    return registry.register(model_uri=uri, model_name=NAME, run_key=key, tags=tags, home=home).version
+
+
+def _aliases(name=NAME):
+    return registry.describe(name)["aliases"]
+
+
+def test_registration_is_idempotent_and_sets_challenger(model_uri, mlflow_home):
+    v1 = _register(model_uri, "run-a", 0.7, home=mlflow_home)
+    again = _register(model_uri, "run-a", 0.7, home=mlflow_home)
+    assert again == v1
+    v2 = _register(model_uri, "run-b", 0.6, home=mlflow_home)
+    assert v2 != v1
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name = '{NAME}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert _aliases()["challenger"] == v2
+
+
+def test_gate_promote_and_rollback(model_uri, mlflow_home):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    v1 = _register(model_uri, "k1", 0.70, home=mlflow_home)
+    d1 = registry.gate(model_name=NAME, version=v1, metric="accuracy", margin=0.01, home=mlflow_home)
+    assert d1.promoted and d1.reason == "no champion yet"
+    assert _aliases()["champion"] == v1
+
+    # worse, and better but within the margin: champion stays
+    v2 = _register(model_uri, "k2", 0.65, home=mlflow_home)
+    d2 = registry.gate(model_name=NAME, version=v2, metric="accuracy", margin=0.01, home=mlflow_home)
+    assert not d2.promoted and d2.champion_version == v1 and d2.champion_score == pytest.approx(0.70)
+    v3 = _register(model_uri, "k3", 0.705, home=mlflow_home)
+    assert not registry.gate(model_name=NAME, version=v3, metric="accuracy", margin=0.01, home=mlflow_home).promoted
+    tags = client.get_model_version(NAME, v3).tags
+    assert tags["promotion.decision"] == "rejected" and tags["promotion.champion_score"] == "0.700000"
+    assert tags["promotion.challenger_score"] == "0.705000"
+
+    # evaluated on other data: not comparable, not promoted
+    v4 = _register(model_uri, "k4", 0.99, digest="other", home=mlflow_home)
+    d4 = registry.gate(model_name=NAME, version=v4, metric="accuracy", margin=0.01, home=mlflow_home)
+    assert not d4.promoted and "different data" in d4.reason
+
+    # better by more than the margin: promoted, history kept
+    v5 = _register(model_uri, "k5", 0.80, home=mlflow_home)
+    assert registry.gate(model_name=NAME, version=v5, metric="accuracy", margin=0.01, home=mlflow_home).promoted
+    assert _aliases()["champion"] == v5 and _aliases()["previous_champion"] == v1
+    assert client.get_model_version(NAME, v5).tags["previous_champion"] == v1
+
+    # manual promote, then two rollbacks walk the history back
+    assert registry.promote(NAME, v2, home=mlflow_home) == v5
+    assert _aliases()["champion"] == v2
+    assert registry.rollback(NAME, home=mlflow_home) == v5
+    assert registry.rollback(NAME, home=mlflow_home) == v1
+    assert _aliases()["champion"] == v1
+    with pytest.raises(UserError, match="no previous champion"):
+        registry.rollback(NAME, home=mlflow_home)
+    with pytest.raises(UserError, match="no version"):
+        registry.promote(NAME, "99", home=mlflow_home)
+    with pytest.raises(UserError, match="not found"):
+        registry.rollback("no-such-model", home=mlflow_home)

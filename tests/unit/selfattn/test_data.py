@@ -1,0 +1,155 @@
+"""Data loading, path resolution, tokenization cache, LM windows and classification batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from selfattn.data import (
+    ClassificationBatcher,
+    ClassificationDataConfig,
+    LMBatcher,
+    LMDataConfig,
+    cache_dir,
+    classification_eval_batches,
+    encode_labelled,
+    lm_eval_batches,
+    load_corpus,
+    load_table,
+    prepare_classification_data,
+    prepare_lm_data,
+    read_labelled,
+    resolve_path,
+    train_tokenizer,
+)
+from selfattn.errors import UserError
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFATTN_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _write_tsv(path, rows, header=("sentence", "label")):
+    path.write_text("\t".join(header) + "\n" + "".join(f"{s}\t{y}\n" for s, y in rows), encoding="utf-8")
+    return path
+
+
+def test_resolve_path_env_var_and_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "sst2").mkdir()
+    f = _write_tsv(tmp_path / "sst2" / "train.tsv", [("a", 0)])
+    monkeypatch.setenv("SELFATTN_DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "sst2")
+    assert resolve_path("${SELFATTN_DATA_DIR}/sst2/train.tsv") == f
+    assert resolve_path("sst2/train.tsv") == tmp_path / "sst2" / "train.tsv"  # data_dir-relative
+    assert resolve_path("train.tsv").resolve() == f  # cwd-relative
+    assert resolve_path("glue") is None  # a hub id
+    with pytest.raises(UserError, match="data file not found: 'sst2/nope.tsv'"):
+        resolve_path("sst2/nope.tsv")
+    monkeypatch.delenv("SELFATTN_DATA_DIR")
+    with pytest.raises(UserError, match="environment variable that is not set"):
+        resolve_path("${SELFATTN_DATA_DIR}/sst2/train.tsv")
+
+
+def test_load_table_formats(tmp_path, home):
+    rows = [("it 's \"great\"", 1), ("bad , bad", 0)]
+    tsv = _write_tsv(tmp_path / "d.tsv", rows)
+    csv = tmp_path / "d.csv"
+    csv.write_text('sentence,label\n"it \'s ""great""",1\n"bad , bad",0\n')
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"sentence": s, "label": y}) + "\n" for s, y in rows))
+    import pandas as pd
+
+    pq = tmp_path / "d.parquet"
+    pd.DataFrame(rows, columns=["sentence", "label"]).to_parquet(pq)
+    for f in (tsv, csv, jsonl, pq):
+        ds = load_table(str(f), columns=["sentence", "label"])
+        assert ds["sentence"] == [s for s, _ in rows], f
+        assert ds["label"] == [1, 0]
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("line one\nline two\n")
+    assert load_table(str(txt))["text"] == ["line one\nline two\n"]  # line breaks kept
+    with pytest.raises(UserError, match=r"no column 'text'.*columns are sentence, label"):
+        load_table(str(tsv), columns=["text"])
+
+
+def test_empty_corpus_and_label_errors(tmp_path, home):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty"):
+        load_corpus(LMDataConfig(path=str(empty)))
+    f = _write_tsv(tmp_path / "d.tsv", [("good", 1), ("meh", 2), ("bad", 0), ("so so", 2)])
+    with pytest.raises(UserError, match=r"outside the configured labels \[0, 1\]: '2' \(2 rows\)"):
+        read_labelled(str(f), split="train", text_column="sentence", label_column="label", labels=[0, 1])
+    texts, labels = read_labelled(str(f), split="train", text_column="sentence", label_column="label", labels=["0", "1", "2"])
+    assert labels == [1, 2, 0, 2]
+
+
+def test_lm_data_split_cache_and_windows(tmp_path, home):
+    txt = tmp_path / "c.txt"
+    txt.write_text("abcdefghij" * 50)
+    cfg = LMDataConfig(path=str(txt), block_size=8, val_fraction=0.2)
+    tok = train_tokenizer("char", [txt.read_text()], 0)
+    data = prepare_lm_data(cfg, tok)
+    ids = torch.tensor(tok.encode(txt.read_text()))
+    assert torch.equal(torch.cat([data.train_ids, data.val_ids]), ids)
+    assert len(data.val_ids) == 100
+    assert len(list((cache_dir() / "tokens").glob("*.npz"))) == 1
+    txt.write_text("zzz" * 10)  # the cache is keyed by file content: a changed file is re-read
+    with pytest.raises(UserError, match="too small"):
+        prepare_lm_data(cfg, tok)
+
+    b = LMBatcher(ids=data.train_ids, block_size=8, batch_size=4, seed=3)
+    x, y = b.get(5)
+    assert x.shape == y.shape == (4, 8)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    assert torch.equal(b.get(5)[0], LMBatcher(ids=data.train_ids, block_size=8, batch_size=4, seed=3).get(5)[0])
+    assert not torch.equal(b.get(5)[0], b.get(6)[0])
+    packed = LMBatcher(ids=data.train_ids, block_size=8, batch_size=5, seed=0, sampling="packed")
+    starts = torch.cat([packed.offsets(p) for p in range(packed.n_blocks // 5)])
+    assert len(set(starts.tolist())) == len(starts) == 45  # 49 blocks, 9 batches of 5: no block twice per epoch
+    assert all(s % 8 == 0 for s in starts.tolist())
+    full = list(lm_eval_batches(data.val_ids, block_size=8, batch_size=4, n_batches=None))
+    assert sum(x.shape[0] for x, _ in full) == (len(data.val_ids) - 1) // 8
+
+
+def test_classification_batches_pad_mask_and_truncation(tmp_path, home, caplog):
+    rows = [("a " * n, n % 2) for n in range(1, 41)]
+    f = _write_tsv(tmp_path / "d.tsv", rows)
+    tok = train_tokenizer("char", ["a "], 0)
+    texts, labels = read_labelled(str(f), split="train", text_column="sentence", label_column="label", labels=[0, 1])
+    with caplog.at_level(logging.WARNING):
+        data = encode_labelled(texts, labels, tok, max_length=20)
+    assert data.n_truncated == sum(len(t) > 20 for t in texts)
+    assert f"{data.n_truncated} of 40 sequences are longer than max_length (20 tokens)" in caplog.text
+    b = ClassificationBatcher(data=data, batch_size=8, seed=0, pad_id=tok.pad_id, bucket_factor=2)
+    seen = []
+    for p in range(b.per_epoch):
+        batch = b.get(p)
+        mask, ids = batch["attention_mask"], batch["input_ids"]
+        assert mask.dtype == torch.bool and ids.shape == mask.shape
+        assert torch.all(ids[~mask] == tok.pad_id) and torch.all(ids[mask] != tok.pad_id)
+        assert mask[:, 0].all() and torch.all(mask.sum(1) == mask.cumprod(1).sum(1))  # right padding
+        lengths = mask.sum(1).tolist()
+        seen += lengths
+        for row, n in zip(ids.tolist(), lengths):
+            assert tok.decode(row[:n]) == texts[[len(t) if len(t) <= 20 else 20 for t in texts].index(n)][:n]
+    assert sorted(seen) == sorted(data.lengths.tolist())  # 40 / 8 = 5 batches: every example once
+    order = [i.tolist() for i, _ in classification_eval_batches(data, batch_size=16, pad_id=0)]
+    assert sorted(sum(order, [])) == list(range(40))
+
+
+def test_prepare_classification_cached_and_val_split(tmp_path, home):
+    f = _write_tsv(tmp_path / "d.tsv", [(f"word{i} x", i % 2) for i in range(50)])
+    cfg = ClassificationDataConfig(train_path=str(f), val_fraction=0.2, max_length=16)
+    tok = train_tokenizer("char", ["word0123456789 x"], 0)
+    train, val = prepare_classification_data(cfg, tok)
+    assert (len(train), len(val)) == (40, 10)
+    train2, val2 = prepare_classification_data(cfg, tok)  # from the cache
+    assert torch.equal(train.flat, train2.flat) and torch.equal(val.labels, val2.labels)
+    with pytest.raises(UserError, match="no column 'text'"):
+        prepare_classification_data(cfg.model_copy(update={"text_column": "text"}), tok)
