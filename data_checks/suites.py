@@ -348,6 +348,8 @@ def class_balance_check(
     passed = not low and not single
     if passed:
         detail = shown
+    elif n == 0:
+        detail = "no row has a label in the configured set, so there are no classes to balance"
     elif single:
         present = [lab for lab, f in fractions.items() if f > 0]
         detail = f"a single class: every labelled row has label {present[0] if present else '(none)'} ({shown})"
@@ -459,7 +461,7 @@ def utf8_check(decoded: "DecodedText", *, severity: Severity) -> CheckResult:
 
 
 def nonprintable_check(
-    texts: "pd.Series", *, where: list[str], th: CheckThresholds, severity: Severity, count_replacement_char: bool
+    texts: "pd.Series", *, where: Callable[[int], str], th: CheckThresholds, severity: Severity, count_replacement_char: bool
 ) -> CheckResult:
     """Ratio of non-printable characters over all characters of ``texts``; ``where`` names each row."""
     pattern = nonprintable_pattern(count_replacement_char=count_replacement_char)
@@ -473,7 +475,7 @@ def nonprintable_check(
     examples: list[str] = []
     if not passed:
         worst = per_row[per_row > 0].sort_values(ascending=False).head(th.n_examples)
-        examples = [f"{where[i]}: {int(c)} non-printable in {_show(texts.iloc[i])}" for i, c in worst.items()]
+        examples = [f"{where(int(i))}: {int(c)} non-printable in {_show(texts.iloc[i])}" for i, c in worst.items()]
     return CheckResult(
         "nonprintable_ratio",
         "pandas:control_char_ratio",
@@ -518,7 +520,7 @@ def token_checks(
     *,
     tokenizer: Any,
     context_length: int | None,
-    where: list[str],
+    where: Callable[[int], str],
     texts: list[str],
     th: CheckThresholds,
     severity: dict[str, Severity],
@@ -537,7 +539,7 @@ def token_checks(
             f"{int(too_long.sum())} of {len(ids)} texts ({_pct(rate)}) exceed context_length {context_length} tokens "
             f"(bound {_pct(th.max_truncation_rate)}; longest {int(lengths.max())})"
         )
-        examples = [] if passed else [f"{where[i]}: {lengths[i]} tokens {_show(texts[i])}" for i in np.flatnonzero(too_long)[: th.n_examples]]
+        examples = [] if passed else [f"{where(int(i))}: {lengths[i]} tokens {_show(texts[i])}" for i in np.flatnonzero(too_long)[: th.n_examples]]
         out.append(
             CheckResult("truncation_rate", "pandas:tokens_vs_context", severity["truncation_rate"], round(rate, 4),
                         msg if passed else f"too many texts truncated: {msg}", examples, passed)
@@ -556,7 +558,7 @@ def token_checks(
     examples: list[str] = []
     if not passed:
         per_text = np.fromiter((x.count(unk) for x in ids), dtype=np.int64, count=len(ids))
-        examples = [f"{where[i]}: {per_text[i]} unknown in {_show(texts[i])}" for i in np.argsort(-per_text)[: th.n_examples] if per_text[i]]
+        examples = [f"{where(int(i))}: {per_text[i]} unknown in {_show(texts[i])}" for i in np.argsort(-per_text)[: th.n_examples] if per_text[i]]
     out.append(
         CheckResult("unknown_token_rate", "pandas:unk_ratio", severity["unknown_token_rate"], round(rate, 5),
                     msg if passed else f"too many unknown tokens (tokenizer trained on other data?): {msg}", examples, passed)

@@ -2,7 +2,7 @@
 pandas checks, write Data Docs and ``report.json`` when asked.
 
 One ephemeral GX context per process (built on first use, reused by every call, guarded by a lock
-because GX's stores are not thread-safe). GX is imported only here, inside the functions.
+because GX's stores are not thread-safe). GX is imported only inside functions, here and in suites.py.
 """
 
 from __future__ import annotations
@@ -300,6 +300,8 @@ def _run_gx(
         )
         try:
             outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+            for key in outcome.run_results:  # the in-memory results store would grow with every call
+                context.validation_results_store.remove_key(key)
         finally:
             context.checkpoints.delete(checkpoint.name)
             context.validation_definitions.delete(validation.name)
@@ -349,9 +351,15 @@ def _examples(
         if i >= len(frame):
             continue
         if text_column is not None and text_column in frame.columns:
-            label = frame[label_column].iloc[i] if label_column in frame.columns else None
-            extra = f" = {frame[check.example_column].iloc[i]!r}" if check.example_column not in (None, text_column, label_column) else ""
-            rows.append(f"{where(i)}: {suites._show(frame[text_column].iloc[i])} (label {label!r}){extra}")
+            parts = [f"{where(i)}:"]
+            if check.example_column not in (None, text_column, label_column):
+                value = frame[check.example_column].iloc[i]
+                shown = int(value) if isinstance(value, float) and value.is_integer() else value
+                parts.append(f"{check.example_column}={shown}")
+            if label_column in frame.columns:
+                parts.append(f"label {frame[label_column].iloc[i]!r}")
+            parts.append(suites._show(frame[text_column].iloc[i]))
+            rows.append(" ".join(parts))
         else:  # corpus
             length = int(frame["line_length"].iloc[i])
             rows.append(f"{where(i)}: {length:,} chars {suites._show(frame['line'].iloc[i])}")

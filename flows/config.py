@@ -156,6 +156,9 @@ def load_pipeline_config(name_or_path: str | Path, overrides: Sequence[str] = ()
     read_mapping(path)  # a clear error for unreadable files before pydantic sees anything
     cfg = load_config(PipelineConfig, path, overrides)
     check_engine_sections(cfg)
+    from flows.recovery import check_config_paths
+
+    check_config_paths(cfg)  # paths escaping SELFATTN_DATA_DIR / SELFATTN_HOME / cwd: refused now
     return cfg
 
 

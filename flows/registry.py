@@ -124,8 +124,8 @@ def register(
         else:
             for k, v in all_tags.items():
                 if mv.tags.get(k) != v:
-                    client.set_model_version_tag(model_name, mv.version, k, v)
-        client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
+                    client.set_model_version_tag(model_name, str(mv.version), k, v)
+        client.set_registered_model_alias(model_name, CHALLENGER, str(mv.version))
     return client.get_model_version(model_name, mv.version)
 
 
@@ -160,18 +160,18 @@ def _history(model_name: str, client) -> list[str]:
 def _move_champion(model_name: str, version: str, client) -> str | None:
     """Point ``champion`` at ``version``; remember the old one. Caller holds the lock."""
     old = champion_version(model_name, client)
-    if old is not None and old.version == str(version):
-        return old.version
+    if old is not None and str(old.version) == str(version):
+        return str(old.version)
     history = _history(model_name, client)
     if old is not None:
-        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old.version)
-        client.set_model_version_tag(model_name, version, "previous_champion", old.version)
-        if not history or history[-1] != old.version:
-            history.append(old.version)
+        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, str(old.version))
+        client.set_model_version_tag(model_name, version, "previous_champion", str(old.version))
+        if not history or history[-1] != str(old.version):
+            history.append(str(old.version))
     history.append(str(version))
     client.set_registered_model_alias(model_name, CHAMPION, str(version))
     client.set_registered_model_tag(model_name, HISTORY_TAG, ",".join(history))
-    return old.version if old is not None else None
+    return str(old.version) if old is not None else None
 
 
 def gate(
@@ -196,7 +196,7 @@ def gate(
         score = _score(mv, metric)
         champ = champion_version(model_name, client)
         champ_score = _score(champ, metric)
-        champ_v = champ.version if champ is not None else None
+        champ_v = str(champ.version) if champ is not None else None
         if score is None:
             promoted, reason = False, f"version {version} has no {metric!r} score tag"
         elif champ is None:
@@ -263,14 +263,14 @@ def rollback(model_name: str, *, home: Path | None = None, client=None) -> str:
     with registry_lock(model_name, home):
         history = _history(model_name, client)
         current = champion_version(model_name, client)
-        if current is not None and history and history[-1] == current.version:
+        if current is not None and history and history[-1] == str(current.version):
             history = history[:-1]
         if not history:
             raise UserError(f"model {model_name!r} has no previous champion to roll back to")
         target = history[-1]
         client.set_registered_model_alias(model_name, CHAMPION, target)
         if current is not None:
-            client.set_model_version_tag(model_name, current.version, "promotion.decision", f"rolled back to v{target}")
+            client.set_model_version_tag(model_name, str(current.version), "promotion.decision", f"rolled back to v{target}")
         if len(history) > 1:
             client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, history[-2])
         else:
@@ -286,7 +286,7 @@ def describe(model_name: str, client=None) -> dict:
     rm = client.get_registered_model(model_name)
     return {
         "name": model_name,
-        "aliases": dict(rm.aliases or {}),
+        "aliases": {k: str(v) for k, v in (rm.aliases or {}).items()},
         "history": _history(model_name, client),
     }
 

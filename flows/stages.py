@@ -374,12 +374,14 @@ def make_objective(
         params = tuning.suggest(trial, cfg)
         engine_cfg = finetune_config(cfg, data, pretrained, params, trial=True)
         # a retried trial (its process died) resumes in the dead trial's directory
-        number = RetryFailedTrialCallback.retried_trial_number(trial)
+        number = RetryFailedTrialCallback.retried_trial_number(tuning.frozen(trial))
         trial_dir = out_dir / f"trial-{trial.number if number is None else number}"
         callbacks = [tuning.PruningCallback(trial=trial, metric=cfg.search.metric)]
         callbacks += list(trial_callbacks(trial, params) if trial_callbacks else [])
         result = finetune(FinetuneConfig.model_validate(engine_cfg), trial_dir, callbacks)
-        value = tuning.pick_metric(result.metrics or {}, cfg.search.metric)
+        metrics = result.metrics or {}
+        value = tuning.pick_metric(metrics, f"best_{cfg.search.metric}")  # the best model's score
+        value = tuning.pick_metric(metrics, cfg.search.metric) if value is None else value
         if value is None:
             raise UserError(f"trial {trial.number}: the engine reported no {cfg.search.metric!r} metric (got {sorted(result.metrics)})")
         trial.set_user_attr("out_dir", str(trial_dir))
@@ -418,9 +420,15 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
     if (out := stage.done()) is not None:
         return out
     out_dir = stage.start()
-    eval_data = eval_data_config(cfg, dev)
-    metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), eval_data, out_dir / "eval")
-    plots = make_plots(cfg, metrics, finetuned, out_dir / "plots")
+    done_eval = _engine_eval(finetuned, dev)
+    if done_eval is not None:  # the engine already evaluated the best model on exactly this file
+        shutil.copytree(done_eval, out_dir / "eval", dirs_exist_ok=True)
+        metrics = json.loads((out_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    else:
+        metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), dev, out_dir / "eval")
+    plots = sorted(str(p) for p in (out_dir / "eval" / "plots").rglob("*.png"))
+    if not any(p.endswith("learning_curves.png") for p in plots):
+        plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
     scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     return stage.finish(
@@ -434,37 +442,21 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
     )
 
 
-def eval_data_config(cfg: PipelineConfig, dev: str) -> dict[str, Any]:
-    d = cfg.data
-    return {"train_path": dev, "val_path": dev, "text_column": d.text_column, "label_column": d.label_column, "labels": d.labels}
+def _engine_eval(finetuned: StageOutput, dev: str) -> Path | None:
+    """The fine-tune's own final evaluation dir when it evaluated the best model on ``dev``."""
+    eval_dir = Path(finetuned.result["best_dir"]).parent / "eval"
+    val_path = (finetuned.result.get("config") or {}).get("data", {}).get("val_path")
+    if val_path and Path(val_path) == Path(dev) and (eval_dir / "metrics.json").is_file():
+        return eval_dir
+    return None
 
 
-def make_plots(cfg: PipelineConfig, metrics: dict[str, Any], finetuned: StageOutput, out_dir: Path) -> list[str]:
-    """Learning curves, confusion matrix, reliability diagram and attention maps (best effort)."""
-    from selfattn import plots as sp
+def _learning_curves(finetuned: StageOutput, out_dir: Path) -> list[str]:
+    """Learning curves of the fine-tune (the engine plots only when it finds its own history)."""
+    from selfattn.plots import plot_learning_curves
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    made: list[str] = []
     history = json.loads(Path(finetuned.result["history"]).read_text(encoding="utf-8"))
-    attempts: list[tuple[str, Callable[[], Any]]] = [("learning_curves.png", lambda: sp.plot_learning_curves(history, out_dir / "learning_curves.png"))]
-    if metrics.get("confusion_matrix") is not None:
-        attempts.append(("confusion_matrix.png", lambda: sp.plot_confusion_matrix(metrics["confusion_matrix"], cfg.data.labels, out_dir / "confusion_matrix.png")))
-    if metrics.get("confidences") is not None and metrics.get("correct") is not None:
-        attempts.append(("reliability.png", lambda: sp.plot_reliability_diagram(metrics["confidences"], metrics["correct"], out_dir / "reliability.png")))
-    attempts.append(("attention.png", lambda: _attention_plot(cfg, finetuned, out_dir / "attention.png")))
-    for name, fn in attempts:
-        try:
-            fn()
-            made.append(str(out_dir / name))
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            log.warning("plot %s skipped: %s", name, exc)
-    return made
-
-
-def _attention_plot(cfg: PipelineConfig, finetuned: StageOutput, path: Path) -> None:
-    from selfattn.checkpoint import load_pretrained
-    from selfattn.interpret import attention_maps, plot_attention
-
-    pre = load_pretrained(finetuned.result["best_dir"])
-    tokens, weights = attention_maps(pre.model, pre.tokenizer, cfg.tracking.attention_example)
-    plot_attention(tokens, weights, path)
+    if not history:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [str(plot_learning_curves(history, out_dir / "learning_curves.png"))]

@@ -115,6 +115,11 @@ def suggest(trial: Any, cfg: PipelineConfig) -> dict[str, Any]:
     return params
 
 
+def frozen(trial: Any) -> Any:
+    """The stored ``FrozenTrial`` of a live trial (system attrs, e.g. which trial it retries)."""
+    return trial.study._storage.get_trial(trial._trial_id)
+
+
 def apply_params(finetune: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys (``lora.rank``) of a finetune mapping."""
     out = merge({}, finetune)
@@ -193,10 +198,17 @@ def optimize(
             n_trials=remaining,
             timeout=cfg.search.timeout_s,
             callbacks=[MaxTrialsCallback(cfg.search.n_trials, states=states), *callbacks],
-            catch=(FloatingPointError, ArithmeticError),
+            catch=_trial_errors(),
             gc_after_trial=True,
         )
     return study
+
+
+def _trial_errors() -> tuple[type[BaseException], ...]:
+    """Errors that fail one trial (recorded in the study) instead of the whole search."""
+    from selfattn.train import TrainingDiverged
+
+    return (TrainingDiverged, FloatingPointError, ArithmeticError)
 
 
 def save_plots(study: Any, out_dir: Path) -> list[Path]:
@@ -273,6 +285,7 @@ def tune_command(cfg: PipelineConfig, home: Path, *, workers: int = 1) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     args = (cfg.model_dump_json(), data.model_dump_json(), pre.model_dump_json(), str(home), str(out_dir), parent.info.run_id, experiment_id)
     status = "FAILED"
+    make_study(cfg, home)  # schema + study once: workers creating them together race on PostgreSQL (CREATE TYPE)
     try:
         if workers == 1:
             _worker(*args, 0)

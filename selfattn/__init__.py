@@ -25,6 +25,15 @@ _EXPORTS: dict[str, str] = {
     "save_pretrained": "selfattn.checkpoint",
     "load_pretrained": "selfattn.checkpoint",
     "UserError": "selfattn.errors",
+    "LoRAConfig": "selfattn.lora",
+    "apply_lora": "selfattn.lora",
+    "merge_lora": "selfattn.lora",
+    "unmerge_lora": "selfattn.lora",
+    "CharTokenizer": "selfattn.tokenization",
+    "BPETokenizer": "selfattn.tokenization",
+    "load_tokenizer": "selfattn.tokenization",
+    "attention_maps": "selfattn.interpret",
+    "plot_attention": "selfattn.interpret",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,9 +9,12 @@ Variants (``attention=``):
 
 * ``"full"``: every query sees every (earlier, if causal) key.
 * ``"sliding_window"``: each query sees the last ``window`` keys, itself included (causal); with
-  ``is_causal=False`` a symmetric band ``|i - j| < window``. Implemented as a banded boolean mask
-  ``[T, S]`` on the fused kernel: it computes the same thing as full attention restricted to the
-  band, **not** less work: time and memory stay O(T * S) (the mask itself is T * S bytes).
+  ``is_causal=False`` a symmetric band ``|i - j| < window``. By default a banded boolean mask
+  ``[T, S]`` on the fused kernel: the right result, but no less work than full attention (O(T * S)
+  time; memory is the kernel's plus the T * S-byte mask). Setting ``attn.window_chunk = n``
+  (``n >= window - 1``) runs causal inputs longer than ``n`` blockwise
+  (:func:`selfattn.functional.sliding_window_attention`, O(T * window) work); on CPU it measured no
+  faster at T=2048, window=128 (see docs/attention.md), hence opt-in.
 * ``"low_rank"``: Linformer. Learned projections ``E, F [low_rank_k, max_len]`` mix keys and values
   along the sequence axis (``K' = E[:, :T] K``), so the scores are ``[T, low_rank_k]``: O(T * k).
   Bidirectional only (a projected key mixes past and future tokens), meant for the classifier;
@@ -26,7 +29,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from selfattn.functional import causal_mask, scaled_dot_product_attention, sliding_window_mask
+from selfattn.functional import (
+    causal_mask,
+    scaled_dot_product_attention,
+    sliding_window_attention,
+    sliding_window_mask,
+)
 from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary
 
 if TYPE_CHECKING:
@@ -174,6 +182,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.attention = attention
         self.window = window
+        # sliding_window: None = banded mask (default, fastest measured on CPU); an int >= window - 1 opts
+        # into the blockwise path (O(T * window) work) for inputs longer than window_chunk
+        self.window_chunk: int | None = None
         self.low_rank_k = low_rank_k
         self.max_len = max_len
         self.position = position
@@ -237,14 +248,17 @@ class MultiHeadAttention(nn.Module):
         S = offset + T  # keys after this step
         key_mask = self._key_mask(attention_mask, B, T, S)  # [B, 1, 1, S] bool or None
 
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, hd]
-        if self.rotary is not None:
-            cos, sin = self.rotary(T, offset, device=x.device, dtype=q.dtype)  # [T, hd]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self._project(x, offset)  # [B, H, T, hd], [B, H_kv, T, hd] x 2
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, H_kv, S, hd]
+
+        dropout_p = self.dropout if self.training else 0.0
+        if self._use_chunked_window(T, is_causal, return_weights):
+            assert self.window is not None
+            out = sliding_window_attention(
+                q, k, v, self.window, key_mask=key_mask, dropout_p=dropout_p, chunk_size=self.window_chunk
+            )  # [B, H, T, hd]
+            return self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
         mask = key_mask
         causal = is_causal
@@ -260,13 +274,34 @@ class MultiHeadAttention(nn.Module):
                 causal = False
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))  # [B?, H, T, S]
 
-        dropout_p = self.dropout if self.training else 0.0
         result = scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p, return_weights=return_weights
         )
         out, weights = result if return_weights else (result, None)
         out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
         return (out, weights) if return_weights else out
+
+    def _project(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [B, T, D]`` -> q ``[B, H, T, hd]``, k, v ``[B, H_kv, T, hd]``; RoPE from position ``offset``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            cos, sin = self.rotary(T, offset, device=x.device, dtype=q.dtype)  # [T, hd]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def _use_chunked_window(self, T: int, is_causal: bool, return_weights: bool) -> bool:
+        """Blockwise sliding window when opted into (``window_chunk``), applicable and worth it."""
+        return (
+            self.attention == "sliding_window"
+            and is_causal
+            and not return_weights  # the weights [B, H, T, S] are dense anyway
+            and self.position != "alibi"  # ALiBi's bias is built densely
+            and self.window_chunk is not None
+            and T > self.window_chunk
+        )
 
     def _key_mask(self, attention_mask: Tensor | None, B: int, T: int, S: int) -> Tensor | None:
         """``[B, S]`` True = real token -> ``[B, 1, 1, S]`` bool; validates the shape."""
@@ -295,19 +330,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"attention='low_rank': sequence length ({T}) exceeds max_len ({self.max_len})")
         key_mask = self._key_mask(attention_mask, B, T, T)
 
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rotary is not None:
-            cos, sin = self.rotary(T, 0, device=x.device, dtype=q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self._project(x, 0)  # [B, H, T, hd], [B, H_kv, T, hd] x 2
         if key_mask is not None:
             keep = key_mask.transpose(-1, -2).to(k.dtype)  # [B, 1, S, 1]: padding keys contribute nothing
             k, v = k * keep, v * keep
-        e = self.e_proj[:, :T].to(k.dtype)  # [k, T]
-        f = self.f_proj[:, :T].to(v.dtype)
-        k = e @ k  # [B, H_kv, k, hd]
-        v = f @ v  # [B, H_kv, k, hd]
+        k = self.e_proj[:, :T].to(k.dtype) @ k  # [low_rank_k, T] @ [B, H_kv, T, hd] -> [B, H_kv, low_rank_k, hd]
+        v = self.f_proj[:, :T].to(v.dtype) @ v  # same for the values
         dropout_p = self.dropout if self.training else 0.0
         result = scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, return_weights=return_weights)
         out, weights = result if return_weights else (result, None)

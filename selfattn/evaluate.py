@@ -141,13 +141,15 @@ def classifier_predictions(model: "torch.nn.Module", batches: Iterable[tuple["to
 # --------------------------------------------------------------------------- checkpoints
 
 
-def evaluate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig | LMDataConfig | str | Path", out_dir: str | Path, *, batch_size: int = 64, device: str = "auto", n_attention_examples: int = 3) -> dict[str, Any]:
+def evaluate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig | LMDataConfig | str | Path", out_dir: str | Path, *, batch_size: int = 64, device: str = "auto", n_attention_examples: int = 3, learning_curves: bool = True) -> dict[str, Any]:
     """Evaluate a ``save_pretrained`` directory; writes ``out_dir/metrics.json`` and ``out_dir/plots/``.
 
     ``data`` is a data config (classifier: its ``val_path``, or the held-out ``val_fraction`` of
     ``train_path``; LM: the held-out last ``val_fraction`` of the corpus, every block once) or a
     file path (classifier: every row, read with the columns/labels the model was trained with;
-    LM: the whole file). Returns the metrics dict (also written as JSON).
+    LM: the whole file). Plots: confusion matrix, reliability diagram and attention maps of the
+    first ``n_attention_examples`` texts (classifier), and learning curves when a ``history.json``
+    sits next to ``model_dir``. Returns the metrics dict (also written as JSON).
     """
     from selfattn.checkpoint import load_pretrained
     from selfattn.data import ClassificationDataConfig, LMDataConfig
@@ -179,7 +181,7 @@ def evaluate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig |
         metrics = _evaluate_lm(pre, data, whole=whole, batch_size=batch_size, device=dev)
     metrics["model_dir"] = str(model_dir)
     history_file = Path(model_dir).parent / "history.json"
-    if history_file.is_file():
+    if learning_curves and history_file.is_file():
         from selfattn.plots import plot_learning_curves
 
         history = json.loads(history_file.read_text())

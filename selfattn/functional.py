@@ -1,5 +1,9 @@
 """Scaled dot-product attention: a fused fast path, a readable reference path, mask helpers.
 
+Public: :func:`scaled_dot_product_attention`, :func:`naive_attention` (textbook reference),
+:func:`sliding_window_attention` (blockwise causal local attention), :func:`causal_mask`,
+:func:`sliding_window_mask`. User guide: docs/attention.md.
+
 Conventions (the same as :func:`torch.nn.functional.scaled_dot_product_attention`):
 
 * ``q`` is ``[..., Lq, E]``, ``k`` is ``[..., Lk, E]``, ``v`` is ``[..., Lk, Ev]``; the leading
@@ -30,6 +34,7 @@ __all__ = [
     "naive_attention",
     "causal_mask",
     "sliding_window_mask",
+    "sliding_window_attention",
 ]
 
 
@@ -322,3 +327,60 @@ def naive_attention(
         else:
             scores = scores + attn_mask
     return torch.softmax(scores, dim=-1) @ v
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    key_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Causal sliding-window attention computed block by block: O(T * window) time and memory.
+
+    Same result as ``scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(Lq, Lk,
+    window) & key_mask)`` (bottom-right aligned, so ``Lk > Lq`` means a cached prefix), but the queries
+    are split into blocks of ``chunk_size`` (default ``max(window, 128)``; at least ``window - 1``) and
+    each block only sees its own keys plus the ``window - 1`` keys before them, so no ``[Lq, Lk]``
+    score or mask tensor is built. Blocks come from ``split`` (not overlapping slices of the whole
+    sequence), so the backward pass does not write a full-length gradient per block.
+
+    ``key_mask``: bool, True = real key, broadcastable to ``[..., 1, Lk]`` (a key-padding mask).
+    """
+    if window < 1:
+        raise ValueError(f"window ({window}) must be >= 1")
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.dim() < 2 or key_mask.shape[-2] != 1):
+        raise ValueError(
+            f"key_mask must be a bool key-padding mask broadcastable to [..., 1, Lk], got {key_mask.dtype} "
+            f"of shape {_shape(key_mask)}"
+        )
+    _validate(q, k, v, key_mask, dropout_p, None)
+    chunk = max(window, 128) if chunk_size is None else chunk_size
+    if chunk < max(1, window - 1):
+        raise ValueError(f"chunk_size ({chunk_size}) must be >= max(1, window - 1) ({max(1, window - 1)})")
+    lq, lk = q.shape[-2], k.shape[-2]
+    if lk < lq:
+        raise ValueError(f"sliding_window_attention needs Lk >= Lq (keys include the queries), got Lq={lq}, Lk={lk}")
+    offset = lk - lq  # cached keys before the first query
+
+    # keys [..., offset + j*chunk : offset + (j+1)*chunk] belong to query block j; before them, the prefix
+    prev_k, prev_v = k[..., :offset, :], v[..., :offset, :]  # [..., offset, E]
+    new_k, new_v = (k, v) if offset == 0 else (k[..., offset:, :], v[..., offset:, :])  # [..., Lq, E]
+    k_blocks, v_blocks = new_k.split(chunk, dim=-2), new_v.split(chunk, dim=-2)
+    outs = []
+    for j, q_blk in enumerate(q.split(chunk, dim=-2)):
+        k_blk, v_blk = k_blocks[j], v_blocks[j]
+        tail = min(window - 1, prev_k.shape[-2])  # earlier keys the block's first query can still see
+        if tail:
+            k_blk = torch.cat([prev_k[..., prev_k.shape[-2] - tail :, :], k_blk], dim=-2)  # [..., tail + c, E]
+            v_blk = torch.cat([prev_v[..., prev_v.shape[-2] - tail :, :], v_blk], dim=-2)
+        n_q, n_k = q_blk.shape[-2], k_blk.shape[-2]
+        mask = sliding_window_mask(n_q, n_k, window, q.device)  # [c, tail + c], bottom-right aligned
+        if key_mask is not None:
+            first = offset + j * chunk - tail  # absolute index of the block's first key
+            mask = mask & key_mask[..., first : first + n_k]
+        outs.append(scaled_dot_product_attention(q_blk, k_blk, v_blk, attn_mask=mask, dropout_p=dropout_p))
+        prev_k, prev_v = k_blocks[j], v_blocks[j]
+    return torch.cat(outs, dim=-2)  # [..., Lq, Ev]

@@ -23,8 +23,9 @@ class RotaryEmbedding(nn.Module):
     """Cached cos/sin tables for rotary position embeddings.
 
     ``forward(seq_len, offset=0, device=None, dtype=None) -> (cos, sin)``, each ``[seq_len, head_dim]``
-    for positions ``offset .. offset + seq_len - 1``. The table grows on demand (no max length) and is
-    kept in float32; it is not part of the state dict.
+    for positions ``offset .. offset + seq_len - 1``. The table grows on demand (no max length). It is
+    always computed and kept in float32 on the requested device, as plain attributes rather than
+    buffers, so ``model.half()`` cannot round the frequencies and nothing lands in the state dict.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
@@ -35,31 +36,31 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope base ({base}) must be > 0")
         self.head_dim = head_dim
         self.base = float(base)
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 2]
-        self.register_buffer("_cos", torch.empty(0, head_dim), persistent=False)  # [cached, head_dim]
-        self.register_buffer("_sin", torch.empty(0, head_dim), persistent=False)
+        self._cos: Tensor | None = None  # [cached, head_dim] float32
+        self._sin: Tensor | None = None
 
-    def _grow(self, length: int) -> None:
-        cached = self._cos.shape[0]
-        if length <= cached and self._cos.device == self.inv_freq.device:
-            return
-        length = max(length, 2 * cached)  # amortised growth
-        pos = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq)  # [length, head_dim / 2]
-        angles = torch.cat([angles, angles], dim=-1)  # [length, head_dim]
-        self._cos = angles.cos()
-        self._sin = angles.sin()
+    def _table(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._cos is None or self._sin is None or self._cos.shape[0] < length or self._cos.device != device:
+            cached = 0 if self._cos is None else self._cos.shape[0]
+            length = max(length, 2 * cached)  # amortised growth
+            exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+            inv_freq = 1.0 / (self.base**exponent)  # [head_dim / 2]
+            angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)  # [length, head_dim]
+            self._cos, self._sin = angles.cos(), angles.sin()
+        return self._cos, self._sin
 
     def forward(
-        self, seq_len: int, offset: int = 0, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self, seq_len: int, offset: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> tuple[Tensor, Tensor]:
         if seq_len < 0 or offset < 0:
             raise ValueError(f"seq_len ({seq_len}) and offset ({offset}) must be >= 0")
-        self._grow(offset + seq_len)
-        cos = self._cos[offset : offset + seq_len]
-        sin = self._sin[offset : offset + seq_len]
-        return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # so the cache's device compares equal
+        cos, sin = self._table(offset + seq_len, device)
+        cos, sin = cos[offset : offset + seq_len], sin[offset : offset + seq_len]
+        return cos.to(dtype=dtype), sin.to(dtype=dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -598,7 +598,7 @@ class _Run:
 
             if history:
                 plot_learning_curves(history, self.out_dir / "plots" / "learning_curves.png")
-            ev = evaluate_checkpoint(self.best_dir, self.cfg.data, self.out_dir / "eval", batch_size=self.cfg.train.eval_batch_size or self.cfg.train.batch_size, device=str(self.device))
+            ev = evaluate_checkpoint(self.best_dir, self.cfg.data, self.out_dir / "eval", batch_size=self.cfg.train.eval_batch_size or self.cfg.train.batch_size, device=str(self.device), n_attention_examples=1, learning_curves=False)
             metrics.update({f"best_{k}": float(v) for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         metrics = distributed.broadcast_object(metrics, self.dist)  # type: ignore[assignment]

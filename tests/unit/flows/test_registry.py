@@ -22,7 +22,7 @@ def model_uri(tiny_classifier_dir, mlflow_home):
 
 def _register(uri, key, score, digest="d1", home=None):
     tags = {registry.TAG_METRIC: "accuracy", registry.TAG_SCORE: f"{score}", registry.TAG_EVAL_DIGEST: digest}
-    return registry.register(model_uri=uri, model_name=NAME, run_key=key, tags=tags, home=home).version
+    return str(registry.register(model_uri=uri, model_name=NAME, run_key=key, tags=tags, home=home).version)
 
 
 def _aliases(name=NAME):

@@ -202,6 +202,21 @@ def test_sliding_window_small_equals_banded_reference(is_causal):
     assert torch.all(w[..., ~explicit] == 0)
 
 
+def test_sliding_window_blockwise_path_equals_banded_mask_path():
+    m = _mha(attention="sliding_window", window=3, n_kv_heads=2)
+    x = _x(t=11)
+    real = torch.tensor([[True] * 11, [False] * 2 + [True] * 9])
+    banded = m(x, attention_mask=real)  # default: banded mask
+    assert m.window_chunk is None and not m._use_chunked_window(11, True, False)
+    m.window_chunk = 4  # opt into the blockwise path (3 blocks)
+    assert m._use_chunked_window(11, True, False)
+    torch.testing.assert_close(m(x, attention_mask=real), banded)
+    torch.testing.assert_close(m(x), _reference(m, x, sliding_window_mask(11, 11, 3)))
+    cache = _cache(m)  # prefill 9 (blockwise) then decode 2
+    steps = [m(x[:, :9], kv_cache=cache)] + [m(x[:, t : t + 1], kv_cache=cache) for t in (9, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), m(x))
+
+
 # --------------------------------------------------------------------------- low rank (Linformer)
 
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfattn.functional import causal_mask, naive_attention, scaled_dot_product_attention, sliding_window_mask
+from selfattn.functional import (
+    causal_mask,
+    naive_attention,
+    scaled_dot_product_attention,
+    sliding_window_attention,
+    sliding_window_mask,
+)
 
 
 def _qkv(*lead: int, lq: int = 5, lk: int = 7, e: int = 8, ev: int | None = None, kv_lead=None, dtype=torch.float64, seed=0):
@@ -287,3 +293,20 @@ def test_bad_mask_dropout_scale_raise():
         scaled_dot_product_attention(q, k, v, scale=float("nan"))
     with pytest.raises(ValueError, match=r"window \(0\)"):
         sliding_window_mask(3, 3, 0)
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 4, 128])
+@pytest.mark.parametrize("lq, lk", [(11, 11), (5, 11), (1, 11)], ids=["square", "cached-prefix", "one-step"])
+def test_sliding_window_attention_blockwise_equals_banded_mask(chunk, lq, lk):
+    q, k, v = _qkv(2, 4, lq=lq, lk=lk, kv_lead=(2, 2))  # GQA: 4 query heads, 2 kv heads
+    real = torch.ones(2, 1, 1, lk, dtype=torch.bool)
+    real[1, ..., :2] = False  # left padding in the second sequence
+    out = sliding_window_attention(q, k, v, 3, key_mask=real, chunk_size=chunk)
+    expected = scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(lq, lk, 3) & real)
+    torch.testing.assert_close(out, expected)
+    wide = sliding_window_attention(q, k, v, lk, chunk_size=max(chunk, lk - 1))  # window >= Lk: plain causal
+    torch.testing.assert_close(wide, naive_attention(q, k, v, is_causal=True))
+    with pytest.raises(ValueError, match=r"key_mask must be a bool key-padding mask.*\(2, 1, 4, 11\)"):
+        sliding_window_attention(q, k, v, 3, key_mask=torch.ones(2, 1, 4, lk, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"chunk_size \(1\) must be >= max\(1, window - 1\) \(2\)"):
+        sliding_window_attention(q, k, v, 3, chunk_size=1)

@@ -84,3 +84,11 @@ def test_alibi_bias_values_and_bottom_right_alignment():
     dist = (torch.arange(4)[:, None] - torch.arange(4)[None]).abs().float()
     torch.testing.assert_close(bias, -slopes[:, None, None] * dist)
     torch.testing.assert_close(alibi_bias(slopes, 1, 4), bias[:, -1:])  # the newest query of a KV-cache step
+
+
+def test_rope_table_stays_float32_after_half():
+    rope = RotaryEmbedding(8, base=10000.0).half()
+    cos, _ = rope(300, dtype=torch.float32)
+    expected, _ = RotaryEmbedding(8)(300)
+    torch.testing.assert_close(cos, expected, rtol=0, atol=0)  # frequencies were not rounded to fp16
+    assert rope(4, dtype=torch.float16)[0].dtype == torch.float16

@@ -1,0 +1,84 @@
+"""Orchestration overhead: ``selfattn run --config smoke`` vs the same stages called directly.
+
+Both runs use fresh, separate SELFATTN_HOMEs (nothing cached) and the same config. The direct
+run calls ``flows.stages`` one after the other (data, checks, pretrain, Optuna search, fine-tune,
+evaluate) without Prefect and without MLflow; the orchestrated run is the real command (Prefect
+ephemeral API, MLflow SQLite store, nested runs, artifacts, model logging, registry, promotion).
+Prints both times, the overhead and the ratio, then one JSON line.
+Target: overhead <= max(10% of the orchestrated total, 15 s).
+
+    python benchmarks/pipeline_overhead.py [--config smoke] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def direct(config: str, overrides: list[str], home: Path) -> float:
+    """The stages as plain function calls, in a fresh process (same imports as the CLI pays)."""
+    code = f"""
+import os, time, json
+t0 = time.perf_counter()
+from pathlib import Path
+from flows.config import load_pipeline_config
+from flows import stages
+cfg = load_pipeline_config({config!r}, {overrides!r})
+home = Path(os.environ["SELFATTN_HOME"])
+data = stages.prepare_data(cfg, home)
+checked = stages.validate_data(cfg, data, home)
+assert checked.result["passed"], checked.result["failures"]
+pre = stages.pretrain_stage(cfg, data, home)
+search = stages.search_stage(cfg, data, pre, home)
+ft = stages.finetune_stage(cfg, data, pre, search, home)
+ev = stages.evaluate_stage(cfg, data, ft, home)
+print(json.dumps({{"metrics": ev.result["metrics"]}}))
+"""
+    env = {**os.environ, "SELFATTN_HOME": str(home)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    return time.perf_counter() - t0
+
+
+def orchestrated(config: str, overrides: list[str], home: Path) -> float:
+    env = {**os.environ, "SELFATTN_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "selfattn.cli", "run", "--config", config]
+    for o in overrides:
+        cmd += ["--set", o]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="smoke")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--only", choices=["direct", "orchestrated"], default=None, help="run one side only")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="selfattn-bench-") as tmp:
+        # distinct study names are not needed: each side has its own home (own optuna.db)
+        t_direct = direct(args.config, args.overrides, Path(tmp) / "direct") if args.only != "orchestrated" else float("nan")
+        t_orch = orchestrated(args.config, args.overrides, Path(tmp) / "orchestrated") if args.only != "direct" else float("nan")
+    overhead = t_orch - t_direct
+    target = max(0.10 * t_orch, 15.0)
+    print(f"direct (stages only):          {t_direct:8.1f} s")
+    print(f"selfattn run (Prefect+MLflow): {t_orch:8.1f} s")
+    print(f"overhead:                      {overhead:8.1f} s  ({overhead / t_orch:.1%} of total, ratio {t_orch / t_direct:.2f}x; target <= {target:.1f} s)")
+    print(json.dumps({
+        "benchmark": "pipeline_overhead", "config": args.config, "direct_s": round(t_direct, 2), "orchestrated_s": round(t_orch, 2),
+        "overhead_s": round(overhead, 2), "overhead_fraction": round(overhead / t_orch, 4), "ratio": round(t_orch / t_direct, 3),
+        "target_s": round(target, 2), "within_target": bool(overhead <= target),
+    }))
+
+
+if __name__ == "__main__":
+    main()
