@@ -33,6 +33,7 @@ def prefect_env(home: Path) -> dict[str, str]:
     prefect_home = home / "prefect"
     env["PREFECT_HOME"] = os.environ.get("PREFECT_HOME") or str(prefect_home)
     env["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not (os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")):
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
     return env
@@ -138,8 +139,11 @@ def register(app: typer.Typer) -> None:
 
         home = setup_home()
         tracking.configure(home)
+        from flows.recovery import clean_texts, merge_notes
+
+        texts, notes = clean_texts(texts)  # invalid UTF-8 from argv -> U+FFFD, noted in 'warning'
         try:
-            frame = do_predict(model, texts)
+            frame = merge_notes(do_predict(model, texts), notes)
         except Exception as exc:
             if type(exc).__name__ in ("MlflowException", "RestException", "OSError", "FileNotFoundError"):
                 raise UserError(f"could not load model {model!r}: {exc}") from None

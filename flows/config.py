@@ -259,7 +259,8 @@ def mlflow_artifact_root(home: Path | None = None) -> str:
 
 
 def optuna_storage_url(cfg: PipelineConfig, home: Path | None = None) -> str:
-    return cfg.search.storage or f"sqlite:///{(home or selfattn_home()) / 'optuna.db'}"
+    # SELFATTN_OPTUNA_STORAGE: the team stack's database (infra/), set in the worker's environment
+    return cfg.search.storage or os.environ.get("SELFATTN_OPTUNA_STORAGE") or f"sqlite:///{(home or selfattn_home()) / 'optuna.db'}"
 
 
 def allowed_roots(home: Path | None = None) -> list[Path]:

@@ -102,3 +102,22 @@ def file_lock(path: Path, *, timeout_s: float = 3600.0, poll_s: float = 0.2) -> 
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def clean_texts(texts: list[Any]) -> tuple[list[str], list[str]]:
+    """Command-line texts -> valid UTF-8 strings and a note per text ("" when unchanged).
+
+    Bytes that are not UTF-8 reach Python's argv as lone surrogates (``surrogateescape``); MLflow's
+    schema check and ``print`` both fail on them, so they become U+FFFD here, with a note.
+    """
+    from flows.serving import _to_text
+
+    pairs = [_to_text(t) for t in texts]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def merge_notes(frame: Any, notes: list[str]) -> Any:
+    """Prepend ``notes`` to the ``warning`` column of a prediction frame."""
+    if "warning" in frame.columns and any(notes):
+        frame["warning"] = ["; ".join(x for x in (n, w) if x) for n, w in zip(notes, frame["warning"])]
+    return frame

@@ -266,7 +266,7 @@ def scaled_dot_product_attention(
 
     lq, lk = q.shape[-2], k.shape[-2]
     mask, alive, torch_causal = _prepare_mask(attn_mask, is_causal, lq, lk, q.dtype, q.device)
-    gqa = q.dim() >= 4 and k.shape[-3] not in (q.shape[-3], 1)
+    gqa = q.dim() >= 4 and k.shape[-3] != q.shape[-3]  # grouped or multi-query heads
     if gqa and q.shape[:-3] != k.shape[:-3]:
         k, v = _expand_kv_heads(k, v, q.shape[-3])  # torch's enable_gqa wants equal batch dims
         gqa = False

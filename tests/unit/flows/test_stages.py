@@ -1,0 +1,54 @@
+"""Done markers: keys follow the inputs, markers are atomic, finished stages are skipped."""
+
+from __future__ import annotations
+
+import json
+
+from flows import stages
+
+
+def test_stage_key_depends_on_inputs_and_marker_roundtrip(tmp_path):
+    a = stages.Stage(tmp_path, "pretrain", {"lr": 1e-3, "data": "abc"})
+    b = stages.Stage(tmp_path, "pretrain", {"data": "abc", "lr": 1e-3})
+    c = stages.Stage(tmp_path, "pretrain", {"lr": 2e-3, "data": "abc"})
+    assert a.key == b.key != c.key and a.dir != c.dir
+    assert a.done() is None
+    a.start()
+    assert a.done() is None  # started, not finished: a re-run redoes (and resumes) it
+    out = a.finish({"best_dir": "x", "metrics": {"val_loss": 1.5}})
+    assert not out.cached
+    again = stages.Stage(tmp_path, "pretrain", {"data": "abc", "lr": 1e-3}).done()
+    assert again is not None and again.cached and again.result == {"best_dir": "x", "metrics": {"val_loss": 1.5}}
+    assert json.loads((a.dir / "inputs.json").read_text()) == {"data": "abc", "lr": 1e-3}
+
+
+def test_write_atomic_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "m.json"
+    stages.write_atomic(target, "one")
+    stages.write_atomic(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_corrupt_marker_means_not_done(tmp_path):
+    s = stages.Stage(tmp_path, "evaluate", {"k": 1})
+    s.start()
+    (s.dir / stages.MARKER).write_text("{not json")
+    assert s.done() is None
+
+
+def test_prepare_data_subsamples_and_caches(selfattn_home, data_dir, monkeypatch):
+    from flows.config import load_pipeline_config
+
+    monkeypatch.setenv("SELFATTN_DATA_DIR", str(data_dir))
+    cfg = load_pipeline_config("smoke", ["data.train_rows=50", "data.dev_rows=20", "data.corpus_chars=1000"])
+    out = stages.prepare_data(cfg, selfattn_home)
+    files = out.result["files"]
+    assert len(open(files["train.tsv"]).read().splitlines()) == 51
+    assert len(open(files["dev.tsv"]).read().splitlines()) == 21
+    assert len(open(files["corpus.txt"]).read()) == 1000
+    assert stages.file_digest(__import__("pathlib").Path(files["dev.tsv"])) == out.result["digests"]["dev.tsv"]
+    again = stages.prepare_data(cfg, selfattn_home)
+    assert again.cached and again.dir == out.dir
+    changed = stages.prepare_data(load_pipeline_config("smoke", ["data.train_rows=60", "data.dev_rows=20", "data.corpus_chars=1000"]), selfattn_home)
+    assert not changed.cached and changed.dir != out.dir
