@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--bare-steps", type=int, default=200, help="steps of the bare-loop peer (0 = skip)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--position", default="learned", choices=["learned", "rope", "alibi", "none"], help="position encoding (nanoGPT: learned)")
     ap.add_argument("--output", default=None, help="run directory (default: a temp dir)")
     args = ap.parse_args()
 
@@ -45,7 +46,7 @@ def main() -> int:
     data = args.data or str(Path(os.environ.get("SELFATTN_DATA_DIR", "../shared/data")) / "tinyshakespeare" / "input.txt")
     cfg = PretrainConfig.model_validate({
         "data": {"path": data, "tokenizer": "char", "block_size": 64, "val_fraction": 0.1, "sampling": "random"},
-        "model": {"n_layers": 4, "n_heads": 4, "d_model": 128, "dropout": 0.0, "position": "learned", "bias": False},
+        "model": {"n_layers": 4, "n_heads": 4, "d_model": 128, "dropout": 0.0, "position": args.position, "bias": False},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "decay_steps": 2000, "betas": [0.9, 0.99], "weight_decay": 0.1, "grad_clip": 1.0},
         "train": {"max_steps": args.max_steps, "batch_size": 12, "eval_every": args.max_steps, "eval_batches": 200, "log_every": 50,
                   "checkpoint_every": 0, "device": args.device, "compile": args.compile, "seed": 1337},
@@ -68,6 +69,7 @@ def main() -> int:
         "wall_s": round(wall, 1),
         "steps": int(m["steps"]),
         "device": args.device,
+        "position": args.position,
         "threads": torch.get_num_threads(),
         "target": {"val_loss": 1.88, "tokens_per_s": 21000},
     }
@@ -98,7 +100,7 @@ def bare_loop_tokens_per_s(model_dir: Path, steps: int, device: str) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    float(loss)
+    float(loss.detach())
     return steps * 12 * 64 / (time.perf_counter() - t0)
 
 

@@ -139,11 +139,11 @@ def register(app: typer.Typer) -> None:
 
         home = setup_home()
         tracking.configure(home)
-        from flows.recovery import clean_texts, merge_notes
+        from flows.recovery import clean_texts, load_classifier, merge_notes
 
         texts, notes = clean_texts(texts)  # invalid UTF-8 from argv -> U+FFFD, noted in 'warning'
         try:
-            frame = merge_notes(do_predict(model, texts), notes)
+            frame = merge_notes(load_classifier(model).predict_texts(texts), notes)  # never unpickles
         except Exception as exc:
             if type(exc).__name__ in ("MlflowException", "RestException", "OSError", "FileNotFoundError"):
                 raise UserError(f"could not load model {model!r}: {exc}") from None

@@ -47,6 +47,9 @@ class DataSection(StrictModel):
     train_rows: int | None = Field(default=None, gt=0, description="subsample of the training rows (seeded)")
     dev_rows: int | None = Field(default=None, gt=0, description="first N dev rows (None = all)")
     corpus_chars: int | None = Field(default=None, gt=0, description="first N characters of the corpus")
+    corpus_from_train: bool = Field(
+        default=False, description="pretrain on the training split's sentences (in-domain, labels unused) instead of `corpus`"
+    )
 
 
 class SearchSpace(StrictModel):

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from selfattn.errors import UserError
 
-from flows import registry, stages, tracking
+from flows import recovery, registry, stages, tracking
 from flows.config import PipelineConfig, load_pipeline_config, selfattn_home
 from flows.stages import StageOutput
 
@@ -104,7 +104,7 @@ def _finish_stage(run_id: str, ctx: RunContext, out: StageOutput, metrics: dict[
 # --------------------------------------------------------------------------- tasks (thin wrappers)
 
 
-@task(name="prepare-data", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(name="prepare-data", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=recovery.retry_on_io, cache_policy=NO_CACHE)
 def prepare_data_task(cfg: PipelineConfig, home: str) -> StageOutput:
     """Materialise the run's data files (downloads when SELFATTN_DATA_DIR is unset: I/O, retried)."""
     return stages.prepare_data(cfg, Path(home))
@@ -375,6 +375,9 @@ def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None 
         summary = _summary_markdown(cfg, result, url)
         mlflow.log_text(summary, "summary.md")
         mlflow.log_dict(json.loads(result.model_dump_json()), "pipeline_result.json")
+    run_dir = home / "runs" / f"pipeline-{pipeline_run_id}"
+    stages.write_atomic(run_dir / "result.json", result.model_dump_json(indent=2))
+    stages.write_atomic(run_dir / "summary.md", summary)
     _markdown_artifact(summary)
     return result
 

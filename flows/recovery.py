@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from selfattn.errors import UserError
 
-__all__ = ["check_config_paths", "check_within_roots", "retry_on_io", "file_lock"]
+__all__ = ["StageLock", "check_config_paths", "check_within_roots", "clean_texts", "file_lock", "merge_notes", "retry_on_io"]
 
 
 def check_within_roots(spec: str, *, what: str, home: Path | None = None) -> Path:
@@ -121,3 +122,86 @@ def merge_notes(frame: Any, notes: list[str]) -> Any:
     if "warning" in frame.columns and any(notes):
         frame["warning"] = ["; ".join(x for x in (n, w) if x) for n, w in zip(notes, frame["warning"])]
     return frame
+
+
+# flock belongs to an open file: a second lock on the same path in this process would wait for
+# itself (e.g. a Prefect retry while the failed attempt's frame still holds its Stage), so a
+# process re-entering a stage it already holds goes through. Guarded by a threading lock.
+_HELD: dict[str, "StageLock"] = {}
+_HELD_GUARD = threading.Lock()
+
+
+class StageLock:
+    """Exclusive lock of one stage directory across processes (``<runs>/.<stage-key>.lock``).
+
+    Two pipelines that reach the same stage (same inputs, same directory) at once: the first
+    runs it, the second waits here, then finds the done-marker and reuses the result. Released
+    by :meth:`release`, when the object is dropped, or by the kernel when the process dies.
+    """
+
+    def __init__(self, path: Path, *, timeout_s: float = 6 * 3600.0, poll_s: float = 0.2) -> None:
+        self._fh = None
+        self._key = str(path)
+        with _HELD_GUARD:
+            if self._key in _HELD:
+                return  # this process already holds it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    fh.close()
+                    raise TimeoutError(f"stage lock {path} not acquired in {timeout_s} s (another pipeline runs this stage)") from None
+                time.sleep(poll_s)
+        with _HELD_GUARD:
+            _HELD[self._key] = self
+        self._fh = fh
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        with _HELD_GUARD:
+            if _HELD.get(self._key) is self:
+                del _HELD[self._key]
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        finally:
+            fh.close()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def load_classifier(model_uri: str) -> Any:
+    """A ``SelfattnClassifier`` for ``model_uri`` without unpickling anything.
+
+    ``models:/NAME@alias``, ``models:/NAME/VERSION`` and ``runs:/ID/model`` are downloaded from
+    the configured MLflow store; a local path may be a ``save_pretrained`` directory or a logged
+    pyfunc directory (``MLmodel``). Either way only the weights directory is read, with
+    :func:`selfattn.checkpoint.load_pretrained` (safetensors + JSON); MLflow's
+    ``python_model.pkl`` (cloudpickle) is never loaded, so a planted pickle is never run.
+    """
+    from flows.serving import SelfattnClassifier
+
+    if "://" in model_uri or model_uri.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    else:
+        root = Path(model_uri).expanduser()
+        if not root.exists():
+            raise UserError(f"model {model_uri!r} not found (a models:/ or runs:/ URI, or a model directory)")
+    if (root / "config.json").is_file():
+        return SelfattnClassifier().load(str(root))
+    found = sorted(p.parent for p in (root / "artifacts").rglob("config.json") if (p.parent / "model.safetensors").is_file()) if (root / "MLmodel").is_file() else []
+    if len(found) != 1:
+        raise UserError(
+            f"model {model_uri!r} is neither a save_pretrained directory nor a selfattn pyfunc "
+            f"(expected artifacts/<dir> with model.safetensors and config.json; found {len(found)})"
+        )
+    return SelfattnClassifier().load(str(found[0]))

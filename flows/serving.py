@@ -176,9 +176,9 @@ def log_model(model_dir: str, *, name: str = "model", registered_model_name: str
     import mlflow
 
     clf = SelfattnClassifier().load(model_dir)
-    signature, example = signature_and_example(clf)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        signature, example = signature_and_example(clf)
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=SelfattnClassifier(),

@@ -16,6 +16,8 @@ crash for checkpoint resume (issue 7), the same stages must run without Prefect 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,10 +25,11 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -115,6 +118,10 @@ class Stage:
         self.dir = self.home / "runs" / f"{self.name}-{self.key}"
 
     def done(self) -> StageOutput | None:
+        from flows.recovery import StageLock
+
+        # held until finish() (or this object is dropped): a concurrent pipeline waits, then reuses
+        self._lock = StageLock(self.dir.with_name(f".{self.dir.name}.lock"))
         marker = self.dir / MARKER
         if not marker.is_file():
             return None
@@ -124,6 +131,26 @@ class Stage:
             return None
         return StageOutput(stage=self.name, key=self.key, dir=str(self.dir), cached=True, result=result)
 
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[tuple[StageOutput | None, Path]]:
+        """Hold the stage's lock: ``(cached output or None, stage dir)``.
+
+        Two pipelines reaching the same stage at once do the work once: the second waits for the
+        lock, then finds the marker. The kernel drops the lock when a holder dies (SIGKILL).
+        """
+        if (done := self.done()) is not None:
+            yield done, self.dir
+            return
+        lock_dir = self.home / "runs" / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{self.name}-{self.key}.lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                done = self.done()
+                yield done, (self.dir if done is not None else self.start())
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
     def start(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.dir / "inputs.json", json.dumps(self.inputs, indent=2, sort_keys=True, default=str))
@@ -131,6 +158,8 @@ class Stage:
 
     def finish(self, result: dict[str, Any]) -> StageOutput:
         write_atomic(self.dir / MARKER, json.dumps(result, indent=2, sort_keys=True, default=str))
+        if (lock := getattr(self, "_lock", None)) is not None:
+            lock.release()
         return StageOutput(stage=self.name, key=self.key, dir=str(self.dir), cached=False, result=result)
 
 
@@ -177,38 +206,44 @@ def prepare_data(cfg: PipelineConfig, home: Path) -> StageOutput:
     """
     d = cfg.data
     sources = {
-        "corpus": _source_identity(d.corpus if data_root() else d.corpus_url, home=home),
+        "corpus": {"from_train": True} if d.corpus_from_train else _source_identity(d.corpus if data_root() else d.corpus_url, home=home),
         "train": _source_identity(d.train if data_root() else f"{d.sst2_hub}:train", home=home),
         "dev": _source_identity(d.dev if data_root() else f"{d.sst2_hub}:validation", home=home),
     }
     stage = Stage(home, "data", {"data": d.model_dump(), "sources": sources, "seed": cfg.seed})
-    if (out := stage.done()) is not None:
-        return out
-    out_dir = stage.start()
-    # corpus
-    if "file" in sources["corpus"]:
-        text = Path(sources["corpus"]["file"]).read_text(encoding="utf-8", errors="replace")
-    else:
-        with urllib.request.urlopen(d.corpus_url, timeout=60) as resp:  # noqa: S310 (fixed https URL from config)
-            text = resp.read().decode("utf-8", errors="replace")
-    if d.corpus_chars is not None:
-        text = text[: d.corpus_chars]
-    write_atomic(out_dir / "corpus.txt", text)
-    # labelled splits
-    for split, hub_split in (("train", "train"), ("dev", "validation")):
-        src = sources[split]
-        target = out_dir / f"{split}.tsv"
-        n = d.train_rows if split == "train" else d.dev_rows
-        if "file" in src and n is None:
-            shutil.copyfile(src["file"], target)
-            continue
-        table = _read_tsv(Path(src["file"])) if "file" in src else _hub_table(d.sst2_hub, hub_split, cfg)
-        if n is not None and n < len(table):
-            table = table.sample(n=n, random_state=cfg.seed).sort_index() if split == "train" else table.head(n)
-        _write_table(table, target)
-    files = {name: str(out_dir / name) for name in ("corpus.txt", "train.tsv", "dev.tsv")}
-    digests = {name: file_digest(Path(p)) for name, p in files.items()}
-    return stage.finish({"files": files, "digests": digests, "digest": digest(digests)[:16], "sources": sources})
+    with stage.claim() as (out, out_dir):
+        if out is not None:
+            return out
+        # corpus
+        if d.corpus_from_train:
+            src = sources["train"]
+            table = _read_tsv(Path(src["file"])) if "file" in src else _hub_table(d.sst2_hub, "train", cfg)
+            if d.text_column not in table.columns:
+                raise UserError(f"data.corpus_from_train: training data has no column {d.text_column!r} (columns: {list(table.columns)})")
+            text = "\n".join(t.strip() for t in table[d.text_column]) + "\n"
+        elif "file" in sources["corpus"]:
+            text = Path(sources["corpus"]["file"]).read_text(encoding="utf-8", errors="replace")
+        else:
+            with urllib.request.urlopen(d.corpus_url, timeout=60) as resp:  # noqa: S310 (fixed https URL from config)
+                text = resp.read().decode("utf-8", errors="replace")
+        if d.corpus_chars is not None:
+            text = text[: d.corpus_chars]
+        write_atomic(out_dir / "corpus.txt", text)
+        # labelled splits
+        for split, hub_split in (("train", "train"), ("dev", "validation")):
+            src = sources[split]
+            target = out_dir / f"{split}.tsv"
+            n = d.train_rows if split == "train" else d.dev_rows
+            if "file" in src and n is None:
+                shutil.copyfile(src["file"], target)
+                continue
+            table = _read_tsv(Path(src["file"])) if "file" in src else _hub_table(d.sst2_hub, hub_split, cfg)
+            if n is not None and n < len(table):
+                table = table.sample(n=n, random_state=cfg.seed).sort_index() if split == "train" else table.head(n)
+            _write_table(table, target)
+        files = {name: str(out_dir / name) for name in ("corpus.txt", "train.tsv", "dev.tsv")}
+        digests = {name: file_digest(Path(p)) for name, p in files.items()}
+        return stage.finish({"files": files, "digests": digests, "digest": digest(digests)[:16], "sources": sources})
 
 
 # --------------------------------------------------------------------------- validation
@@ -225,27 +260,27 @@ def validate_data(cfg: PipelineConfig, data: StageOutput, home: Path) -> StageOu
     d = cfg.data
     files = data.result["files"]
     stage = Stage(home, "validate", {"data": data.result["digests"], "labels": d.labels, "cols": [d.text_column, d.label_column]})
-    if (out := stage.done()) is not None:
-        return out
-    out_dir = stage.start()
-    reports = {}
-    common = {"text_column": d.text_column, "label_column": d.label_column, "labels": d.labels}
-    reports["corpus"] = validate(files["corpus.txt"], kind="corpus", output_dir=out_dir / "corpus")
-    reports["train"] = validate(files["train.tsv"], kind="labelled", output_dir=out_dir / "train", **common)
-    reports["dev"] = validate(files["dev.tsv"], kind="labelled", against=files["train.tsv"], output_dir=out_dir / "dev", **common)
-    summary = {name: r.to_dict() for name, r in reports.items()}
-    write_atomic(out_dir / "report.json", json.dumps(summary, indent=2, default=str))
-    passed = all(r.passed for r in reports.values())
-    result = {
-        "passed": passed,
-        "failures": {name: [f"{c.name}: {c.detail}" for c in r.failures] for name, r in reports.items() if r.failures},
-        "warnings": {name: [f"{c.name}: {c.detail}" for c in r.warnings] for name, r in reports.items() if r.warnings},
-        "report": str(out_dir / "report.json"),
-        "data_docs": {name: str(r.data_docs) for name, r in reports.items() if r.data_docs},
-    }
-    if not passed:
-        return StageOutput(stage="validate", key=stage.key, dir=str(out_dir), cached=False, result=result)
-    return stage.finish(result)
+    with stage.claim() as (out, out_dir):
+        if out is not None:
+            return out
+        reports = {}
+        common = {"text_column": d.text_column, "label_column": d.label_column, "labels": d.labels}
+        reports["corpus"] = validate(files["corpus.txt"], kind="corpus", output_dir=out_dir / "corpus")
+        reports["train"] = validate(files["train.tsv"], kind="labelled", output_dir=out_dir / "train", **common)
+        reports["dev"] = validate(files["dev.tsv"], kind="labelled", against=files["train.tsv"], output_dir=out_dir / "dev", **common)
+        summary = {name: r.to_dict() for name, r in reports.items()}
+        write_atomic(out_dir / "report.json", json.dumps(summary, indent=2, default=str))
+        passed = all(r.passed for r in reports.values())
+        result = {
+            "passed": passed,
+            "failures": {name: [f"{c.name}: {c.detail}" for c in r.failures] for name, r in reports.items() if r.failures},
+            "warnings": {name: [f"{c.name}: {c.detail}" for c in r.warnings] for name, r in reports.items() if r.warnings},
+            "report": str(out_dir / "report.json"),
+            "data_docs": {name: str(r.data_docs) for name, r in reports.items() if r.data_docs},
+        }
+        if not passed:
+            return StageOutput(stage="validate", key=stage.key, dir=str(out_dir), cached=False, result=result)
+        return stage.finish(result)
 
 
 # --------------------------------------------------------------------------- training
@@ -315,11 +350,11 @@ def pretrain_stage(cfg: PipelineConfig, data: StageOutput, home: Path, callbacks
 
     engine_cfg = pretrain_config(cfg, data)
     stage = Stage(home, "pretrain", {"config": _without_paths(engine_cfg), "corpus": data.result["digests"]["corpus.txt"]})
-    if (out := stage.done()) is not None:
-        return out
-    out_dir = stage.start()
-    result = pretrain(PretrainConfig.model_validate(engine_cfg), out_dir / "train", list(callbacks))
-    return stage.finish({**_train_result(result, out_dir), "config": engine_cfg})
+    with stage.claim() as (out, out_dir):
+        if out is not None:
+            return out
+        result = pretrain(PretrainConfig.model_validate(engine_cfg), out_dir / "train", list(callbacks))
+        return stage.finish({**_train_result(result, out_dir), "config": engine_cfg})
 
 
 def search_stage(
@@ -344,16 +379,16 @@ def search_stage(
         "data": data.result["digests"],
     }
     stage = Stage(home, "search", inputs)
-    if (out := stage.done()) is not None:
-        return out
-    out_dir = stage.start()
-    if not cfg.search.enabled or not cfg.search.space or cfg.search.n_trials == 0:
-        return stage.finish({"best_params": {}, "enabled": False})
-    objective = make_objective(cfg, data, pretrained, out_dir, trial_callbacks)
-    study = tuning.optimize(cfg, objective, home=home, callbacks=study_callbacks)
-    summary = tuning.summarize(study, cfg, home)
-    plots = [str(p) for p in tuning.save_plots(study, out_dir / "plots")]
-    return stage.finish({**summary.to_dict(), "enabled": True, "plots": plots})
+    with stage.claim() as (out, out_dir):
+        if out is not None:
+            return out
+        if not cfg.search.enabled or not cfg.search.space or cfg.search.n_trials == 0:
+            return stage.finish({"best_params": {}, "enabled": False})
+        objective = make_objective(cfg, data, pretrained, out_dir, trial_callbacks)
+        study = tuning.optimize(cfg, objective, home=home, callbacks=study_callbacks)
+        summary = tuning.summarize(study, cfg, home)
+        plots = [str(p) for p in tuning.save_plots(study, out_dir / "plots")]
+        return stage.finish({**summary.to_dict(), "enabled": True, "plots": plots})
 
 
 def make_objective(
@@ -366,7 +401,7 @@ def make_objective(
     """Optuna objective: a short fine-tune from the pretrained checkpoint; returns the metric."""
 
     def objective(trial: Any) -> float:
-        from optuna.storages import RetryFailedTrialCallback
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         from flows import tuning
         from selfattn.train import FinetuneConfig, finetune
@@ -374,7 +409,9 @@ def make_objective(
         params = tuning.suggest(trial, cfg)
         engine_cfg = finetune_config(cfg, data, pretrained, params, trial=True)
         # a retried trial (its process died) resumes in the dead trial's directory
-        number = RetryFailedTrialCallback.retried_trial_number(tuning.frozen(trial))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning
+            number = RetryHeartbeatStaleTrialCallback.retried_trial_number(tuning.frozen(trial))
         trial_dir = out_dir / f"trial-{trial.number if number is None else number}"
         callbacks = [tuning.PruningCallback(trial=trial, metric=cfg.search.metric)]
         callbacks += list(trial_callbacks(trial, params) if trial_callbacks else [])
@@ -404,11 +441,11 @@ def finetune_stage(
     params = search.result.get("best_params", {})
     engine_cfg = finetune_config(cfg, data, pretrained, params)
     stage = Stage(home, "finetune", {"config": _without_paths(engine_cfg), "pretrain": pretrained.key, "data": data.result["digests"]})
-    if (out := stage.done()) is not None:
-        return out
-    out_dir = stage.start()
-    result = finetune(FinetuneConfig.model_validate(engine_cfg), out_dir / "train", list(callbacks))
-    return stage.finish({**_train_result(result, out_dir), "config": engine_cfg, "params": params})
+    with stage.claim() as (out, out_dir):
+        if out is not None:
+            return out
+        result = finetune(FinetuneConfig.model_validate(engine_cfg), out_dir / "train", list(callbacks))
+        return stage.finish({**_train_result(result, out_dir), "config": engine_cfg, "params": params})
 
 
 def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> StageOutput:
@@ -417,29 +454,29 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
 
     dev = data.result["files"]["dev.tsv"]
     stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"]})
-    if (out := stage.done()) is not None:
-        return out
-    out_dir = stage.start()
-    done_eval = _engine_eval(finetuned, dev)
-    if done_eval is not None:  # the engine already evaluated the best model on exactly this file
-        shutil.copytree(done_eval, out_dir / "eval", dirs_exist_ok=True)
-        metrics = json.loads((out_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    else:
-        metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), dev, out_dir / "eval")
-    plots = sorted(str(p) for p in (out_dir / "eval" / "plots").rglob("*.png"))
-    if not any(p.endswith("learning_curves.png") for p in plots):
-        plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
-    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
-    return stage.finish(
-        {
-            "metrics": scalars,
-            "metrics_file": str(out_dir / "metrics.json"),
-            "plots": plots,
-            "dataset_digest": data.result["digests"]["dev.tsv"][:16],
-            "eval_dir": str(out_dir / "eval"),
-        }
-    )
+    with stage.claim() as (out, out_dir):
+        if out is not None:
+            return out
+        done_eval = _engine_eval(finetuned, dev)
+        if done_eval is not None:  # the engine already evaluated the best model on exactly this file
+            shutil.copytree(done_eval, out_dir / "eval", dirs_exist_ok=True)
+            metrics = json.loads((out_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
+        else:
+            metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), dev, out_dir / "eval")
+        plots = sorted(str(p) for p in (out_dir / "eval" / "plots").rglob("*.png"))
+        if not any(p.endswith("learning_curves.png") for p in plots):
+            plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+        return stage.finish(
+            {
+                "metrics": scalars,
+                "metrics_file": str(out_dir / "metrics.json"),
+                "plots": plots,
+                "dataset_digest": data.result["digests"]["dev.tsv"][:16],
+                "eval_dir": str(out_dir / "eval"),
+            }
+        )
 
 
 def _engine_eval(finetuned: StageOutput, dev: str) -> Path | None:

@@ -131,12 +131,11 @@ def stage_run(
 
     active = mlflow.active_run()
     all_tags = {**process_tags(), TAG_STAGE: name, **(tags or {})}
-    kwargs: dict[str, Any] = {"run_name": name, "tags": all_tags, "log_system_metrics": log_system_metrics}
+    kwargs: dict[str, Any] = {"run_name": name, "tags": all_tags, "log_system_metrics": log_system_metrics, "experiment_id": experiment_id}
     if active is not None:
         kwargs["nested"] = True  # under the active run (the parent, or the stage run of a trial)
     else:
         kwargs["parent_run_id"] = parent_run_id
-        kwargs["experiment_id"] = experiment_id
     run = mlflow.start_run(**kwargs)
     try:
         if params:

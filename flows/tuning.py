@@ -2,7 +2,7 @@
 
 The study lives in an RDB storage (SQLite under ``SELFATTN_HOME`` by default, any SQLAlchemy URL
 via ``search.storage``) with a heartbeat: a trial whose process died (SIGKILL, OOM) is failed on
-the next start and retried once with the same parameters (``RetryFailedTrialCallback``).
+the next start and retried once with the same parameters (``RetryHeartbeatStaleTrialCallback``).
 ``search.n_trials`` is the number of finished (complete or pruned) trials the study should hold,
 so a re-run continues the study and several workers (``selfattn tune --workers N``) share it.
 Trials are logged as nested MLflow runs by us (not optuna-integration's MLflowCallback).
@@ -10,6 +10,7 @@ Trials are logged as nested MLflow runs by us (not optuna-integration's MLflowCa
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class PruningCallback(Callback):
 def storage(cfg: PipelineConfig, home: Path | None = None):
     """The study's RDB storage with heartbeat and retry of trials whose process died."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = optuna_storage_url(cfg, home)
     engine_kwargs: dict[str, Any] = {}
@@ -76,7 +77,7 @@ def storage(cfg: PipelineConfig, home: Path | None = None):
             engine_kwargs=engine_kwargs,
             heartbeat_interval=cfg.search.heartbeat_interval_s,
             grace_period=cfg.search.grace_period_s,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=cfg.search.max_retry),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.search.max_retry),
         )
 
 
@@ -122,7 +123,7 @@ def frozen(trial: Any) -> Any:
 
 def apply_params(finetune: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys (``lora.rank``) of a finetune mapping."""
-    out = merge({}, finetune)
+    out = copy.deepcopy(finetune)
     for key, value in params.items():
         node = out
         parts = key.split(".")

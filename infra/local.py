@@ -359,6 +359,8 @@ def start_worker(settings: StackSettings, stack: Stack) -> int:
     env = _base_env(settings)
     env.update(stack.client_env())
     env.setdefault("SELFATTN_DATA_DIR", str(REPO_DIR.parent / "shared" / "data"))
+    # the pipeline's caches and run folders: the worker's own home unless one is configured
+    env["SELFATTN_HOME"] = os.environ.get("SELFATTN_HOME") or str(settings.state_dir / "selfattn_home")
     cmd = [_bin("prefect"), "worker", "start", "--pool", settings.pool, "--type", "process"]
     log = settings.state_dir / "logs" / "worker.log"
     # flow runs start in the worker's directory; deployments from infra/prefect.yaml set their own

@@ -46,9 +46,9 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
     score_keys = [k for k in ("val_accuracy", "val_f1") if any(k in h for h in history)]
     if score_keys:
         ax2 = ax.twinx()
-        for key in score_keys:
+        for key, color in zip(score_keys, ("tab:green", "tab:red")):
             xs, ys = zip(*[(h["step"], h[key]) for h in history if key in h])
-            ax2.plot(xs, ys, "s--", label=key, markersize=3)
+            ax2.plot(xs, ys, "s--", color=color, label=key, markersize=3)
         ax2.set_ylabel("score")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2

@@ -434,6 +434,7 @@ class _Run:
                         loss.backward()
                     loss_acc += loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+                lr_used = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -449,7 +450,7 @@ class _Run:
                     tokens_total += tokens_acc
                     if not math.isfinite(loss_mean):
                         self._diverged(step, last_logged, loss_mean)
-                    row = {"step": step, "train_loss": loss_mean, "lr": sched.get_last_lr()[0], "tokens": tokens_total, "tokens_per_s": tokens_acc / max(interval, 1e-9)}
+                    row = {"step": step, "train_loss": loss_mean, "lr": lr_used, "tokens": tokens_total, "tokens_per_s": tokens_acc / max(interval, 1e-9)}
                     if grad_norm is not None:
                         row["grad_norm"] = float(grad_norm)
                     history.append(row)

@@ -53,7 +53,7 @@ def run_local(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def _clean_env() -> dict[str, str]:
     env = dict(os.environ)
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "SELFATTN_OPTUNA_STORAGE"):
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "SELFATTN_OPTUNA_STORAGE", "SELFATTN_HOME"):
         env.pop(key, None)
     return env
 

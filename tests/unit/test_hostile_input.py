@@ -186,6 +186,31 @@ def test_planted_pickle_as_training_checkpoint_is_never_unpickled(tmp_path, caps
     assert not trap.exists()
 
 
+def test_predict_never_unpickles_a_model_directory(tiny_clf, tmp_path, monkeypatch, capsys):
+    """``selfattn predict --model DIR`` on a pyfunc-shaped directory whose python_model.pkl is a
+    trap: the weights are read with the safe loader; the pickle is never run."""
+    import pickle
+    import shutil
+
+    monkeypatch.setenv("SELFATTN_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trap = tmp_path / "trap-sprung"
+    pyfunc = tmp_path / "pyfunc"
+    shutil.copytree(tiny_clf, pyfunc / "artifacts" / "model")
+    (pyfunc / "MLmodel").write_text("flavors:\n  python_function:\n    python_model: python_model.pkl\n    loader_module: mlflow.pyfunc.model\n")
+    (pyfunc / "python_model.pkl").write_bytes(pickle.dumps(_Trap(trap)))
+    for target in (pyfunc, tiny_clf):
+        rc = main(["predict", "--model", str(target), "--json", "great fun", ""])
+        out, err = capsys.readouterr()
+        assert rc == 0 and "Traceback" not in err, err
+        assert len([line for line in out.splitlines() if line.startswith("{")]) == 2
+    assert not trap.exists()
+    (pyfunc / "artifacts" / "model" / "evil.pkl").write_bytes(pickle.dumps(_Trap(trap)))
+    rc, err = _cli(capsys, "predict", "--model", str(pyfunc), "great fun")
+    assert rc != 0 and "evil.pkl" in err and "Traceback" not in err
+    assert not trap.exists()
+
+
 def test_no_unsafe_deserialisation_in_the_code():
     """Static guard: no pickle/cloudpickle/joblib loads, no torch.load without weights_only=True,
     no yaml.load / unsafe_load, no allow_pickle=True in the shipped packages."""

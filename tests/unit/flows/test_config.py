@@ -12,7 +12,7 @@ from flows.config import (
     mlflow_tracking_uri,
     optuna_storage_url,
     resolve_local_path,
-    selfattn_home,
+    selfattn_home as home_dir,
 )
 from selfattn.errors import UserError
 
@@ -74,7 +74,7 @@ def test_search_space_keys_are_checked_against_the_finetune_config(tmp_path):
 
 def test_stores_default_under_home_and_the_standard_variable_wins(selfattn_home, monkeypatch):
     cfg = PipelineConfig()
-    assert selfattn_home() == selfattn_home.resolve()
+    assert home_dir() == selfattn_home.resolve()
     assert mlflow_tracking_uri() == f"sqlite:///{selfattn_home / 'mlflow.db'}"
     assert optuna_storage_url(cfg) == f"sqlite:///{selfattn_home / 'optuna.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
@@ -82,7 +82,7 @@ def test_stores_default_under_home_and_the_standard_variable_wins(selfattn_home,
     cfg2 = PipelineConfig.model_validate({"search": {"storage": "postgresql://u@h/db"}})
     assert optuna_storage_url(cfg2) == "postgresql://u@h/db"
     monkeypatch.delenv("SELFATTN_HOME")
-    assert selfattn_home() == (Path.cwd() / ".selfattn").resolve()
+    assert home_dir() == (Path.cwd() / ".selfattn").resolve()
 
 
 def test_paths_outside_the_allowed_roots_are_refused(selfattn_home, monkeypatch, tmp_path):

@@ -52,3 +52,33 @@ def test_prepare_data_subsamples_and_caches(selfattn_home, data_dir, monkeypatch
     assert again.cached and again.dir == out.dir
     changed = stages.prepare_data(load_pipeline_config("smoke", ["data.train_rows=60", "data.dev_rows=20", "data.corpus_chars=1000"]), selfattn_home)
     assert not changed.cached and changed.dir != out.dir
+
+
+def test_concurrent_claims_do_the_work_once(tmp_path):
+    import threading
+
+    inputs = {"k": "same"}
+    holder_in, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with stages.Stage(tmp_path, "pretrain", inputs).claim() as (out, d):
+            seen["first"] = out
+            holder_in.set()
+            release.wait(30)
+            stages.Stage(tmp_path, "pretrain", inputs).finish({"by": "first"})
+
+    def second():
+        holder_in.wait(30)
+        with stages.Stage(tmp_path, "pretrain", inputs).claim() as (out, d):
+            seen["second"] = out
+
+    t1, t2 = threading.Thread(target=first), threading.Thread(target=second)
+    t1.start(), t2.start()
+    holder_in.wait(30)
+    t2.join(0.5)
+    assert t2.is_alive()  # blocked on the lock while the first claim holds it
+    release.set()
+    t1.join(30), t2.join(30)
+    assert seen["first"] is None
+    assert seen["second"] is not None and seen["second"].cached and seen["second"].result == {"by": "first"}

@@ -68,6 +68,7 @@ def test_stage_run_nests_and_fails_on_error(mlflow_home):
     ra, rb = client.get_run(a.info.run_id), client.get_run(b.info.run_id)
     assert ra.data.tags["mlflow.parentRunId"] == parent.info.run_id and ra.data.params == {"x.y": "1"}
     assert ra.info.status == "FINISHED" and rb.info.status == "FAILED" and "boom" in rb.data.tags["selfattn.error"]
+    assert ra.info.experiment_id == rb.info.experiment_id == exp
     # without an active run (another thread), the parent is set explicitly
     with tracking.stage_run("c", parent_run_id=parent.info.run_id, experiment_id=exp) as c:
         pass

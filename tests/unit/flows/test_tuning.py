@@ -54,10 +54,12 @@ def test_pruning_callback_reports_and_prunes(selfattn_home):
     study.tell(t0, 0.8)
     trial = study.ask()
     cb = tuning.PruningCallback(trial=trial, metric="accuracy")
-    cb.on_eval(0, {"val_loss": 0.7, "val_accuracy": 0.1})
-    assert tuning.frozen(trial).intermediate_values == {0: 0.1}
+    cb.on_eval(0, {"val_loss": 0.7, "val_accuracy": 0.65})  # above the step-0 median (0.6): goes on
+    cb.on_eval(1, {"val_loss": 0.7})  # no metric in this eval: nothing reported
+    assert tuning.frozen(trial).intermediate_values == {0: 0.65}
     with pytest.raises(optuna.TrialPruned):
-        cb.on_eval(1, {"val_accuracy": 0.1})
+        cb.on_eval(2, {"val_accuracy": 0.1})  # best so far (0.65) below the step-2 median (0.8)
+    assert tuning.frozen(trial).intermediate_values == {0: 0.65, 2: 0.1}
 
 
 def test_apply_params_and_pick_metric():

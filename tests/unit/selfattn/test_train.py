@@ -146,7 +146,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(files, t
 
 
 def test_early_stopping_on_a_flat_validation_metric(files, tmp_path):
-    cfg = lm_config(files, max_steps=50, eval_every=2, early_stopping_patience=2)
+    cfg = lm_config(files, max_steps=50, eval_every=2, early_stopping_patience=2, progress=True)  # the tqdm bar too
     cfg.optim.lr = 1e-30  # the weights cannot move in float32: val loss stays exactly flat
     rec = Recorder()
     result = pretrain(cfg, tmp_path / "out", [rec])
