@@ -34,6 +34,8 @@ def prefect_env(home: Path) -> dict[str, str]:
     env["PREFECT_HOME"] = os.environ.get("PREFECT_HOME") or str(prefect_home)
     env["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the subprocess server can take >20 s (Prefect's default) to boot on a busy 2-core machine
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not (os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")):
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
     return env
@@ -54,6 +56,28 @@ def setup_home() -> Path:
     os.environ.update(env)
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "1")
     return home
+
+
+def warm_start(home: Path, experiment: str) -> None:
+    """Boot Prefect's ephemeral API (a subprocess) while MLflow creates its store, in parallel.
+
+    Both cost seconds on a fresh home; the flow then finds the server running (Prefect keeps one
+    ephemeral server per process) and the MLflow tables created. No-op for a configured server.
+    """
+    import threading
+
+    from flows import tracking
+
+    thread = None
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.server.api.server import SubprocessASGIServer
+
+        thread = threading.Thread(target=SubprocessASGIServer().start, name="prefect-ephemeral-start", daemon=True)
+        thread.start()
+    tracking.configure(home)
+    tracking.ensure_experiment(experiment, home)
+    if thread is not None:
+        thread.join()
 
 
 def _load(config: str, overrides: list[str]):
@@ -84,7 +108,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the pipeline: validate -> pretrain -> search -> fine-tune -> evaluate -> register -> promote."""
         cfg = _load(config, overrides or [])  # refused before any work
-        setup_home()
+        home = setup_home()
+        from flows.recovery import file_lock
+
+        # two first starts on one home race on the Prefect/MLflow schema migrations: one at a time
+        with file_lock(home / "locks" / "warm-start.lock", timeout_s=900):
+            warm_start(home, cfg.tracking.experiment)
         from flows.pipeline import pipeline
 
         result = pipeline(cfg)

@@ -1,11 +1,13 @@
 """The MLflow pyfunc model: raw text in, label and probabilities out.
 
-Packaging choice: ``mlflow.pyfunc.log_model(python_model=SelfattnClassifier(), artifacts=
-{"model_dir": <save_pretrained dir>})``. MLflow cloudpickles only the small ``SelfattnClassifier``
-instance (no torch objects, no weights: ``flows.serving`` is importable wherever ``selfattn`` is
-installed, so cloudpickle stores it by reference); the weights travel as the ``model_dir``
-artifact (safetensors + JSON + tokenizer files) and are loaded in ``load_context`` with
+Packaging choice: models-from-code. ``mlflow.pyfunc.log_model(python_model="flows/pyfunc_model.py",
+artifacts={"model_dir": <save_pretrained dir>})`` stores that three-line file, which builds the
+model object from the installed ``flows.serving`` module at load time, so nothing is pickled
+(neither torch objects nor the wrapper). The weights travel as the ``model_dir`` artifact
+(safetensors + JSON + tokenizer files) and are loaded in ``load_context`` with
 ``selfattn.checkpoint.load_pretrained``, which never unpickles and refuses any other file.
+``selfattn predict`` does not even run the stored code: it reads the weights directory only
+(``flows.recovery.load_classifier``).
 
 Input: a list of strings, one string, a one-column DataFrame (any column name, ``text``
 preferred), or bytes. Output: a DataFrame with ``label`` (the class value), ``label_index``,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 try:  # mlflow is a dependency of the flows layer; the import is cheap (no tracking set up)
@@ -181,7 +184,7 @@ def log_model(model_dir: str, *, name: str = "model", registered_model_name: str
         signature, example = signature_and_example(clf)
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=SelfattnClassifier(),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models-from-code: no pickle
             artifacts={"model_dir": str(model_dir)},
             signature=signature,
             input_example=example,

@@ -118,10 +118,7 @@ class Stage:
         self.dir = self.home / "runs" / f"{self.name}-{self.key}"
 
     def done(self) -> StageOutput | None:
-        from flows.recovery import StageLock
-
-        # held until finish() (or this object is dropped): a concurrent pipeline waits, then reuses
-        self._lock = StageLock(self.dir.with_name(f".{self.dir.name}.lock"))
+        """The stored result when the stage finished earlier (no lock; see :meth:`claim`)."""
         marker = self.dir / MARKER
         if not marker.is_file():
             return None
@@ -141,9 +138,10 @@ class Stage:
         if (done := self.done()) is not None:
             yield done, self.dir
             return
-        lock_dir = self.home / "runs" / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{self.name}-{self.key}.lock", "a+") as fh:
+        # an explicit with-block: released on success, on an exception (a Prefect retry in this
+        # process gets it back) and by the kernel when the process dies
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dir.with_name(f".{self.dir.name}.lock"), "a+") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 done = self.done()
@@ -158,8 +156,6 @@ class Stage:
 
     def finish(self, result: dict[str, Any]) -> StageOutput:
         write_atomic(self.dir / MARKER, json.dumps(result, indent=2, sort_keys=True, default=str))
-        if (lock := getattr(self, "_lock", None)) is not None:
-            lock.release()
         return StageOutput(stage=self.name, key=self.key, dir=str(self.dir), cached=False, result=result)
 
 

@@ -70,7 +70,11 @@ def storage(cfg: PipelineConfig, home: Path | None = None):
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    with warnings.catch_warnings():
+    from flows.config import selfattn_home
+    from flows.recovery import file_lock
+
+    # processes creating the schema of a fresh storage at once collide ("table already exists")
+    with warnings.catch_warnings(), file_lock((home or selfattn_home()) / "locks" / "optuna-storage.lock", timeout_s=600):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(
             url,

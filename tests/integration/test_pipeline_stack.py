@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 PRESET = REPO / "flows" / "presets" / "smoke.yaml"
 FLOW_NAME = "selfattn-pipeline"
+DEPLOY_OVERRIDES = ["finetune.train.max_steps=12"]
 STAGES = {"validate", "pretrain", "search", "finetune", "evaluate", "register"}
 
 
@@ -166,7 +167,8 @@ def deployment_run(stack, stack_env, smoke_run) -> dict:
     """The ``smoke`` deployment of infra/prefect.yaml, triggered with ``prefect deployment run``."""
     deploy = _prefect(["deploy", "--prefect-file", "infra/prefect.yaml", "--name", "smoke"], stack_env)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
-    run = _prefect(["deployment", "run", f"{FLOW_NAME}/smoke"], stack_env)
+    # a changed fine-tuning budget, so the run trains (and registers) a different model than smoke_run
+    run = _prefect(["deployment", "run", f"{FLOW_NAME}/smoke", "--param", f"overrides={json.dumps(DEPLOY_OVERRIDES)}"], stack_env)
     assert run.returncode == 0, run.stdout + run.stderr
     flow_run_id = next(line.split("UUID:")[1].strip() for line in run.stdout.splitlines() if "UUID:" in line)
 
@@ -187,6 +189,7 @@ def test_deployment_run_by_worker(stack, smoke_run, deployment_run):
     dep = deployments[0]
     assert dep["work_pool_name"] == stack["pool"] and dep["parameters"]["config"] == "smoke"
     assert deployment_run["deployment_id"] == dep["id"]
+    assert deployment_run["parameters"] == {"config": "smoke", "overrides": DEPLOY_OVERRIDES}
     assert deployment_run["state_type"] == "COMPLETED"
     # picked up by the stack's process worker (not run in this process)
     assert deployment_run["work_pool_name"] == stack["pool"]

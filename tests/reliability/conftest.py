@@ -19,9 +19,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_SETS = [
-    # the shipped smoke preset, with a few more pretraining steps so a checkpoint lands mid-stage
+    # the shipped smoke preset, with the step counts the kill points rely on pinned here (a
+    # checkpoint lands mid-stage, and enough steps follow it to be killed in between)
     "pretrain.train.max_steps=80",
     "pretrain.train.checkpoint_every=20",
+    "finetune.train.max_steps=30",
+    "finetune.train.checkpoint_every=10",
+    "finetune.train.eval_every=10",
+    "finetune.train.log_every=5",
+    "search.trial_overrides.train.max_steps=8",
     # a dead trial's heartbeat goes stale quickly, so the next start fails and retries it
     "search.heartbeat_interval_s=1",
     "search.grace_period_s=3",

@@ -125,8 +125,10 @@ def _pg(url: str, sql: str, args: tuple = ()) -> list[tuple]:
 
 def test_two_pipelines_at_once_on_postgresql(tmp_path, data_dir, pg_db):
     home = tmp_path / "home"
-    env = pipeline_env(home, data_dir, MLFLOW_TRACKING_URI=pg_db)
-    pair = _run_pair(home, tmp_path / "work", env, [f"search.storage={pg_db}"])
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2
+    sa_url = pg_db.replace("postgresql://", "postgresql+psycopg2://", 1)
+    env = pipeline_env(home, data_dir, MLFLOW_TRACKING_URI=sa_url)
+    pair = _run_pair(home, tmp_path / "work", env, [f"search.storage={sa_url}"])
     _check_stage_dirs(home, pair)
     assert not (home / "mlflow.db").exists() and not (home / "optuna.db").exists(), "the PostgreSQL stores were not used"
     parents = _pg(pg_db, "select r.run_uuid, r.status from runs r where not exists (select 1 from tags t where t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId')")

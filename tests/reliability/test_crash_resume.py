@@ -97,7 +97,7 @@ def crashed(tmp_path_factory, data_dir) -> dict:
     obs["aliases"] = query(home / "mlflow.db", "select alias, version from registered_model_aliases where name = ?", (MODEL,))
 
     # afterwards: a NaN loss injected in fine-tuning (test-only engine hook) on the same home
-    p = start("6-nan", ["finetune.train.debug_poison_step=20"])
+    p = start("6-nan", ["finetune.train.debug_poison_step=13"])
     obs["nan_rc"] = p.wait(timeout=900)
     obs["nan_stderr"] = p.stderr
     obs["runs"] = runs(home)
@@ -182,8 +182,8 @@ def test_nan_loss_stops_finetuning_keeps_the_checkpoint_and_registers_nothing(cr
     assert last_line.startswith("error: training diverged"), last_line
     poisoned = [d for d in stage_dirs(crashed["home"], "finetune") if not (d / "_SUCCESS").is_file()]
     assert len(poisoned) == 1
-    # checkpoint_every 15, NaN read at step 20: the last good checkpoint (step 15) is kept
-    assert checkpoint_step(poisoned[0] / "train" / "checkpoints" / "last.pt") == 15
+    # checkpoint at step 10, NaN injected at step 13, read out at step 15: step 10 is kept
+    assert checkpoint_step(poisoned[0] / "train" / "checkpoints" / "last.pt") == 10
     assert crashed["versions_after_nan"] == [(MODEL, 1)], "nothing may be registered from a diverged run"
     failed = [r for r in crashed["runs"] if r["tags"].get("selfattn.stage") == "finetune" and r["status"] == "FAILED"]
     assert failed and "diverged" in failed[-1]["tags"].get("selfattn.error", "")

@@ -79,3 +79,4 @@ def test_logged_pyfunc_roundtrip(tiny_classifier_dir, mlflow_home):
 
     files = {p.name for p in (Path(local) / "artifacts" / "model").rglob("*") if p.is_file()}
     assert "model.safetensors" in files and not any(f.endswith((".pt", ".pkl", ".bin")) for f in files)
+    assert not list(Path(local).rglob("*.pkl"))  # models-from-code: nothing pickled
