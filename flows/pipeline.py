@@ -91,14 +91,12 @@ def _stage_tags(ctx: RunContext, out: StageOutput | None = None) -> dict[str, st
 def _finish_stage(run_id: str, ctx: RunContext, out: StageOutput, metrics: dict[str, float] | None = None) -> None:
     from mlflow import MlflowClient
 
-    client = MlflowClient()
-    for k, v in _stage_tags(ctx, out).items():
-        client.set_tag(run_id, k, v)
-    if metrics:
-        from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], synchronous=True)
+    now = int(time.time() * 1000)
+    tags = [RunTag(k, v) for k, v in _stage_tags(ctx, out).items()]
+    values = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    MlflowClient().log_batch(run_id, metrics=values, tags=tags, synchronous=True)  # one request
 
 
 # --------------------------------------------------------------------------- tasks (thin wrappers)
@@ -181,10 +179,13 @@ def validate_flow(cfg: PipelineConfig, ctx: RunContext) -> StageOutput:
         mlflow.set_tag(tracking.TAG_DATA_DIGEST, data.result["digest"])
         mlflow.set_tag("selfattn.data_key", data.key)
         for name, file, ctx_name in (("corpus", "corpus.txt", "pretrain"), ("sst2-train", "train.tsv", "training"), ("sst2-dev", "dev.tsv", "evaluation")):
-            tracking.log_dataset(
-                Path(data.result["files"][file]), name=name, context=ctx_name,
-                targets=cfg.data.label_column if file.endswith(".tsv") else None, digest=data.result["digests"][file],
-            )
+            try:
+                tracking.log_dataset(
+                    Path(data.result["files"][file]), name=name, context=ctx_name,
+                    targets=cfg.data.label_column if file.endswith(".tsv") else None, digest=data.result["digests"][file],
+                )
+            except Exception as exc:  # an unreadable file is the data gate's to report, not a crash here
+                _log("could not log dataset %s: %s", name, exc)
         try:
             checked = validate_task(cfg, data, ctx.home)
         except UserError as exc:  # unusable file: no report, but recorded

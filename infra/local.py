@@ -451,8 +451,12 @@ def _create_pool(settings: StackSettings, stack: Stack) -> None:
         raise StackError(f"could not create work pool {settings.pool!r}:\n{proc.stdout}\n{proc.stderr}")
 
 
-def down(state_dir: Path, drop: bool = False) -> dict[str, list[int]]:
-    """Stop every service of the stack in ``state_dir`` (reverse start order); returns the pids stopped."""
+def down(state_dir: Path, drop: bool = False, settings: StackSettings | None = None) -> dict[str, list[int]]:
+    """Stop every service of the stack in ``state_dir`` (reverse start order); returns the pids stopped.
+
+    With ``drop``, the stack's databases are dropped too: those recorded in ``stack.json``, or, when
+    no stack is recorded (e.g. ``up`` failed and cleaned up), those named by ``settings``.
+    """
     state_dir = Path(state_dir).resolve()
     stack = load_stack(state_dir)
     stopped: dict[str, list[int]] = {}
@@ -464,8 +468,10 @@ def down(state_dir: Path, drop: bool = False) -> dict[str, list[int]]:
         _state_file(state_dir).unlink(missing_ok=True)
         (state_dir / "stack.env").unlink(missing_ok=True)
         if drop:
-            settings = stack.settings
-            drop_databases(StackSettings(state_dir=state_dir, pg_url=settings["pg_url"], db_prefix=settings["db_prefix"]))
+            recorded = stack.settings
+            drop_databases(StackSettings(state_dir=state_dir, pg_url=recorded["pg_url"], db_prefix=recorded["db_prefix"]))
+    elif drop and settings is not None:
+        drop_databases(settings)
     return stopped
 
 
@@ -542,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in stack.client_env().items():
                 print(f"  {k}={v}")
         elif args.command == "down":
-            stopped = down(state_dir, drop=args.drop_databases)
+            named = StackSettings(state_dir=state_dir, pg_url=args.pg_url, db_prefix=args.db_prefix)
+            stopped = down(state_dir, drop=args.drop_databases, settings=named)
             print("stopped: " + (", ".join(f"{k} ({len(v)} processes)" for k, v in stopped.items()) or "nothing was running"))
         elif args.command == "status":
             info = status(state_dir)

@@ -222,7 +222,7 @@ def _build_lm_task(run: "_Run") -> _LMTask:
         lm_data = prepare_lm_data(cfg.data, tok)
     mcfg = _model_config(lambda: cfg.model.to_model_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, context_length=cfg.data.block_size))
     torch.manual_seed(cfg.train.seed)
-    model = DecoderLM(mcfg)
+    model = _model_config(lambda: DecoderLM(mcfg))
     return _LMTask(cfg=cfg, model=model, tokenizer=tok, lm_data=lm_data)
 
 
@@ -266,7 +266,7 @@ def _build_classifier_task(run: "_Run") -> _ClassifierTask:
         arch = cfg.model or ArchConfig()
         head = {k: v for k, v in (("pooling", cfg.head.pooling), ("dropout", cfg.head.dropout), ("causal", cfg.head.causal)) if v is not None}
         mcfg = _model_config(lambda: arch.to_model_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, context_length=cfg.data.max_length, n_classes=n_classes, **head))
-        model = SequenceClassifier(mcfg)
+        model = _model_config(lambda: SequenceClassifier(mcfg))
     if cfg.lora is not None:
         from selfattn.lora import apply_lora
 
@@ -298,6 +298,8 @@ def _model_config(make: Callable[[], Any]) -> Any:
     except ValidationError as exc:
         msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'model'}: {e['msg']}" for e in exc.errors())
         raise UserError(f"invalid model config: {msgs}") from None
+    except ValueError as exc:  # the model constructors name the bad value
+        raise UserError(f"invalid model config: {exc}") from None
 
 
 # --------------------------------------------------------------------------- the run
@@ -497,7 +499,7 @@ class _Run:
         if self.dist.is_main and not (self.best_dir / "config.json").is_file():
             self._save_best(task, {}, step)
         distributed.barrier(self.dist)
-        result = self._finish(history, step, tokens_total, train_time, stopped)
+        result = self._finish(history, step, tokens_total, train_time, stopped, best_step)
         self._fire([cb for cb in callbacks if not isinstance(cb, ProgressBar)], "on_train_end", result)
         return result
 
@@ -577,7 +579,7 @@ class _Run:
         except Exception:  # noqa: BLE001 - only for the message
             return "?"
 
-    def _finish(self, history: list[dict[str, Any]], step: int, tokens_total: int, train_time: float, stopped: str | None) -> TrainResult:
+    def _finish(self, history: list[dict[str, Any]], step: int, tokens_total: int, train_time: float, stopped: str | None, best_step: int | None) -> TrainResult:
         from selfattn.train import distributed
 
         metrics: dict[str, float] = {}
@@ -590,6 +592,10 @@ class _Run:
                 metrics["tokens"] = float(steps[-1]["tokens"])
             if evals:
                 metrics.update({k: float(v) for k, v in evals[-1].items() if k != "step"})
+                best_row = next((h for h in evals if h["step"] == best_step), None)
+                if best_row is not None:  # the evaluation that chose best/: best_val_loss, best_val_accuracy, ...
+                    metrics.update({f"best_{k}": float(v) for k, v in best_row.items() if k != "step"})
+                    metrics["best_step"] = float(best_step)
             metrics["tokens_per_s"] = tokens_total / train_time if train_time > 0 else 0.0
             metrics["train_time_s"] = train_time
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def stack(tmp_path_factory) -> dict:
         "--mlflow-port", "0", "--prefect-port", "0", "--no-prefect-ui", "--timeout", "240",
     )  # fmt: skip
     if proc.returncode != 0:
-        run_local("down", "--state-dir", str(state), "--drop-databases")
+        run_local("down", "--state-dir", str(state), "--pg-url", PG_URL, "--db-prefix", prefix, "--drop-databases")
         pytest.fail(f"infra/local.py up failed:\n{proc.stdout}\n{proc.stderr}")
     info = json.loads((state / "stack.json").read_text())
     info["state_dir"] = str(state)
@@ -88,7 +88,7 @@ def stack(tmp_path_factory) -> dict:
     try:
         yield info
     finally:
-        down = run_local("down", "--state-dir", str(state), "--drop-databases")
+        down = run_local("down", "--state-dir", str(state), "--pg-url", PG_URL, "--db-prefix", prefix, "--drop-databases")
         if down.returncode != 0:
             print(f"infra/local.py down failed:\n{down.stdout}\n{down.stderr}", file=sys.stderr)
 

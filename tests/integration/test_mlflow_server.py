@@ -89,6 +89,7 @@ def test_basic_auth_app_with_admin_password_from_env(tmp_path):
         assert up.returncode == 0, up.stdout + up.stderr
         url = json.loads((tmp_path / "stack.json").read_text())["mlflow_url"]
         api = f"{url}/api/2.0/mlflow/experiments/search?max_results=5"
+        assert _get(f"{url}/health") == 200  # what the compose health check calls, without a login
         assert _get(api) == 401
         assert _get(api, "admin", "wrong-" + password) == 401
         assert _get(api, "admin", password) == 200
@@ -100,4 +101,4 @@ def test_basic_auth_app_with_admin_password_from_env(tmp_path):
             except OSError:
                 continue
     finally:
-        run_local("down", "--state-dir", str(tmp_path), "--drop-databases")
+        run_local("down", "--state-dir", str(tmp_path), "--pg-url", PG_URL, "--db-prefix", prefix, "--drop-databases")

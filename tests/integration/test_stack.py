@@ -112,7 +112,7 @@ def test_down_leaves_no_processes_ports_or_databases(tmp_path):
         assert again.returncode == 0 and json.loads((tmp_path / "stack.json").read_text())["pids"] == stack["pids"]
     finally:
         down = subprocess.run(
-            [sys.executable, str(LOCAL), "down", "--state-dir", str(tmp_path), "--drop-databases"],
+            [sys.executable, str(LOCAL), "down", "--state-dir", str(tmp_path), "--pg-url", PG_URL, "--db-prefix", prefix, "--drop-databases"],
             capture_output=True, text=True, timeout=120, cwd=REPO, env=dict(os.environ),
         )  # fmt: skip
     assert down.returncode == 0, down.stdout + down.stderr

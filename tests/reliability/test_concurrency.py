@@ -96,22 +96,28 @@ def test_two_pipelines_at_once_on_sqlite(tmp_path, data_dir):
 
 
 @pytest.fixture()
-def pg_db():
-    """A throwaway PostgreSQL database (dropped afterwards)."""
+def pg_dbs():
+    """Two throwaway PostgreSQL databases, MLflow's and Optuna's (dropped afterwards).
+
+    They cannot share one: both keep their schema revision in an ``alembic_version`` table, and
+    Optuna refuses a database whose revision is MLflow's ("no longer compatible").
+    """
     psycopg2 = pytest.importorskip("psycopg2")
     try:
         admin = psycopg2.connect(f"{PG_URL}/postgres", connect_timeout=5)
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
     admin.autocommit = True
-    name = f"selfattn_rel_{uuid.uuid4().hex[:10]}"
+    names = [f"selfattn_rel_{uuid.uuid4().hex[:10]}_{what}" for what in ("mlflow", "optuna")]
     with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
+        for name in names:
+            cur.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"{PG_URL}/{name}"
+        yield [f"{PG_URL}/{name}" for name in names]
     finally:
         with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            for name in names:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
 
 
@@ -123,20 +129,21 @@ def _pg(url: str, sql: str, args: tuple = ()) -> list[tuple]:
         return cur.fetchall()
 
 
-def test_two_pipelines_at_once_on_postgresql(tmp_path, data_dir, pg_db):
+def test_two_pipelines_at_once_on_postgresql(tmp_path, data_dir, pg_dbs):
     home = tmp_path / "home"
+    mlflow_db, optuna_db = pg_dbs
     # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2
-    sa_url = pg_db.replace("postgresql://", "postgresql+psycopg2://", 1)
-    env = pipeline_env(home, data_dir, MLFLOW_TRACKING_URI=sa_url)
-    pair = _run_pair(home, tmp_path / "work", env, [f"search.storage={sa_url}"])
+    as_sa = lambda url: url.replace("postgresql://", "postgresql+psycopg2://", 1)  # noqa: E731
+    env = pipeline_env(home, data_dir, MLFLOW_TRACKING_URI=as_sa(mlflow_db))
+    pair = _run_pair(home, tmp_path / "work", env, [f"search.storage={as_sa(optuna_db)}"])
     _check_stage_dirs(home, pair)
     assert not (home / "mlflow.db").exists() and not (home / "optuna.db").exists(), "the PostgreSQL stores were not used"
-    parents = _pg(pg_db, "select r.run_uuid, r.status from runs r where not exists (select 1 from tags t where t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId')")
+    parents = _pg(mlflow_db, "select r.run_uuid, r.status from runs r where not exists (select 1 from tags t where t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId')")
     assert len(parents) == 2 and {s for _, s in parents} == {"FINISHED"}, parents
-    assert not _pg(pg_db, "select name from runs where status = 'RUNNING'")
-    states = [s for (s,) in _pg(pg_db, "select state from trials")]
+    assert not _pg(mlflow_db, "select name from runs where status = 'RUNNING'")
+    states = [s for (s,) in _pg(optuna_db, "select state from trials")]
     assert states.count("COMPLETE") >= 2 and "RUNNING" not in states, states
-    versions = _pg(pg_db, "select name, version from model_versions where name = %s", (MODEL,))
-    tags = {v: dict(_pg(pg_db, "select key, value from model_version_tags where name = %s and version = %s", (MODEL, v))) for _, v in versions}
-    aliases = dict(_pg(pg_db, "select alias, version from registered_model_aliases where name = %s", (MODEL,)))
+    versions = _pg(mlflow_db, "select name, version from model_versions where name = %s", (MODEL,))
+    tags = {v: dict(_pg(mlflow_db, "select key, value from model_version_tags where name = %s and version = %s", (MODEL, v))) for _, v in versions}
+    aliases = dict(_pg(mlflow_db, "select alias, version from registered_model_aliases where name = %s", (MODEL,)))
     _check_registry(versions, tags, aliases)

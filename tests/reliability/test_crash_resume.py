@@ -178,8 +178,8 @@ def test_registry_ends_with_exactly_one_version(crashed):
 
 def test_nan_loss_stops_finetuning_keeps_the_checkpoint_and_registers_nothing(crashed):
     assert crashed["nan_rc"] == 3, crashed["nan_stderr"][-3000:]
-    last_line = crashed["nan_stderr"].strip().splitlines()[-1]
-    assert last_line.startswith("error: training diverged"), last_line
+    errors = [line for line in crashed["nan_stderr"].splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: training diverged") and "(step 10)" in errors[0], errors
     poisoned = [d for d in stage_dirs(crashed["home"], "finetune") if not (d / "_SUCCESS").is_file()]
     assert len(poisoned) == 1
     # checkpoint at step 10, NaN injected at step 13, read out at step 15: step 10 is kept

@@ -39,14 +39,25 @@ def smoke(tmp_path_factory, data_dir):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         with prefect_test_harness(server_startup_timeout=120):
             first = pipeline("smoke")
+            summary = _summary_artifact()
             second = pipeline("smoke", overrides=SECOND)
             bad = home / "bad_train.tsv"
             rows = ["sentence\tlabel"] + [f"a fine sentence number {i} .\t{i % 2}" for i in range(60)] + ["an unknown label\t7"] * 5
             bad.write_text("\n".join(rows) + "\n", encoding="utf-8")
             with pytest.raises(UserError) as failed:
                 pipeline("smoke", overrides=[f"data.train={bad}", "data.train_rows=null"])
-        yield {"home": home, "first": first, "second": second, "failed": failed.value, "uri": mlflow.get_tracking_uri()}
+        yield {"home": home, "first": first, "second": second, "failed": failed.value, "uri": mlflow.get_tracking_uri(), "summary": summary}
         mlflow.set_tracking_uri(before)
+
+
+def _summary_artifact() -> str:
+    """The latest Prefect markdown artifact the pipeline published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["selfattn-pipeline-summary"])))
+    return arts[-1].data if arts else ""
 
 
 @pytest.fixture()
@@ -168,3 +179,10 @@ def test_promote_rollback_predict_cli(smoke, client, monkeypatch, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 2 and all(abs(r["prob_0"] + r["prob_1"] - 1) < 1e-5 for r in lines)
     assert lines[1]["warning"].startswith("empty input")
+
+
+def test_prefect_summary_artifact(smoke):
+    md = smoke["summary"]
+    first = smoke["first"]
+    assert "| pretrain | no |" in md and "| accuracy |" in md
+    assert "promoted to champion" in md and first.mlflow_run_id in md

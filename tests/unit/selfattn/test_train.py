@@ -115,7 +115,9 @@ def test_same_seed_same_losses_and_resume_continues_the_curve(files, tmp_path):
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert metrics["val_loss"] == pytest.approx(result.metrics["val_loss"]) and metrics["tokens_per_s"] > 0
     assert (tmp_path / "full" / "plots" / "learning_curves.png").is_file()
-    assert [h["step"] for h in json.loads((tmp_path / "full" / "history.json").read_text()) if "val_loss" in h] == [4, 8]
+    evals = [h for h in json.loads((tmp_path / "full" / "history.json").read_text()) if "val_loss" in h]
+    assert [h["step"] for h in evals] == [4, 8]
+    assert result.metrics["best_val_loss"] == min(h["val_loss"] for h in evals)
 
     first = Recorder(stop_at=3)  # stops gracefully (checkpoint at step 3) ...
     stopped = pretrain(lm_config(files), tmp_path / "split", [first])
