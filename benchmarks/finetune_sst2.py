@@ -89,7 +89,7 @@ def main() -> int:
             dev = evaluate_checkpoint(res.best_dir, str(sst2 / "dev.tsv"), out / name / "dev", n_attention_examples=0, learning_curves=False)
             row.update(dev_accuracy=round(dev["accuracy"], 4), dev_f1=round(dev["macro_f1"], 4), dev_ece=round(dev["ece"], 4), val_accuracy=round(res.metrics["best_accuracy"], 4))
         else:
-            row.update(val_loss=round(res.metrics["val_loss"], 4))
+            row.update(val_loss=round(res.metrics.get("val_loss", res.metrics.get("best_loss", float("nan"))), 4))
         report[name] = row
         print(json.dumps({name: row}), flush=True)
         return res

@@ -164,7 +164,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Classify TEXT... with a registered model (default: the champion)."""
         from flows import tracking
-        from flows.serving import predict as do_predict
 
         home = setup_home()
         tracking.configure(home)

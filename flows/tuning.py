@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from selfattn.errors import UserError
 from selfattn.train import Callback
 
-from flows.config import PipelineConfig, merge, optuna_storage_url
+from flows.config import PipelineConfig, optuna_storage_url
 
 log = logging.getLogger(__name__)
 

@@ -417,7 +417,7 @@ class _Run:
         tokens_total, train_time = (tokens_resumed, time_resumed) if state is not None else (0, 0.0)
         t_last = time.perf_counter()
         stopped: str | None = None
-        last_logged = step
+        last_logged, last_eval = step, -1
         poison = t.debug_poison_step
         self._last_good = None
         try:
@@ -461,7 +461,8 @@ class _Run:
                     stopped = self._fire(callbacks, "on_step", step, dict(row))
 
                 do_eval = step % t.eval_every == 0 or step == t.max_steps
-                if do_eval and stopped is None:
+                if (do_eval and stopped is None) or (stopped == "callback" and last_eval != step):  # a stopped run ends evaluated
+                    last_eval = step
                     metrics = self._evaluate(task)
                     if not math.isfinite(metrics["val_loss"]):
                         self._diverged(step, last_logged, metrics["val_loss"], what="validation loss")
@@ -473,7 +474,7 @@ class _Run:
                     else:
                         bad_evals += 1
                     history.append({"step": step, **metrics})
-                    stopped = self._fire(callbacks, "on_eval", step, dict(metrics))
+                    stopped = self._fire(callbacks, "on_eval", step, dict(metrics)) or stopped
                     if t.early_stopping_patience and bad_evals >= t.early_stopping_patience and stopped is None:
                         log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %s)", step, metric, bad_evals, best, best_step)
                         stopped = "early_stopping"

@@ -276,13 +276,18 @@ def test_predict_cli_on_empty_long_and_invalid_utf8(tiny_clf, tmp_path):
     assert "UTF-8" in rows[2]["warning"] and "UTF-8" in rows[3]["warning"]
     for row in rows:
         assert row["label"] in (0, 1) and abs(row["prob_0"] + row["prob_1"] - 1) < 1e-5
+    # a registered model that does not exist: one line, exit 2
+    argv[5] = b"models:/no-such-model@champion"
+    proc = subprocess.run(argv[:8], env=env, cwd=tmp_path, capture_output=True, timeout=180)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2 and "Traceback" not in err and "no-such-model" in err, err[-2000:]
 
 
-def test_predict_unknown_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+def test_predict_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SELFATTN_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    rc, err = _cli(capsys, "predict", "--model", "models:/no-such-model@champion", "hello")
-    assert rc != 0 and "Traceback" not in err and "no-such-model" in err
+    rc, err = _cli(capsys, "predict", "--model", str(tmp_path / "no-such-model"), "hello")
+    assert rc != 0 and "Traceback" not in err and "no-such-model" in err and "not found" in err
 
 
 # --------------------------------------------------------------------------- secrets

@@ -122,6 +122,7 @@ def test_same_seed_same_losses_and_resume_continues_the_curve(files, tmp_path):
     first = Recorder(stop_at=3)  # stops gracefully (checkpoint at step 3) ...
     stopped = pretrain(lm_config(files), tmp_path / "split", [first])
     assert stopped.stopped_early == "callback" and torch.load(stopped.last_ckpt, weights_only=True)["step"] == 3
+    assert [h["step"] for h in stopped.history if "val_loss" in h] == [3]  # a stopped run ends evaluated
     second = Recorder()  # ... and the next call resumes from it (dropout RNG and data position included)
     pretrain(lm_config(files), tmp_path / "split", [second])
     assert second.events[0] == ("start", 3)
