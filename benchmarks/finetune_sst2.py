@@ -112,14 +112,14 @@ def main() -> int:
     init = str(out / "pretrain")
     if "finetune" in stages:
         cfg = FinetuneConfig.model_validate({
-            "data": data, "init_from": init, "head": {"pooling": "mean", "dropout": 0.1},
+            "data": data, "init_from": init, "head": {"pooling": "mean", "dropout": 0.1, "causal": False},
             "optim": {"lr": r["finetune_lr"], "weight_decay": 0.01, "warmup_steps": 100},
             "train": {**train_common, "max_steps": steps(r["finetune_steps"]), "eval_every": steps(r["finetune_steps"]) // 5},
         })
         run_stage("finetune", finetune, cfg)
     if "lora" in stages:
         cfg = FinetuneConfig.model_validate({
-            "data": data, "init_from": init, "head": {"pooling": "mean"},
+            "data": data, "init_from": init, "head": {"pooling": "mean", "causal": False},
             "lora": {"rank": r["lora_rank"], "alpha": 2 * r["lora_rank"], "targets": ["q_proj", "k_proj", "v_proj", "out_proj"]},
             "optim": {"lr": r["lora_lr"], "weight_decay": 0.0, "warmup_steps": 100},
             "train": {**train_common, "max_steps": steps(r["lora_steps"]), "eval_every": steps(r["lora_steps"]) // 5},

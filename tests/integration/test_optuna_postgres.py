@@ -72,6 +72,7 @@ def test_selfattn_tune_two_workers_on_postgres(stack, stack_env, data_dir):
         "--set", f"search.storage={stack['optuna_storage']}",
         "--set", f"search.study_name={study_name}",
         "--set", f"search.n_trials={n_trials}",
+        "--set", "tracking.experiment=it-tune",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=stack_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -70,7 +70,11 @@ def _search_runs(stack: dict, experiment_id: str, filter_string: str = "") -> li
 
 
 def _parent_runs(stack: dict, experiment_id: str) -> list[dict]:
-    return [r for r in _search_runs(stack, experiment_id) if "mlflow.parentRunId" not in _tags(r)]
+    """The pipeline's top-level runs (not stage/trial runs, not a `selfattn tune` parent)."""
+    return [
+        r for r in _search_runs(stack, experiment_id)
+        if "mlflow.parentRunId" not in _tags(r) and "selfattn.stage" not in _tags(r)
+    ]  # fmt: skip
 
 
 def _alias_version(stack: dict, model: str, alias: str) -> str:

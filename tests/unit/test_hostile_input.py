@@ -193,7 +193,9 @@ def test_predict_never_unpickles_a_model_directory(tiny_clf, tmp_path, monkeypat
     import shutil
 
     monkeypatch.setenv("SELFATTN_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # mlflow.set_tracking_uri / set_registry_uri export these: setenv so that teardown restores them
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     trap = tmp_path / "trap-sprung"
     pyfunc = tmp_path / "pyfunc"
     shutil.copytree(tiny_clf, pyfunc / "artifacts" / "model")
@@ -238,13 +240,15 @@ def test_no_unsafe_deserialisation_in_the_code():
 
 
 @pytest.mark.slow  # ~30-60 s: creates an MLflow store, logs a pyfunc, starts a process
-def test_predict_cli_on_empty_long_and_invalid_utf8(tiny_clf, tmp_path):
+def test_predict_cli_on_empty_long_and_invalid_utf8(tiny_clf, tmp_path, monkeypatch):
     """A real ``selfattn predict`` process on a registered pyfunc: never a crash, warnings shown."""
     import mlflow
 
     from flows import tracking
 
     home = tmp_path / "home"
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # exported by mlflow.set_*_uri: restored at teardown
+        monkeypatch.setenv(var, f"sqlite:///{home / 'mlflow.db'}")
     before = mlflow.get_tracking_uri()
     try:
         tracking.configure(home)
@@ -285,7 +289,9 @@ def test_predict_cli_on_empty_long_and_invalid_utf8(tiny_clf, tmp_path):
 
 def test_predict_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SELFATTN_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # mlflow.set_tracking_uri / set_registry_uri export these: setenv so that teardown restores them
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     rc, err = _cli(capsys, "predict", "--model", str(tmp_path / "no-such-model"), "hello")
     assert rc != 0 and "Traceback" not in err and "no-such-model" in err and "not found" in err
 
