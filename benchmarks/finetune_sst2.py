@@ -119,7 +119,7 @@ def main() -> int:
         run_stage("finetune", finetune, cfg)
     if "lora" in stages:
         cfg = FinetuneConfig.model_validate({
-            "data": data, "init_from": init, "head": {"pooling": "mean", "causal": False},
+            "data": data, "init_from": init, "head": {"pooling": "mean", "causal": True},  # adapters keep the causal trunk
             "lora": {"rank": r["lora_rank"], "alpha": 2 * r["lora_rank"], "targets": ["q_proj", "k_proj", "v_proj", "out_proj"]},
             "optim": {"lr": r["lora_lr"], "weight_decay": 0.0, "warmup_steps": 100},
             "train": {**train_common, "max_steps": steps(r["lora_steps"]), "eval_every": steps(r["lora_steps"]) // 5},

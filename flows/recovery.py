@@ -1,4 +1,4 @@
-"""Reliability helpers for the pipeline: path roots, retry conditions, stage locks.
+"""Reliability helpers for the pipeline: path roots, retry conditions, locks, safe model loading.
 
 What survives what (SIGKILL, concurrent runs, hostile input) is documented in
 ``docs/reliability.md`` with the test that proves each row. The pieces that live elsewhere:
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from selfattn.errors import UserError
 
-__all__ = ["StageLock", "check_config_paths", "check_within_roots", "clean_texts", "file_lock", "merge_notes", "retry_on_io"]
+__all__ = ["check_config_paths", "check_within_roots", "clean_texts", "file_lock", "load_classifier", "merge_notes", "retry_on_io"]
 
 
 def check_within_roots(spec: str, *, what: str, home: Path | None = None) -> Path:
@@ -123,58 +122,6 @@ def merge_notes(frame: Any, notes: list[str]) -> Any:
         frame["warning"] = ["; ".join(x for x in (n, w) if x) for n, w in zip(notes, frame["warning"])]
     return frame
 
-
-# flock belongs to an open file: a second lock on the same path in this process would wait for
-# itself (e.g. a Prefect retry while the failed attempt's frame still holds its Stage), so a
-# process re-entering a stage it already holds goes through. Guarded by a threading lock.
-_HELD: dict[str, "StageLock"] = {}
-_HELD_GUARD = threading.Lock()
-
-
-class StageLock:
-    """Exclusive lock of one stage directory across processes (``<runs>/.<stage-key>.lock``).
-
-    Two pipelines that reach the same stage (same inputs, same directory) at once: the first
-    runs it, the second waits here, then finds the done-marker and reuses the result. Released
-    by :meth:`release`, when the object is dropped, or by the kernel when the process dies.
-    """
-
-    def __init__(self, path: Path, *, timeout_s: float = 6 * 3600.0, poll_s: float = 0.2) -> None:
-        self._fh = None
-        self._key = str(path)
-        with _HELD_GUARD:
-            if self._key in _HELD:
-                return  # this process already holds it
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    fh.close()
-                    raise TimeoutError(f"stage lock {path} not acquired in {timeout_s} s (another pipeline runs this stage)") from None
-                time.sleep(poll_s)
-        with _HELD_GUARD:
-            _HELD[self._key] = self
-        self._fh = fh
-
-    def release(self) -> None:
-        fh, self._fh = self._fh, None
-        if fh is None:
-            return
-        with _HELD_GUARD:
-            if _HELD.get(self._key) is self:
-                del _HELD[self._key]
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        finally:
-            fh.close()
-
-    def __del__(self) -> None:
-        self.release()
 
 
 def load_classifier(model_uri: str) -> Any:
