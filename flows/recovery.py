@@ -112,8 +112,22 @@ def clean_texts(texts: list[Any]) -> tuple[list[str], list[str]]:
     """
     from flows.serving import _to_text
 
-    pairs = [_to_text(t) for t in texts]
+    pairs = [_clean_str(t) if isinstance(t, str) else _to_text(t) for t in texts]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _clean_str(text: str) -> tuple[str, str]:
+    """Undo ``surrogateescape`` to the original bytes, then decode them with U+FFFD for bad ones."""
+    try:
+        text.encode("utf-8")
+        return text, ""
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # argv bytes that were not UTF-8
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")  # other lone surrogates
+    return raw.decode("utf-8", "replace"), "invalid UTF-8 replaced with U+FFFD"
 
 
 def merge_notes(frame: Any, notes: list[str]) -> Any:

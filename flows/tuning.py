@@ -189,20 +189,27 @@ def optimize(
     home: Path | None = None,
     worker: int = 0,
     callbacks: Sequence[Callable[[Any, Any], None]] = (),
+    share: int | None = None,
 ) -> Any:
-    """Run trials until the study holds ``search.n_trials`` finished ones (or the timeout)."""
+    """Run trials until the study holds ``search.n_trials`` finished ones (or the timeout).
+
+    ``share``: with several workers, this worker's fixed number of trials, worked out once by
+    the caller. ``MaxTrialsCallback`` alone would let each worker finish the trial it is running
+    when the others reach the target, overshooting ``n_trials`` by up to ``workers - 1``.
+    """
     import optuna
     from optuna.study import MaxTrialsCallback
 
     study = make_study(cfg, home, worker=worker)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    remaining = cfg.search.n_trials - n_finished(study)
+    remaining = cfg.search.n_trials - n_finished(study) if share is None else share
+    stop = [MaxTrialsCallback(cfg.search.n_trials, states=states)] if share is None else []
     if remaining > 0:
         study.optimize(
             objective,
             n_trials=remaining,
             timeout=cfg.search.timeout_s,
-            callbacks=[MaxTrialsCallback(cfg.search.n_trials, states=states), *callbacks],
+            callbacks=[*stop, *callbacks],
             catch=_trial_errors(),
             gc_after_trial=True,
         )
@@ -246,8 +253,8 @@ def save_plots(study: Any, out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- `selfattn tune --workers N`
 
 
-def _worker(cfg_json: str, data_json: str, pre_json: str, home: str, out_dir: str, parent_run_id: str, experiment_id: str, worker: int) -> int:
-    """One worker process: optimise the shared study until it holds ``n_trials`` finished trials."""
+def _worker(cfg_json: str, data_json: str, pre_json: str, home: str, out_dir: str, parent_run_id: str, experiment_id: str, worker: int, share: int | None = None) -> int:
+    """One worker process: run its ``share`` of the trials still missing from the shared study."""
     from flows import stages, tracking
 
     cfg = PipelineConfig.model_validate_json(cfg_json)
@@ -256,7 +263,7 @@ def _worker(cfg_json: str, data_json: str, pre_json: str, home: str, out_dir: st
     tracking.configure(Path(home))
     trials = tracking.TrialRuns(parent_run_id=parent_run_id, experiment_id=experiment_id, log_every=cfg.tracking.log_every)
     objective = stages.make_objective(cfg, data, pre, Path(out_dir), trials.factory)
-    study = optimize(cfg, objective, home=Path(home), worker=worker, callbacks=[trials])
+    study = optimize(cfg, objective, home=Path(home), worker=worker, callbacks=[trials], share=share)
     return n_finished(study)
 
 
@@ -264,8 +271,8 @@ def tune_command(cfg: PipelineConfig, home: Path, *, workers: int = 1) -> dict[s
     """Data gate and pretraining (cached stages), then ``workers`` processes on one study.
 
     Each worker is a separate process (``spawn``) with its own storage connection; the RDB
-    storage serialises trial bookkeeping, ``MaxTrialsCallback`` stops all of them at
-    ``search.n_trials`` finished trials. Trials are nested MLflow runs under one ``tune`` run.
+    storage serialises trial bookkeeping; the trials still missing are split into fixed
+    shares up front, so the study ends with exactly ``search.n_trials`` finished trials. Trials are nested MLflow runs under one ``tune`` run.
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -290,13 +297,15 @@ def tune_command(cfg: PipelineConfig, home: Path, *, workers: int = 1) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     args = (cfg.model_dump_json(), data.model_dump_json(), pre.model_dump_json(), str(home), str(out_dir), parent.info.run_id, experiment_id)
     status = "FAILED"
-    make_study(cfg, home)  # schema + study once: workers creating them together race on PostgreSQL (CREATE TYPE)
+    # schema + study once: workers creating them together race on PostgreSQL (CREATE TYPE)
+    remaining = max(0, cfg.search.n_trials - n_finished(make_study(cfg, home)))
+    shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
     try:
         if workers == 1:
             _worker(*args, 0)
         else:
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-                for f in [pool.submit(_worker, *args, i) for i in range(workers)]:
+                for f in [pool.submit(_worker, *args, i, shares[i]) for i in range(workers) if shares[i]]:
                     f.result()
         study = make_study(cfg, home)
         summary = summarize(study, cfg, home)
