@@ -36,8 +36,14 @@ def configure(home: Path | None = None) -> str:
     uri = mlflow_tracking_uri(home)
     if uri.startswith("sqlite:///"):
         home.mkdir(parents=True, exist_ok=True)
+    user_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    mlflow.set_registry_uri(user_env["MLFLOW_REGISTRY_URI"] or uri)
+    # MLflow 3 also exports what it was given into os.environ; undo that, so "the user set
+    # MLFLOW_TRACKING_URI" keeps meaning the user (artifact root, later configure() calls).
+    for key, value in user_env.items():
+        if value is None:
+            os.environ.pop(key, None)
     return uri
 
 
