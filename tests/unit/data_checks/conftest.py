@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dc_data import corpus_text, make_rows, tsv_text
+from .dc_data import corpus_text, make_rows, tsv_text
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dc_data import corpus_text, make_rows, tsv_text
+from .dc_data import corpus_text, make_rows, tsv_text
 from data_checks import CheckResult, CheckThresholds, Report, validate
 from data_checks.config import DEFAULT_SEVERITY, resolve_severity
 from selfattn.tokenization import CharTokenizer

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from dc_data import make_rows, tsv_text
+from .dc_data import make_rows, tsv_text
 from selfattn.cli import main
 
 

@@ -13,7 +13,7 @@ import math
 import pandas as pd
 import pytest
 
-from dc_data import corpus_text, make_rows, tsv_text
+from .dc_data import corpus_text, make_rows, tsv_text
 from data_checks import CheckThresholds, validate
 from selfattn.errors import UserError
 
