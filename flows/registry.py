@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -65,24 +64,11 @@ def _client():
 def registry_lock(model_name: str, home: Path | None = None, timeout_s: float = 120.0) -> Iterator[None]:
     """Exclusive lock for one registered model (same-machine processes)."""
     from flows.config import selfattn_home
+    from flows.recovery import file_lock
 
-    lock_dir = (home or selfattn_home()) / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
-    with open(lock_dir / f"registry-{safe}.lock", "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"registry lock for {model_name!r} not acquired in {timeout_s} s") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with file_lock((home or selfattn_home()) / "locks" / f"registry-{safe}.lock", timeout_s=timeout_s, poll_s=0.05):
+        yield
 
 
 # --------------------------------------------------------------------------- registration

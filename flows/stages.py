@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from selfattn.data import file_digest
 from selfattn.errors import UserError
 
 from flows.config import PipelineConfig, data_root, merge, resolve_local_path
@@ -48,14 +49,6 @@ MARKER = "_SUCCESS"
 def digest(obj: Any) -> str:
     """SHA-256 of the canonical JSON of ``obj``."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -294,8 +287,9 @@ def finetune_config(
     *,
     trial: bool = False,
 ) -> dict[str, Any]:
-    """The engine's FinetuneConfig mapping. Trials hold out part of train (val_path None), so
-    the dev split stays unseen until the final evaluation."""
+    """The engine's FinetuneConfig mapping. Trials and the final fine-tune alike select and stop
+    on a held-out part of train (val_path None, ``finetune.data.val_fraction``), so the dev split
+    stays unseen until the final evaluation: the reported dev score is not selected on dev."""
     from flows.tuning import apply_params
 
     d = cfg.data
@@ -305,7 +299,7 @@ def finetune_config(
         {
             "data": {
                 "train_path": files["train.tsv"],
-                "val_path": None if trial else files["dev.tsv"],
+                "val_path": None,
                 "text_column": d.text_column,
                 "label_column": d.label_column,
                 "labels": d.labels,
