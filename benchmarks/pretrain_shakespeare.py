@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--bare-steps", type=int, default=200, help="steps of the bare-loop peer (0 = skip)")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--position", default="learned", choices=["learned", "rope", "alibi", "none"], help="position encoding (nanoGPT: learned)")
+    ap.add_argument("--position", default="rope", choices=["learned", "rope", "alibi", "none"], help="position encoding (selfattn default: rope; nanoGPT uses learned)")
     ap.add_argument("--output", default=None, help="run directory (default: a temp dir)")
     args = ap.parse_args()
 
