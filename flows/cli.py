@@ -80,6 +80,23 @@ def warm_start(home: Path, experiment: str) -> None:
         thread.join()
 
 
+def _embedded_settings():
+    """Prefect settings for a run on the embedded (ephemeral) API; a no-op against a server.
+
+    Prefect 3.9 starts a flow-run heartbeat thread per (sub-)flow and joins it on exit while it
+    sleeps in 1 s steps: ~1 s per sub-flow (6 of them per pipeline). Heartbeats let a *server*
+    detect crashed runs; the ephemeral API dies with this process, so nothing reads them. With a
+    configured server (``PREFECT_API_URL``: infra/, workers, deployments) they stay on.
+    """
+    import contextlib
+
+    if os.environ.get("PREFECT_API_URL"):
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 def _load(config: str, overrides: list[str]):
     from flows.config import load_pipeline_config
 
@@ -116,7 +133,8 @@ def register(app: typer.Typer) -> None:
             warm_start(home, cfg.tracking.experiment)
         from flows.pipeline import pipeline
 
-        result = pipeline(cfg)
+        with _embedded_settings():
+            result = pipeline(cfg)
         _print_result(result)
 
     @app.command()
