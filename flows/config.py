@@ -240,13 +240,17 @@ def engine_data_fields(*, corpus: str, train: str, dev: str, init_from: str) -> 
 
 def selfattn_home() -> Path:
     """``SELFATTN_HOME`` (default ``./.selfattn``), absolute. Not created here."""
-    return Path(os.environ.get("SELFATTN_HOME") or ".selfattn").expanduser().resolve()
+    from selfattn.data import selfattn_home as library_home
+
+    return library_home().expanduser().resolve()
 
 
 def data_root() -> Path | None:
     """``SELFATTN_DATA_DIR`` or None (then the public sources are used)."""
-    d = os.environ.get("SELFATTN_DATA_DIR")
-    return Path(d).expanduser().resolve() if d else None
+    from selfattn.data import data_dir
+
+    d = data_dir()
+    return d.expanduser().resolve() if d else None
 
 
 def mlflow_tracking_uri(home: Path | None = None) -> str:

@@ -98,7 +98,7 @@ def data_dir() -> Path | None:
 
 def selfattn_home() -> Path:
     """``$SELFATTN_HOME`` (default ``./.selfattn``); holds caches and runs."""
-    return Path(os.environ.get("SELFATTN_HOME", ".selfattn"))
+    return Path(os.environ.get("SELFATTN_HOME") or ".selfattn")
 
 
 def cache_dir() -> Path:
