@@ -87,18 +87,21 @@ def finetune(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(..., "--model", "-m", help="a save_pretrained directory (or a training output dir: its best/)"),
+    model: list[Path] = typer.Option(..., "--model", "-m", help="a save_pretrained directory (or a training output dir: its best/); repeat it to evaluate classifiers as an ensemble (mean of their probabilities)"),
     data: str = typer.Option(..., "--data", "-d", help="a data file or hub id, or a YAML file holding the data section"),
     overrides: list[str] = _SET_OPT,
     output: Path = typer.Option(..., "--output", "-o", help="where metrics.json and plots/ go"),
 ) -> None:
-    """Evaluate a saved model on data: metrics.json and plots under OUTPUT."""
-    from selfattn.evaluate import data_config_for, evaluate_checkpoint
+    """Evaluate a saved model (or an ensemble of classifiers) on data: metrics.json and plots under OUTPUT."""
+    from selfattn.evaluate import data_config_for, evaluate_checkpoint, evaluate_ensemble
 
-    model_dir = model / "best" if not (model / "config.json").is_file() and (model / "best" / "config.json").is_file() else model
-    data_cfg = data_config_for(model_dir, data, overrides)
+    model_dirs = [m / "best" if not (m / "config.json").is_file() and (m / "best" / "config.json").is_file() else m for m in model]
+    data_cfg = data_config_for(model_dirs[0], data, overrides)
     _setup_logging()
-    metrics = evaluate_checkpoint(model_dir, data_cfg, output)
+    if len(model_dirs) == 1:
+        metrics = evaluate_checkpoint(model_dirs[0], data_cfg, output)
+    else:
+        metrics = evaluate_ensemble(model_dirs, data_cfg, output)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
 
 

@@ -20,7 +20,7 @@ AttentionKind = Literal["full", "sliding_window", "low_rank"]
 PositionKind = Literal["rope", "learned", "alibi", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "swiglu"]
-PoolingKind = Literal["mean", "last", "first"]
+PoolingKind = Literal["mean", "max", "last", "first"]
 
 
 class StrictModel(BaseModel):

@@ -69,6 +69,14 @@ class ClassificationDataConfig(StrictModel):
     train_path: str = Field(description="local file or hub id")
     val_path: str | None = Field(default=None, description="None = hold out val_fraction of train")
     val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    val_holdout: Literal["random", "sentences"] = Field(
+        default="random",
+        description=(
+            "without val_path: 'random' holds out val_fraction of the rows; 'sentences' holds out val_fraction of the "
+            "whole sentences (rows that are no word span of another row) and drops from training the phrases found only "
+            "inside them - for phrase-level data such as SST-2, whose train holds every sub-phrase of its sentences"
+        ),
+    )
     split: str = Field(default="train", description="hub split for train_path")
     val_split: str = Field(default="validation", description="hub split for val_path")
     text_column: str = "sentence"
@@ -78,6 +86,7 @@ class ClassificationDataConfig(StrictModel):
     tokenizer: TokenizerKind = Field(default="bpe", description="from-scratch runs only; fine-tuning reuses the checkpoint's tokenizer")
     vocab_size: int = Field(default=4096, ge=260, description="BPE vocabulary size (from-scratch runs)")
     max_examples: int | None = Field(default=None, gt=0, description="use only the first N training rows (quick runs)")
+    token_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="training only: each real token becomes <unk> with this probability (regularisation)")
 
     @model_validator(mode="after")
     def _check_labels(self) -> "ClassificationDataConfig":
@@ -477,7 +486,7 @@ def prepare_classification_data(cfg: ClassificationDataConfig, tokenizer: "Token
 
     max_len = min(cfg.max_length, max_length) if max_length else cfg.max_length
     srcs = {"train": source_digest(cfg.train_path, cfg.split), "val": source_digest(cfg.val_path, cfg.val_split) if cfg.val_path else None}
-    key = _cache_key(kind="cls", srcs=srcs, cfg=cfg.model_dump(exclude={"tokenizer", "vocab_size", "max_length"}), max_len=max_len, tok=tokenizer_digest(tokenizer))
+    key = _cache_key(kind="cls", srcs=srcs, cfg=cfg.model_dump(exclude={"tokenizer", "vocab_size", "max_length", "token_dropout"}), max_len=max_len, tok=tokenizer_digest(tokenizer))
     cached = _cache_load(key)
     if cached is not None:
         def part(p: str) -> ClassificationData:
@@ -499,11 +508,15 @@ def prepare_classification_data(cfg: ClassificationDataConfig, tokenizer: "Token
         val = encode_labelled(vtexts, vlabels, tokenizer, max_len, source=f"val data {cfg.val_path}")
     else:
         everything = encode_labelled(texts, labels, tokenizer, max_len, source=f"data {cfg.train_path}")
-        n_val = max(1, int(len(everything) * cfg.val_fraction))
-        if len(everything) - n_val < 1:
+        if cfg.val_holdout == "sentences":
+            train_idx, val_idx = sentence_holdout(everything.texts or [], cfg.val_fraction)
+        else:
+            n_val = max(1, int(len(everything) * cfg.val_fraction))
+            perm = torch.randperm(len(everything), generator=_generator(0, "val_split")).tolist()
+            train_idx, val_idx = perm[n_val:], perm[:n_val]
+        if not train_idx or not val_idx:
             raise UserError(f"data {cfg.train_path!r} has too few rows ({len(everything)}) to hold out a validation set")
-        perm = torch.randperm(len(everything), generator=_generator(0, "val_split")).tolist()
-        train, val = everything.subset(perm[n_val:]), everything.subset(perm[:n_val])
+        train, val = everything.subset(train_idx), everything.subset(val_idx)
         train.n_truncated = everything.n_truncated
     arrays = {}
     for p, d in (("train", train), ("val", val)):
@@ -512,13 +525,73 @@ def prepare_classification_data(cfg: ClassificationDataConfig, tokenizer: "Token
     return train, val
 
 
-class ClassificationBatcher:
-    """Length-bucketed, shuffled global batches as a pure function of position (epochs drop the ragged tail)."""
+MAX_HOLDOUT_SPANS = 50_000_000
 
-    def __init__(self, *, data: ClassificationData, batch_size: int, seed: int, pad_id: int, bucket_factor: int = 50) -> None:
+
+def _word_spans(words: Sequence[str], *, proper: bool) -> Iterator[str]:
+    """Every contiguous word span of ``words`` as a string (``proper``: shorter than the whole)."""
+    n = len(words)
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            if not (proper and j - i == n):
+                yield " ".join(words[i:j])
+
+
+def sentence_holdout(texts: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Leak-free validation rows for phrase-level data: ``(train_idx, val_idx)``.
+
+    A *sentence* is a text that is no word span of another text. ``val_fraction`` of the distinct
+    sentences (at least one) are held out, one row each. A row stays in training only if it is a word
+    span of a sentence that is *not* held out: phrases that occur only inside held-out sentences
+    (and copies of those sentences) leave training, while phrases shared with training sentences
+    ("good", "the film") stay, as they would without the hold-out. Data without nested phrases
+    reduces to a random hold-out of whole rows.
+
+    Every word span of every row is hashed (SST-2: 5.5M spans, ~5 s); data whose rows hold more
+    than ``MAX_HOLDOUT_SPANS`` spans in total (long documents) is refused with a UserError.
+    """
+    import random
+
+    words = [t.split() for t in texts]
+    n_spans = sum(len(w) * (len(w) + 1) // 2 for w in words)
+    if n_spans > MAX_HOLDOUT_SPANS:
+        mean_words = sum(len(w) for w in words) / max(len(words), 1)
+        raise UserError(
+            f"val_holdout='sentences' is for phrase-level data of short texts; these {len(words)} rows "
+            f"(mean {mean_words:.0f} words) hold {n_spans:,} word spans, more than {MAX_HOLDOUT_SPANS:,}: use val_holdout='random'"
+        )
+    keys = [" ".join(w) for w in words]
+    inner = {span for w in words for span in _word_spans(w, proper=True)}
+    sentences = sorted(set(keys) - inner)
+    random.Random(seed).shuffle(sentences)
+    held = set(sentences[: max(1, int(len(sentences) * val_fraction))])
+    kept_spans = {span for s in sentences if s not in held for span in _word_spans(s.split(), proper=False)}
+    seen: set[str] = set()
+    val_idx, train_idx = [], []
+    for i, key in enumerate(keys):
+        if key in held:
+            if key not in seen:  # one row per held-out sentence
+                seen.add(key)
+                val_idx.append(i)
+        elif key in kept_spans:
+            train_idx.append(i)
+    return train_idx, val_idx
+
+
+class ClassificationBatcher:
+    """Length-bucketed, shuffled global batches as a pure function of position (epochs drop the ragged tail).
+
+    ``token_dropout`` > 0 replaces each real token with ``unk_id`` with that probability, drawn
+    from a generator seeded by the position, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, *, data: ClassificationData, batch_size: int, seed: int, pad_id: int, bucket_factor: int = 50, token_dropout: float = 0.0, unk_id: int = 1) -> None:
         if len(data) < batch_size:
             raise UserError(f"training set has {len(data)} examples, fewer than train.batch_size ({batch_size})")
+        if not 0.0 <= token_dropout < 1.0:
+            raise ValueError(f"token_dropout ({token_dropout}) must be in [0, 1)")
         self.data, self.batch_size, self.seed, self.pad_id, self.bucket = data, batch_size, seed, pad_id, bucket_factor
+        self.token_dropout, self.unk_id = token_dropout, unk_id
         self.per_epoch = len(data) // batch_size
         self._epoch, self._batches = -1, None
 
@@ -540,7 +613,14 @@ class ClassificationBatcher:
         epoch, i = divmod(position, self.per_epoch)
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self._epoch_batches(epoch)
-        return self.data.batch(self._batches[i], self.pad_id)
+        batch = self.data.batch(self._batches[i], self.pad_id)
+        if self.token_dropout > 0:
+            import torch
+
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            noise = torch.rand(ids.shape, generator=_generator(self.seed, "token_dropout", position))
+            batch["input_ids"] = torch.where(mask & (noise < self.token_dropout), torch.full_like(ids, self.unk_id), ids)
+        return batch
 
 
 def classification_eval_batches(data: ClassificationData, *, batch_size: int, pad_id: int) -> Iterator[tuple["torch.Tensor", dict[str, "torch.Tensor"]]]:

@@ -3,7 +3,8 @@
 Metric functions take plain arrays (numbers from scikit-learn where it has them); the
 model-driven helpers (``lm_loss``, ``classifier_predictions``) are shared with the training
 engine; :func:`evaluate_checkpoint` evaluates a ``save_pretrained`` directory on data and writes
-``metrics.json`` plus plots under an output directory.
+``metrics.json`` plus plots under an output directory; :func:`evaluate_ensemble` does the same for
+several classifiers whose class probabilities are averaged.
 """
 
 from __future__ import annotations
@@ -234,9 +235,9 @@ def _evaluate_lm(pre: Any, data: "LMDataConfig", *, whole: bool, batch_size: int
     return {"task": "lm", "loss": loss, "perplexity": perplexity(loss), "tokens": int(len(ids)), "block_size": block}
 
 
-def _evaluate_classifier(pre: Any, data: "ClassificationDataConfig", plots: Path, *, batch_size: int, device: "torch.device", n_attention_examples: int) -> dict[str, Any]:
-    from selfattn.data import classification_eval_batches, encode_labelled, prepare_classification_data, read_labelled
-    from selfattn.plots import plot_confusion_matrix, plot_reliability_diagram
+def _classifier_rows(pre: Any, data: "ClassificationDataConfig") -> Any:
+    """The rows to score, encoded with ``pre``'s tokenizer (``data.val_path``, or the held-out part of train)."""
+    from selfattn.data import encode_labelled, prepare_classification_data, read_labelled
 
     n_classes = pre.config.n_classes
     if len(data.labels) != n_classes:
@@ -244,18 +245,121 @@ def _evaluate_classifier(pre: Any, data: "ClassificationDataConfig", plots: Path
     max_len = min(data.max_length, pre.config.context_length)
     if data.val_path:
         texts, labels = read_labelled(data.val_path, split=data.val_split, text_column=data.text_column, label_column=data.label_column, labels=data.labels)
-        val = encode_labelled(texts, labels, pre.tokenizer, max_len, source=f"data {data.val_path}")
-    else:
-        _, val = prepare_classification_data(data, pre.tokenizer, max_length=max_len)
+        return encode_labelled(texts, labels, pre.tokenizer, max_len, source=f"data {data.val_path}")
+    return prepare_classification_data(data, pre.tokenizer, max_length=max_len)[1]
+
+
+def _evaluate_classifier(pre: Any, data: "ClassificationDataConfig", plots: Path, *, batch_size: int, device: "torch.device", n_attention_examples: int) -> dict[str, Any]:
+    from selfattn.data import classification_eval_batches
+
+    val = _classifier_rows(pre, data)
     batches = classification_eval_batches(val, batch_size=batch_size, pad_id=pre.tokenizer.pad_id)
     probs, y, loss = classifier_predictions(pre.model, batches, len(val), device=device)
+    metrics = _classifier_report(probs, y, loss, data.labels, plots, texts=val.texts)
+    if val.texts and n_attention_examples:
+        _attention_plots(pre, val.texts[:n_attention_examples], plots, min(data.max_length, pre.config.context_length))
+    return {**metrics, "n_truncated": val.n_truncated}
+
+
+def _classifier_report(probs: "np.ndarray", y: "np.ndarray", loss: float, labels: Sequence[int | str], plots: Path, *, texts: Sequence[str] | None) -> dict[str, Any]:
+    """Metrics of class probabilities ``probs [N, C]`` against ``y [N]``; writes the confusion and
+    reliability plots and ``predictions.tsv`` beside ``plots/`` (one row per example, for error analysis)."""
+    from selfattn.plots import plot_confusion_matrix, plot_reliability_diagram
+
     m = classification_metrics(y, probs)
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)
-    plot_confusion_matrix(m["confusion_matrix"], data.labels, plots / "confusion_matrix.png")
+    plot_confusion_matrix(m["confusion_matrix"], list(labels), plots / "confusion_matrix.png")
     plot_reliability_diagram(conf, pred == y, plots / "reliability.png")
-    if val.texts and n_attention_examples:
-        _attention_plots(pre, val.texts[:n_attention_examples], plots, max_len)
-    return {"task": "classifier", "loss": loss, **m, "labels": list(data.labels), "n_truncated": val.n_truncated}
+    write_predictions(plots.parent / PREDICTIONS_FILE, probs, y, labels, texts)
+    return {"task": "classifier", "loss": loss, **m, "labels": list(labels)}
+
+
+PREDICTIONS_FILE = "predictions.tsv"
+
+
+def write_predictions(path: Path, probs: "np.ndarray", y: "np.ndarray", labels: Sequence[int | str], texts: Sequence[str] | None) -> Path:
+    """``path``: a TSV with row, label, prediction, confidence, correct (and text when known)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["row", "label", "prediction", "confidence", "correct"] + (["text"] if texts is not None else []))
+        for i, (p, t) in enumerate(zip(probs, y)):
+            k = int(p.argmax())
+            w.writerow([i, labels[int(t)], labels[k], f"{p[k]:.6f}", int(k == int(t))] + ([texts[i]] if texts is not None else []))
+    return path
+
+
+def read_correct(path: str | Path) -> "np.ndarray":
+    """The ``correct`` column (0/1 per row) of a ``predictions.tsv`` written by the evaluation."""
+    import csv
+
+    import numpy as np
+
+    with Path(path).open(encoding="utf-8", newline="") as f:
+        return np.asarray([int(row["correct"]) for row in csv.DictReader(f, delimiter="\t")], dtype=np.int64)
+
+
+def paired_bootstrap(correct_a: Sequence[int], correct_b: Sequence[int], *, n_resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """Accuracy difference b - a on the same rows with a 95% paired-bootstrap interval, and the share
+    of resamples in which b is not better (a one-sided p-value)."""
+    import numpy as np
+
+    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"correct_a {a.shape} and correct_b {b.shape} must be equal-length, non-empty 1-D arrays")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_resamples, len(a)))
+    diffs = (b[idx] - a[idx]).mean(axis=1)
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return {"diff": float((b - a).mean()), "ci_low": float(lo), "ci_high": float(hi), "p_not_better": float((diffs <= 0).mean())}
+
+
+def evaluate_ensemble(model_dirs: Sequence[str | Path], data: "ClassificationDataConfig | str | Path", out_dir: str | Path, *, batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
+    """Evaluate classifiers together: the mean of their class probabilities is the prediction.
+
+    Each member reads ``data`` with its own tokenizer (members may differ in tokenizer, size and
+    architecture), and all must score the same rows with the same labels. ``data`` is as for
+    :func:`evaluate_checkpoint` (a file: every row, columns and labels as the first member was
+    trained with). Writes ``out_dir/metrics.json`` (with each member's accuracy under ``members``)
+    and the confusion-matrix and reliability plots; returns the metrics.
+    """
+    import numpy as np
+
+    from selfattn.checkpoint import load_pretrained
+    from selfattn.data import ClassificationDataConfig, classification_eval_batches
+    from selfattn.train.engine import resolve_device
+
+    if not model_dirs:
+        raise UserError("evaluate_ensemble needs at least one model directory, got none")
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    total: np.ndarray | None = None
+    y_ref, members = None, []
+    for model_dir in model_dirs:
+        pre = load_pretrained(model_dir, map_location=dev)
+        if pre.task != "classifier" or pre.tokenizer is None:
+            raise UserError(f"ensemble member {model_dir} is not a classifier with a tokenizer (task {pre.task!r})")
+        if isinstance(data, (str, Path)):
+            saved = (pre.extra or {}).get("data") or {}
+            base = {k: v for k, v in saved.items() if k in ClassificationDataConfig.model_fields}
+            base.update(train_path=str(data), val_path=str(data))
+            data = ClassificationDataConfig.model_validate(base)
+        val = _classifier_rows(pre, data)
+        batches = classification_eval_batches(val, batch_size=batch_size, pad_id=pre.tokenizer.pad_id)
+        probs, y, loss = classifier_predictions(pre.model, batches, len(val), device=dev)
+        if y_ref is not None and (len(y) != len(y_ref) or (y != y_ref).any()):
+            raise UserError(f"ensemble member {model_dir} scored {len(y)} rows that differ from the first member's {len(y_ref)}")
+        y_ref, total = y, probs if total is None else total + probs
+        members.append({"model_dir": str(model_dir), "accuracy": float((probs.argmax(axis=1) == y).mean()), "loss": loss})
+    mean = total / len(model_dirs)
+    nll = float(-np.log(np.clip(mean[np.arange(len(y_ref)), y_ref], 1e-12, None)).mean())
+    metrics = _classifier_report(mean, y_ref, nll, data.labels, out / "plots", texts=val.texts)
+    metrics.update(n_members=len(model_dirs), members=members, mean_member_accuracy=float(np.mean([m["accuracy"] for m in members])))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
 def _attention_plots(pre: Any, texts: Sequence[str], plots: Path, max_len: int) -> None:

@@ -365,19 +365,22 @@ class SequenceClassifier(_Trunk):
 def pool(h: Tensor, mask: Tensor, pooling: str) -> Tensor:
     """``h [B, T, D]``, ``mask [B, T]`` bool (True = real) -> ``[B, D]``.
 
-    A row without any real token pools to zeros (mean) or position 0 (first/last).
+    A row without any real token pools to zeros (mean, max) or position 0 (first/last).
     """
     B, T, _ = h.shape
     if pooling == "mean":
         weights = mask.to(h.dtype).unsqueeze(-1)  # [B, T, 1]
         return (h * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    if pooling == "max":  # per feature, over the real tokens
+        pooled = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)  # [B, D]
+        return torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
     positions = torch.arange(T, device=h.device).expand(B, T)
     if pooling == "last":
         index = torch.where(mask, positions, -1).max(dim=1).values.clamp(min=0)  # [B]
     elif pooling == "first":
         index = torch.where(mask, positions, T).min(dim=1).values.clamp(max=T - 1)
     else:
-        raise ValueError(f"pooling ({pooling!r}) must be 'mean', 'last' or 'first'")
+        raise ValueError(f"pooling ({pooling!r}) must be 'mean', 'max', 'last' or 'first'")
     return h[torch.arange(B, device=h.device), index]
 
 

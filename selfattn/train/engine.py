@@ -150,7 +150,10 @@ class _ClassifierTask:
         from selfattn.data import ClassificationBatcher
 
         self.cfg, self.model, self.tokenizer, self.train_data, self.val_data = cfg, model, tokenizer, train_data, val_data
-        self.batcher = ClassificationBatcher(data=train_data, batch_size=cfg.train.batch_size, seed=cfg.train.seed, pad_id=tokenizer.pad_id)
+        self.batcher = ClassificationBatcher(
+            data=train_data, batch_size=cfg.train.batch_size, seed=cfg.train.seed, pad_id=tokenizer.pad_id,
+            token_dropout=cfg.data.token_dropout, unk_id=tokenizer.unk_id,
+        )
 
     def train_batch(self, position: int) -> tuple[dict[str, "torch.Tensor"], int]:
         b = self.batcher.get(position)

@@ -80,6 +80,17 @@ def test_pretrain_finetune_evaluate_write_outputs(files, tmp_path, capsys, caplo
     assert (ev / "plots" / "reliability.png").is_file()
     _fails(capsys, ["evaluate", "-m", str(tmp_path), "-d", str(files / "train.tsv"), "-o", str(ev)], "is not a checkpoint")
 
+    # two classifiers as an ensemble: the mean of their probabilities, each member's accuracy recorded
+    ft2 = tmp_path / "ft2_out"
+    assert main(["finetune", "-c", str(files / "cls.yaml"), "--set", "train.seed=5", "-o", str(ft2)]) == 0
+    ens = tmp_path / "ens_out"
+    assert main(["evaluate", "-m", str(ft), "-m", str(ft2), "-d", str(files / "train.tsv"), "-o", str(ens)]) == 0
+    got = json.loads((ens / "metrics.json").read_text())
+    assert got["n_members"] == 2 and [m["model_dir"] for m in got["members"]] == [str(ft / "best"), str(ft2 / "best")]
+    assert got["members"][0]["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert (ens / "plots" / "confusion_matrix.png").is_file()
+    _fails(capsys, ["evaluate", "-m", str(ft), "-m", str(out), "-d", str(files / "train.tsv"), "-o", str(ens)], "is not a classifier")
+
 
 def test_bad_input_is_a_clear_error(files, capsys):
     out = str(files / "out")

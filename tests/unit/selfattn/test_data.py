@@ -23,6 +23,7 @@ from selfattn.data import (
     prepare_lm_data,
     read_labelled,
     resolve_path,
+    sentence_holdout,
     train_tokenizer,
 )
 from selfattn.errors import UserError
@@ -153,3 +154,56 @@ def test_prepare_classification_cached_and_val_split(tmp_path, home):
     assert torch.equal(train.flat, train2.flat) and torch.equal(val.labels, val2.labels)
     with pytest.raises(UserError, match="no column 'text'"):
         prepare_classification_data(cfg.model_copy(update={"text_column": "text"}), tok)
+
+
+def test_sentence_holdout_drops_phrases_found_only_in_held_out_sentences():
+    # two SST-style trees: each sentence with its sub-phrases (and a duplicate row); "film" is in both
+    tree_a = ["a truly great film", "truly great film", "great film", "great", "truly great", "great film"]
+    tree_b = ["a dull , tired film", "dull , tired film", "tired film", "dull", "film"]
+    texts = tree_a + tree_b
+    for seed in range(4):
+        train_idx, val_idx = sentence_holdout(texts, val_fraction=0.5, seed=seed)
+        assert len(val_idx) == 1
+        held = texts[val_idx[0]]
+        held_tree, other_tree = (tree_a, tree_b) if held == tree_a[0] else (tree_b, tree_a)
+        train = [texts[i] for i in train_idx]
+        # everything of the other tree stays; of the held tree only what the other sentence contains too
+        assert sorted(train) == sorted(other_tree + [t for t in held_tree if f" {t} " in f" {other_tree[0]} " and t != held])
+        assert ("film" in train) and held not in train
+    # rows without nested phrases: a plain hold-out of whole rows
+    flat = [f"row {i} text" for i in range(20)]
+    tr, va = sentence_holdout(flat, val_fraction=0.25)
+    assert (len(tr), len(va)) == (15, 5) and not set(tr) & set(va)
+    # long documents are refused before any work, naming the alternative
+    with pytest.raises(UserError, match="val_holdout='random'"):
+        sentence_holdout(["word " * 4000] * 7, val_fraction=0.5)
+
+
+def test_prepare_classification_sentence_holdout(tmp_path, home):
+    rows = [("the best movie of the year", 1), ("best movie", 1), ("the year", 1), ("movie", 1),
+            ("worst plot ever written", 0), ("worst plot", 0), ("plot", 0), ("ever written", 0)]
+    f = _write_tsv(tmp_path / "p.tsv", [(s + " ", y) for s, y in rows])  # GLUE's trailing space
+    cfg = ClassificationDataConfig(train_path=str(f), val_fraction=0.5, val_holdout="sentences", max_length=16)
+    tok = train_tokenizer("char", ["".join(s for s, _ in rows)], 0)
+    train, val = prepare_classification_data(cfg, tok)
+    assert len(val) == 1 and len(train) == 4  # the other sentence and its 3 phrases
+    assert val.labels.tolist() in ([1], [0]) and set(train.labels.tolist()) == {1 - val.labels.item()}
+
+
+def test_token_dropout_replaces_only_real_tokens_and_is_a_function_of_position():
+    data = encode_labelled([f"some words {i}" for i in range(40)], [i % 2 for i in range(40)], train_tokenizer("char", ["some words 0123456789"], 0), 64)
+    plain = ClassificationBatcher(data=data, batch_size=8, seed=0, pad_id=0)
+    noisy = ClassificationBatcher(data=data, batch_size=8, seed=0, pad_id=0, token_dropout=0.3, unk_id=1)
+    dropped = kept = 0
+    for pos in range(10):
+        a, b = plain.get(pos), noisy.get(pos)
+        assert torch.equal(a["attention_mask"], b["attention_mask"]) and torch.equal(a["labels"], b["labels"])
+        changed = a["input_ids"] != b["input_ids"]
+        assert not (changed & ~a["attention_mask"]).any()  # padding untouched
+        assert (b["input_ids"][changed] == 1).all()  # dropped tokens become <unk>
+        dropped, kept = dropped + int(changed.sum()), kept + int(a["attention_mask"].sum())
+    assert 0.2 < dropped / kept < 0.4
+    again = ClassificationBatcher(data=data, batch_size=8, seed=0, pad_id=0, token_dropout=0.3, unk_id=1)
+    assert torch.equal(again.get(7)["input_ids"], noisy.get(7)["input_ids"])  # a resumed run sees the same noise
+    with pytest.raises(ValueError, match="token_dropout"):
+        ClassificationBatcher(data=data, batch_size=8, seed=0, pad_id=0, token_dropout=1.0)

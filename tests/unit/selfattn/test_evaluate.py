@@ -68,3 +68,65 @@ def test_perplexity():
     assert perplexity(0.0) == 1.0
     assert perplexity(math.log(65)) == pytest.approx(65)
     assert perplexity(1e4) == float("inf")
+
+
+def test_evaluate_ensemble_is_the_mean_of_member_probabilities(tmp_path, monkeypatch):
+    import torch
+
+    from selfattn.checkpoint import save_pretrained
+    from selfattn.config import ModelConfig
+    from selfattn.evaluate import evaluate_ensemble
+    from selfattn.models import SequenceClassifier
+    from selfattn.tokenization import CharTokenizer
+
+    monkeypatch.setenv("SELFATTN_HOME", str(tmp_path / "home"))
+    texts = ["good film", "bad film", "a fine cast", "dull", "great fun", "awful mess", "so so", "loved it"]
+    labels = [1, 0, 1, 0, 1, 0, 0, 1]
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels)))
+    tok = CharTokenizer.train("".join(texts))
+    dirs, probs = [], []
+    for seed, pooling in ((0, "mean"), (1, "first"), (2, "max")):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(vocab_size=tok.vocab_size, context_length=16, n_layers=1, d_model=16, n_heads=2, n_classes=2, pooling=pooling)
+        clf = SequenceClassifier(cfg).eval()
+        with torch.no_grad():
+            probs.append(torch.cat([clf(torch.tensor([tok.encode(t)])).logits.softmax(-1) for t in texts]).double())
+        dirs.append(save_pretrained(clf, tmp_path / f"m{seed}", tokenizer=tok, extra={"data": {"labels": [0, 1]}}))
+    got = evaluate_ensemble(dirs, data, tmp_path / "out", device="cpu")
+    mean = torch.stack(probs).mean(0)
+    y = torch.tensor(labels)
+    assert got["n_members"] == 3 and got["n"] == len(texts)
+    assert got["accuracy"] == pytest.approx((mean.argmax(-1) == y).double().mean().item())
+    assert got["loss"] == pytest.approx(-mean[torch.arange(len(y)), y].log().mean().item(), rel=1e-4)
+    for member, p in zip(got["members"], probs):
+        assert member["accuracy"] == pytest.approx((p.argmax(-1) == y).double().mean().item())
+    assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "out" / "plots" / "reliability.png").is_file()
+    from selfattn.evaluate import read_correct
+
+    assert read_correct(tmp_path / "out" / "predictions.tsv").tolist() == (mean.argmax(-1) == y).long().tolist()
+    from selfattn.errors import UserError
+
+    with pytest.raises(UserError, match="at least one"):
+        evaluate_ensemble([], data, tmp_path / "out")
+
+
+def test_paired_bootstrap_against_exact_difference():
+    from selfattn.evaluate import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    a = (rng.uniform(size=800) < 0.78).astype(int)
+    b = a.copy()
+    flip = rng.choice(800, size=60, replace=False)
+    b[flip[:45]] = 1  # b fixes up to 45 rows, breaks up to 15
+    b[flip[45:]] = 0
+    got = paired_bootstrap(a, b, n_resamples=4000)
+    assert got["diff"] == pytest.approx((b - a).mean())
+    assert got["ci_low"] < got["diff"] < got["ci_high"]
+    # the interval is about 2 x 1.96 standard errors of the mean paired difference
+    se = (b - a).std(ddof=1) / np.sqrt(len(a))
+    assert got["ci_high"] - got["ci_low"] == pytest.approx(2 * 1.96 * se, rel=0.15)
+    same = paired_bootstrap(a, a, n_resamples=500)
+    assert same["diff"] == 0 and same["p_not_better"] == 1.0
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap(a, b[:10])

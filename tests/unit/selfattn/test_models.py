@@ -193,13 +193,15 @@ def test_pool_modes():
     torch.testing.assert_close(pool(h, mask, "mean"), torch.stack([h[0, :3].mean(0), h[1, 1:3].mean(0)]))
     torch.testing.assert_close(pool(h, mask, "last"), torch.stack([h[0, 2], h[1, 2]]))
     torch.testing.assert_close(pool(h, mask, "first"), torch.stack([h[0, 0], h[1, 1]]))
+    torch.testing.assert_close(pool(-h, mask, "max"), torch.stack([-h[0, 0], -h[1, 1]]))  # padding never wins
     empty = torch.zeros(2, 4, dtype=torch.bool)
     assert torch.equal(pool(h, empty, "mean"), torch.zeros(2, 3))
+    assert torch.equal(pool(h, empty, "max"), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="pooling"):
-        pool(h, mask, "max")
+        pool(h, mask, "sum")
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last", "first"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "last", "first"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_classifier_ignores_right_padding(pooling, causal):
     torch.manual_seed(0)
