@@ -165,9 +165,7 @@ def evaluate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig |
     saved_data = (pre.extra or {}).get("data") or {}
     if pre.task == "classifier":
         if isinstance(data, (str, Path)):
-            base = {k: v for k, v in saved_data.items() if k in ClassificationDataConfig.model_fields}
-            base.update(train_path=str(data), val_path=str(data))
-            data = ClassificationDataConfig.model_validate(base)
+            data = _file_data_config(pre, data)
         if not isinstance(data, ClassificationDataConfig):
             raise UserError(f"checkpoint {model_dir} is a classifier; evaluate it on labelled data (a ClassificationDataConfig or a file)")
         metrics = _evaluate_classifier(pre, data, plots, batch_size=batch_size, device=dev, n_attention_examples=n_attention_examples)
@@ -235,6 +233,25 @@ def _evaluate_lm(pre: Any, data: "LMDataConfig", *, whole: bool, batch_size: int
     return {"task": "lm", "loss": loss, "perplexity": perplexity(loss), "tokens": int(len(ids)), "block_size": block}
 
 
+def _file_data_config(pre: Any, path: str | Path) -> "ClassificationDataConfig":
+    """Every row of ``path``, read with the columns and labels ``pre`` was trained with."""
+    from selfattn.data import ClassificationDataConfig
+
+    saved = (pre.extra or {}).get("data") or {}
+    base = {k: v for k, v in saved.items() if k in ClassificationDataConfig.model_fields}
+    base.update(train_path=str(path), val_path=str(path))
+    return ClassificationDataConfig.model_validate(base)
+
+
+def _classifier_probs(pre: Any, data: "ClassificationDataConfig", *, batch_size: int, device: "torch.device") -> tuple[Any, "np.ndarray", "np.ndarray", float]:
+    """``(rows, probs [N, C], labels [N], mean loss)`` of ``pre`` on ``data``'s evaluation rows."""
+    from selfattn.data import classification_eval_batches
+
+    val = _classifier_rows(pre, data)
+    batches = classification_eval_batches(val, batch_size=batch_size, pad_id=pre.tokenizer.pad_id)
+    return (val, *classifier_predictions(pre.model, batches, len(val), device=device))
+
+
 def _classifier_rows(pre: Any, data: "ClassificationDataConfig") -> Any:
     """The rows to score, encoded with ``pre``'s tokenizer (``data.val_path``, or the held-out part of train)."""
     from selfattn.data import encode_labelled, prepare_classification_data, read_labelled
@@ -250,11 +267,7 @@ def _classifier_rows(pre: Any, data: "ClassificationDataConfig") -> Any:
 
 
 def _evaluate_classifier(pre: Any, data: "ClassificationDataConfig", plots: Path, *, batch_size: int, device: "torch.device", n_attention_examples: int) -> dict[str, Any]:
-    from selfattn.data import classification_eval_batches
-
-    val = _classifier_rows(pre, data)
-    batches = classification_eval_batches(val, batch_size=batch_size, pad_id=pre.tokenizer.pad_id)
-    probs, y, loss = classifier_predictions(pre.model, batches, len(val), device=device)
+    val, probs, y, loss = _classifier_probs(pre, data, batch_size=batch_size, device=device)
     metrics = _classifier_report(probs, y, loss, data.labels, plots, texts=val.texts)
     if val.texts and n_attention_examples:
         _attention_plots(pre, val.texts[:n_attention_examples], plots, min(data.max_length, pre.config.context_length))
@@ -328,7 +341,6 @@ def evaluate_ensemble(model_dirs: Sequence[str | Path], data: "ClassificationDat
     import numpy as np
 
     from selfattn.checkpoint import load_pretrained
-    from selfattn.data import ClassificationDataConfig, classification_eval_batches
     from selfattn.train.engine import resolve_device
 
     if not model_dirs:
@@ -342,13 +354,8 @@ def evaluate_ensemble(model_dirs: Sequence[str | Path], data: "ClassificationDat
         if pre.task != "classifier" or pre.tokenizer is None:
             raise UserError(f"ensemble member {model_dir} is not a classifier with a tokenizer (task {pre.task!r})")
         if isinstance(data, (str, Path)):
-            saved = (pre.extra or {}).get("data") or {}
-            base = {k: v for k, v in saved.items() if k in ClassificationDataConfig.model_fields}
-            base.update(train_path=str(data), val_path=str(data))
-            data = ClassificationDataConfig.model_validate(base)
-        val = _classifier_rows(pre, data)
-        batches = classification_eval_batches(val, batch_size=batch_size, pad_id=pre.tokenizer.pad_id)
-        probs, y, loss = classifier_predictions(pre.model, batches, len(val), device=dev)
+            data = _file_data_config(pre, data)
+        val, probs, y, loss = _classifier_probs(pre, data, batch_size=batch_size, device=dev)
         if y_ref is not None and (len(y) != len(y_ref) or (y != y_ref).any()):
             raise UserError(f"ensemble member {model_dir} scored {len(y)} rows that differ from the first member's {len(y_ref)}")
         y_ref, total = y, probs if total is None else total + probs
