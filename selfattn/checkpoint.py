@@ -31,7 +31,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from selfattn.config import ModelConfig
+from selfattn.config import ModelConfig, format_validation_error
 from selfattn.errors import UserError
 from selfattn.lora import merged_state_dict
 from selfattn.models import DecoderLM, SequenceClassifier
@@ -173,7 +173,7 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         cfg = ModelConfig.model_validate(meta["model"])
     except ValidationError as exc:
-        raise UserError(f"{d / CONFIG_FILE}: invalid model config: {exc}") from None
+        raise UserError(format_validation_error(exc, f"model config in {d / CONFIG_FILE}")) from None
 
     try:
         tensors = load_file(str(d / WEIGHTS_FILE), device=str(map_location))

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfattn.errors import UserError
+from selfattn.utils import deep_merge
 
 AttentionKind = Literal["full", "sliding_window", "low_rank"]
 PositionKind = Literal["rope", "learned", "alibi", "none"]
@@ -184,34 +185,32 @@ def _submodel(annotation: Any) -> Any:
     return None
 
 
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    """One message naming every bad key and value of a pydantic ``ValidationError``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {shown})")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {shown})")
+    return f"invalid {source}:\n" + "\n".join(lines)
+
+
 def validate_config(schema: type[C], data: dict[str, Any], source: str = "config") -> C:
     """Validate ``data`` against ``schema``; a UserError naming every bad key and value."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
-            value = err.get("input")
-            shown = repr(value) if not isinstance(value, dict) else "{...}"
-            if err["type"] == "extra_forbidden":
-                lines.append(f"  {loc}: unknown key (value {shown})")
-            else:
-                lines.append(f"  {loc}: {err['msg']} (got {shown})")
-        raise UserError(f"invalid {source}:\n" + "\n".join(lines)) from None
+        raise UserError(format_validation_error(exc, source)) from None
 
 
 def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> C:
     """Build a config: ``base`` mapping, then the file at ``path``, then ``overrides``."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _deep_merge(data, read_mapping(path))
+        data = deep_merge(data, read_mapping(path))
     data = apply_overrides(data, overrides, schema)
     return validate_config(schema, data, source=str(path) if path else "config")
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

@@ -1,7 +1,6 @@
 """Evaluation: LM loss/perplexity, classification accuracy, macro-F1, confusion matrix, ECE.
 
-Metric functions take plain arrays (numbers from scikit-learn where it has them); the
-model-driven helpers (``lm_loss``, ``classifier_predictions``) are shared with the training
+The metric functions live in :mod:`selfattn.metrics` (re-exported here); the model-driven helpers (``lm_loss``, ``classifier_predictions``) are shared with the training
 engine; :func:`evaluate_checkpoint` evaluates a ``save_pretrained`` directory on data and writes
 ``metrics.json`` plus plots under an output directory; :func:`evaluate_ensemble` does the same for
 several classifiers whose class probabilities are averaged.
@@ -9,13 +8,13 @@ several classifiers whose class probabilities are averaged.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from selfattn.errors import UserError
+from selfattn.metrics import classification_metrics, expected_calibration_error, perplexity, reliability_bins  # noqa: F401 - re-exported
+from selfattn.utils import atomic_write_text, autocast_context
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -24,70 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from selfattn.data import ClassificationDataConfig, LMDataConfig
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def perplexity(loss: float) -> float:
-    """``exp(loss)`` (inf when it overflows)."""
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
-def reliability_bins(confidences: Sequence[float], correct: Sequence[bool], *, n_bins: int = 15) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", "np.ndarray"]:
-    """Per equal-width confidence bin ``(lo, hi]``: accuracy, mean confidence, count, and the edges [n_bins+1]."""
-    import numpy as np
-
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    conf = np.asarray(confidences, dtype=np.float64)
-    ok = np.asarray(correct, dtype=np.float64)
-    if conf.shape != ok.shape:
-        raise ValueError(f"confidences {conf.shape} and correct {ok.shape} must have the same shape")
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # bin b holds edges[b] < c <= edges[b+1]; a confidence of exactly 0 goes to the first bin
-    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    counts = np.bincount(which, minlength=n_bins).astype(np.float64)
-    safe = np.maximum(counts, 1)
-    acc = np.bincount(which, weights=ok, minlength=n_bins) / safe
-    mean_conf = np.bincount(which, weights=conf, minlength=n_bins) / safe
-    return acc, mean_conf, counts, edges
-
-
-def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], *, n_bins: int = 15) -> float:
-    """ECE = sum over bins of ``(n_b / N) * |accuracy_b - confidence_b|`` (Guo et al., 2017)."""
-    acc, conf, counts, _ = reliability_bins(confidences, correct, n_bins=n_bins)
-    n = counts.sum()
-    return float((counts / n * abs(acc - conf)).sum()) if n else 0.0
-
-
-def classification_metrics(y_true: Sequence[int], probs: "np.ndarray", *, n_bins: int = 15) -> dict[str, Any]:
-    """accuracy, macro_f1, confusion_matrix (rows = true), ece, n from true class indices and probs [N, C]."""
-    import numpy as np
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(y_true)
-    if p.ndim != 2 or len(p) != len(y):
-        raise ValueError(f"probs must be [N, C] with N = len(y_true) ({len(y)}), got {p.shape}")
-    pred = p.argmax(axis=1)
-    classes = list(range(p.shape[1]))
-    return {
-        "accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, labels=classes, average="macro", zero_division=0)),
-        "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
-        "ece": expected_calibration_error(p.max(axis=1), pred == y, n_bins=n_bins),
-        "n": int(len(y)),
-    }
-
-
 # --------------------------------------------------------------------------- model-driven
-
-
-def autocast_context(device: "torch.device", dtype: "torch.dtype | None"):
-    import torch
-
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lm_loss(model: "torch.nn.Module", batches: Iterable[tuple["torch.Tensor", "torch.Tensor"]], *, device: "torch.device", amp_dtype: "torch.dtype | None" = None) -> float:
@@ -154,7 +90,7 @@ def evaluate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig |
     """
     from selfattn.checkpoint import load_pretrained
     from selfattn.data import ClassificationDataConfig, LMDataConfig
-    from selfattn.train.engine import resolve_device
+    from selfattn.devices import resolve_device
 
     dev = resolve_device(device)
     pre = load_pretrained(model_dir, map_location=dev)
@@ -187,7 +123,7 @@ def evaluate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig |
         if history:
             plot_learning_curves(history, plots / "learning_curves.png")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -341,7 +277,7 @@ def evaluate_ensemble(model_dirs: Sequence[str | Path], data: "ClassificationDat
     import numpy as np
 
     from selfattn.checkpoint import load_pretrained
-    from selfattn.train.engine import resolve_device
+    from selfattn.devices import resolve_device
 
     if not model_dirs:
         raise UserError("evaluate_ensemble needs at least one model directory, got none")
@@ -365,7 +301,7 @@ def evaluate_ensemble(model_dirs: Sequence[str | Path], data: "ClassificationDat
     metrics = _classifier_report(mean, y_ref, nll, data.labels, out / "plots", texts=val.texts)
     metrics.update(n_members=len(model_dirs), members=members, mean_member_accuracy=float(np.mean([m["accuracy"] for m in members])))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

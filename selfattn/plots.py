@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from selfattn.metrics import ECE_BINS, expected_calibration_error, reliability_bins
+
 
 def _figure(width: float = 6.0, height: float = 4.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -80,9 +82,9 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], labels: Sequence[Any], pa
     return _save(fig, path)
 
 
-def plot_reliability_diagram(confidences: Sequence[float], correct: Sequence[bool], path: str | Path, *, n_bins: int = 10) -> Path:
-    """Accuracy per confidence bin against the diagonal, with the bin counts below."""
-    from selfattn.evaluate import expected_calibration_error, reliability_bins
+def plot_reliability_diagram(confidences: Sequence[float], correct: Sequence[bool], path: str | Path, *, n_bins: int = ECE_BINS) -> Path:
+    """Accuracy per confidence bin against the diagonal, with the bin counts below; the title's ECE is
+    the one in ``metrics.json`` (same function, same bins)."""
 
     acc, conf, counts, edges = reliability_bins(confidences, correct, n_bins=n_bins)
     ece = expected_calibration_error(confidences, correct, n_bins=n_bins)

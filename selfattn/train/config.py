@@ -87,7 +87,6 @@ class TrainLoopConfig(StrictModel):
     compile: bool = False
     progress: bool | None = Field(default=None, description="progress bar; None = only when stderr is a terminal")
     resume: bool | None = Field(default=None, description="None = resume if the output holds a checkpoint; True = must; False = start over")
-    debug_poison_step: int | None = Field(default=None, ge=1, description="test hook: make the loss NaN at this step")
 
 
 class HeadConfig(StrictModel):

@@ -28,15 +28,16 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from selfattn.devices import amp_dtype, resolve_device
 from selfattn.errors import UserError
 from selfattn.train.callbacks import Callback, ProgressBar, StopTraining
 from selfattn.train.config import FinetuneConfig, PretrainConfig
+from selfattn.utils import atomic_path, atomic_write_text, autocast_context, flatten
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,7 +48,7 @@ CHECKPOINT_FORMAT = 1
 # train.* keys that may change between a run and its resumption
 _RESUMABLE_TRAIN_KEYS = {
     "max_steps", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every", "early_stopping_patience",
-    "early_stopping_metric", "log_every", "device", "precision", "compile", "progress", "resume", "debug_poison_step",
+    "early_stopping_metric", "log_every", "device", "precision", "compile", "progress", "resume",
 }
 _LOWER_IS_BETTER = ("loss", "perplexity", "ece")
 
@@ -71,42 +72,47 @@ class TrainResult:
     stopped_early: str | None = None  # "early_stopping" | "callback" | None
 
 
-# --------------------------------------------------------------------------- devices
+@dataclass
+class TrainState:
+    """Exactly what a training checkpoint (``out_dir/checkpoints/last.pt``) holds, besides its format
+    and config: a run restored from it continues the loss curve of an uninterrupted one.
+
+    The counters move as the run goes; ``model``, ``optimizer``, ``scheduler`` and ``rng`` are
+    state dicts captured when a checkpoint is written and loaded back on resume.
+    """
+
+    step: int = 0  # optimizer steps done
+    position: int = 0  # micro-batches drawn: batches are a pure function of (seed, position)
+    history: list[dict[str, Any]] = field(default_factory=list)  # read-out and evaluation rows
+    best: float | None = None  # best value of the early-stopping metric so far
+    bad_evals: int = 0  # evaluations since it last improved (the patience counter)
+    best_step: int | None = None  # the step whose model is in best/
+    tokens_total: int = 0  # training tokens drawn
+    train_time: float = 0.0  # seconds spent training (evaluation and checkpoints excluded)
+    model: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, list[Any]] = field(default_factory=lambda: {"cpu": [], "cuda": []})  # per rank (dropout streams)
+
+    def to_checkpoint(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "config": json.dumps(config), **asdict(self)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> "TrainState":
+        state = cls(**{f.name: saved[f.name] for f in fields(cls)})
+        state.history = list(state.history)
+        return state
 
 
-def resolve_device(spec: str = "auto") -> "torch.device":
-    """``auto`` picks cuda > mps > cpu; under torchrun on CUDA each rank takes ``cuda:LOCAL_RANK``."""
-    import torch
+@dataclass
+class _SinceReadout:
+    """Accumulators between two loss read-outs (``train.log_every``); never checkpointed."""
 
-    if spec == "auto":
-        if torch.cuda.is_available():
-            spec = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            spec = "mps"
-        else:
-            spec = "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UserError(f"train.device {spec!r} is not a device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device {spec!r} asks for CUDA but torch.cuda.is_available() is False")
-    return device
-
-
-def amp_dtype(precision: str, device: "torch.device") -> "torch.dtype | None":
-    """The autocast dtype: bf16 on CUDA for ``auto``; None = plain fp32."""
-    import torch
-
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return None if precision == "auto" else _refuse(f"train.precision 'bf16' is not supported on {device}")
-    return torch.bfloat16
-
-
-def _refuse(message: str) -> Any:
-    raise UserError(message)
+    loss: Any  # a device tensor: the sum of micro-losses (one host sync per read-out, not per step)
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    last_step: int = 0  # step of the previous read-out (named in divergence messages)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -296,11 +302,12 @@ def _init_dir(path: str) -> Path:
 def _model_config(make: Callable[[], Any]) -> Any:
     from pydantic import ValidationError
 
+    from selfattn.config import format_validation_error
+
     try:
         return make()
     except ValidationError as exc:
-        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'model'}: {e['msg']}" for e in exc.errors())
-        raise UserError(f"invalid model config: {msgs}") from None
+        raise UserError(format_validation_error(exc, "model config")) from None
     except ValueError as exc:  # the model constructors name the bad value
         raise UserError(f"invalid model config: {exc}") from None
 
@@ -309,40 +316,51 @@ def _model_config(make: Callable[[], Any]) -> Any:
 
 
 class _Run:
+    """One training run: ``run`` = setup, (resume), train loop, finish; each step is a method below."""
+
     def __init__(self, cfg: PretrainConfig | FinetuneConfig, out_dir: Path, callbacks: Sequence[Callback], build: Callable[["_Run"], Any]) -> None:
         self.cfg, self.out_dir, self.user_callbacks, self.build = cfg, out_dir, list(callbacks), build
         self.ckpt_path = out_dir / "checkpoints" / "last.pt"
         self.best_dir = out_dir / "best"
 
-    # ---- setup
     def run(self) -> TrainResult:
+        from selfattn.train import distributed
+
+        self.device = resolve_device(self.cfg.train.device)
+        self.dist = distributed.setup(self.device)
+        try:
+            saved = self._setup_process()
+            self.task = self.build(self)
+            self.state = self._setup_training(saved)
+            stopped = self._train()
+            return self._finish(stopped)
+        finally:
+            distributed.teardown(self.dist)
+
+    # ---- setup
+    def _setup_process(self) -> TrainState | None:
+        """Device flags, autocast dtype, the checkpoint to resume from, out_dir/config.yaml."""
         import torch
 
         from selfattn.train import distributed
 
         t = self.cfg.train
-        self.device = resolve_device(t.device)
-        self.dist = distributed.setup(self.device)
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
-            self.amp = amp_dtype(t.precision, self.device)
-            if t.batch_size % self.dist.world_size:
-                raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({self.dist.world_size})")
-            state = self._read_checkpoint()
-            self.resuming = state is not None
-            if self.dist.is_main:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                _write_yaml(self.out_dir / "config.yaml", self.cfg.model_dump(mode="json"))
-            distributed.barrier(self.dist)
-            self.task = self.build(self)
-            return self._train(state)
-        finally:
-            distributed.teardown(self.dist)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.amp = amp_dtype(t.precision, self.device)
+        if t.batch_size % self.dist.world_size:
+            raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({self.dist.world_size})")
+        saved = self._read_checkpoint()
+        self.resuming = saved is not None
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _write_yaml(self.out_dir / "config.yaml", self.cfg.model_dump(mode="json"))
+        distributed.barrier(self.dist)
+        return saved
 
-    def _read_checkpoint(self) -> dict[str, Any] | None:
+    def _read_checkpoint(self) -> TrainState | None:
         import torch
 
         resume = self.cfg.train.resume
@@ -351,169 +369,200 @@ class _Run:
                 raise UserError(f"train.resume=true but there is no checkpoint at {self.ckpt_path}")
             return None
         try:
-            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            saved = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # unreadable / not a weights-only file
             raise UserError(f"cannot resume from {self.ckpt_path}: {type(exc).__name__}: {exc}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"cannot resume from {self.ckpt_path}: not a selfattn training checkpoint (format {CHECKPOINT_FORMAT})")
-        saved = json.loads(state["config"])
-        diffs = _config_differences(saved, self.cfg.model_dump(mode="json"))
+        diffs = _config_differences(json.loads(saved["config"]), self.cfg.model_dump(mode="json"))
         if diffs:
             shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs[:8])
             raise UserError(
                 f"the checkpoint in {self.out_dir} was written with a different config ({shown}). "
                 "Use a new output directory, or set train.resume=false to start over there."
             )
-        return state
+        return TrainState.from_checkpoint(saved)
 
-    def _train(self, state: dict[str, Any] | None) -> TrainResult:
+    def _setup_training(self, saved: TrainState | None) -> TrainState:
+        """Model on the device, optimizer, schedule, early-stopping metric, restored state, callbacks."""
         import torch
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from selfattn.train import distributed
+        from selfattn.lora import trainable_parameters
         from selfattn.train.optim import build_optimizer, build_scheduler
 
         cfg, t, task, dev = self.cfg, self.cfg.train, self.task, self.device
-        raw = task.model.to(dev)
-        self.raw_model = raw
-        params = [p for p in raw.parameters() if p.requires_grad]
-        opt = build_optimizer(raw, cfg.optim, fused=dev.type == "cuda")
-        sched = build_scheduler(opt, cfg.optim, t.max_steps)
-        metric = t.early_stopping_metric or ("val_loss" if task.kind == "lm" else "val_accuracy")
-        if metric not in task.metric_names:
-            raise UserError(f"train.early_stopping_metric {metric!r} is not computed for a {task.kind} run; choose one of {', '.join(task.metric_names)}")
-        lower_better = any(s in metric for s in _LOWER_IS_BETTER)
+        self.raw_model = raw = task.model.to(dev)
+        self.params = [p for p in raw.parameters() if p.requires_grad]
+        self.opt = build_optimizer(raw, cfg.optim, fused=dev.type == "cuda")
+        self.sched = build_scheduler(self.opt, cfg.optim, t.max_steps)
+        self.metric = t.early_stopping_metric or ("val_loss" if task.kind == "lm" else "val_accuracy")
+        if self.metric not in task.metric_names:
+            raise UserError(f"train.early_stopping_metric {self.metric!r} is not computed for a {task.kind} run; choose one of {', '.join(task.metric_names)}")
+        self.lower_is_better = any(s in self.metric for s in _LOWER_IS_BETTER)
 
-        step, position, history = 0, 0, []
-        best, bad_evals, best_step = None, 0, None
         torch.manual_seed(t.seed + 1000 * self.dist.rank)  # dropout stream (init used t.seed)
-        if state is not None:
-            raw.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            rng = state["rng"]
-            if self.dist.rank < len(rng["cpu"]):
-                torch.set_rng_state(rng["cpu"][self.dist.rank])
-            if dev.type == "cuda" and self.dist.rank < len(rng["cuda"]):
-                torch.cuda.set_rng_state(rng["cuda"][self.dist.rank], dev)
-            step, position, history = state["step"], state["position"], list(state["history"])
-            best, bad_evals, best_step = state["best"], state["bad_evals"], state["best_step"]
-            tokens_resumed, time_resumed = state["tokens_total"], state["train_time"]
+        state = saved or TrainState()
+        if saved is not None:
+            raw.load_state_dict(saved.model)
+            self.opt.load_state_dict(saved.optimizer)
+            self.sched.load_state_dict(saved.scheduler)
+            if self.dist.rank < len(saved.rng["cpu"]):
+                torch.set_rng_state(saved.rng["cpu"][self.dist.rank])
+            if dev.type == "cuda" and self.dist.rank < len(saved.rng["cuda"]):
+                torch.cuda.set_rng_state(saved.rng["cuda"][self.dist.rank], dev)
+            state.model, state.optimizer, state.scheduler, state.rng = {}, {}, {}, {"cpu": [], "cuda": []}  # live in the objects now
         model: Any = torch.compile(raw) if t.compile else raw
-        if self.dist.enabled:
-            model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if self.dist.enabled else model
 
-        callbacks: list[Callback] = ([ProgressBar(enabled=t.progress)] + self.user_callbacks) if self.dist.is_main else []
-        from selfattn.lora import trainable_parameters
-
+        self.callbacks = ([ProgressBar(enabled=t.progress)] + self.user_callbacks) if self.dist.is_main else []
         counts = trainable_parameters(raw)
         info = {
             "task": task.kind, "config": cfg.model_dump(mode="json"), "n_params": counts["total"], "trainable_params": counts["trainable"],
-            "device": str(dev), "world_size": self.dist.world_size, "start_step": step, "max_steps": t.max_steps, "out_dir": str(self.out_dir),
+            "device": str(dev), "world_size": self.dist.world_size, "start_step": state.step, "max_steps": t.max_steps, "out_dir": str(self.out_dir),
             "amp_dtype": str(self.amp) if self.amp else "fp32", "vocab_size": task.tokenizer.vocab_size,
         }
-        self._fire(callbacks, "on_train_start", info)
+        self._fire("on_train_start", info)
+        self._last_good: int | None = None
+        return state
 
-        pin = dev.type == "cuda"
-        loss_acc = torch.zeros((), device=dev)  # sum of micro-losses since the last read-out
-        steps_acc, tokens_acc = 0, 0
-        tokens_total, train_time = (tokens_resumed, time_resumed) if state is not None else (0, 0.0)
-        t_last = time.perf_counter()
+    # ---- the loop
+    def _train(self) -> str | None:
+        """Steps until max_steps, early stopping or a callback's StopTraining; returns why it stopped early."""
+        import torch
+
+        t, state = self.cfg.train, self.state
+        since = _SinceReadout(loss=torch.zeros((), device=self.device), last_step=state.step)
         stopped: str | None = None
-        last_logged, last_eval = step, -1
-        poison = t.debug_poison_step
-        self._last_good = None
+        last_eval = -1
         try:
-            while step < t.max_steps and stopped is None:
-                for micro in range(t.grad_accum):
-                    batch, n_tok = task.train_batch(position)
-                    position += 1
-                    tokens_acc += n_tok
-                    batch = {k: _to_device(distributed.shard(v, self.dist), dev, pin) for k, v in batch.items()}
-                    sync = contextlib.nullcontext() if not self.dist.enabled or micro == t.grad_accum - 1 else model.no_sync()
-                    with sync:
-                        with _autocast(dev, self.amp):
-                            loss = task.loss(model, batch) / t.grad_accum
-                        if poison is not None and step + 1 == poison:
-                            loss = loss * float("nan")
-                        loss.backward()
-                    loss_acc += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
-                lr_used = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                steps_acc += 1
-
-                if step % t.log_every == 0 or step == t.max_steps:
-                    loss_mean = float(distributed.all_reduce_mean(loss_acc, self.dist)) / steps_acc
-                    now = time.perf_counter()
-                    train_time += now - t_last
-                    interval = now - t_last
-                    t_last = now
-                    tokens_total += tokens_acc
-                    if not math.isfinite(loss_mean):
-                        self._diverged(step, last_logged, loss_mean)
-                    row = {"step": step, "train_loss": loss_mean, "lr": lr_used, "tokens": tokens_total, "tokens_per_s": tokens_acc / max(interval, 1e-9)}
-                    if grad_norm is not None:
-                        row["grad_norm"] = float(grad_norm)
-                    history.append(row)
-                    loss_acc.zero_()
-                    steps_acc, tokens_acc, last_logged = 0, 0, step
-                    stopped = self._fire(callbacks, "on_step", step, dict(row))
-
-                do_eval = step % t.eval_every == 0 or step == t.max_steps
-                if (do_eval and stopped is None) or (stopped == "callback" and last_eval != step):  # a stopped run ends evaluated
-                    last_eval = step
-                    metrics = self._evaluate(task)
-                    if not math.isfinite(metrics["val_loss"]):
-                        self._diverged(step, last_logged, metrics["val_loss"], what="validation loss")
-                    value = metrics[metric]
-                    improved = best is None or (value < best if lower_better else value > best)
-                    if improved:
-                        best, bad_evals, best_step = value, 0, step
-                        self._save_best(task, metrics, step)
-                    else:
-                        bad_evals += 1
-                    history.append({"step": step, **metrics})
-                    stopped = self._fire(callbacks, "on_eval", step, dict(metrics)) or stopped
-                    if t.early_stopping_patience and bad_evals >= t.early_stopping_patience and stopped is None:
-                        log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %s)", step, metric, bad_evals, best, best_step)
-                        stopped = "early_stopping"
-                    t_last = time.perf_counter()  # evaluation time is not training time
-
-                if stopped is not None or step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                    loss_now = float(distributed.all_reduce_mean(loss_acc, self.dist))
-                    if not math.isfinite(loss_now):
-                        self._diverged(step, last_logged, loss_now)
-                    ckpt_state = {
-                        "step": step, "position": position, "history": history, "best": best, "bad_evals": bad_evals, "best_step": best_step,
-                        "tokens_total": tokens_total + tokens_acc, "train_time": train_time,
-                        "model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    }
-                    self._save_checkpoint(ckpt_state)
-                    stopped = self._fire(callbacks, "on_checkpoint", step, self.ckpt_path) or stopped
-                    t_last = time.perf_counter()
+            while state.step < t.max_steps and stopped is None:
+                self._train_step(since)
+                if state.step % t.log_every == 0 or state.step == t.max_steps:
+                    stopped = self._read_out(since)
+                if ((state.step % t.eval_every == 0 or state.step == t.max_steps) and stopped is None) or (stopped == "callback" and last_eval != state.step):
+                    last_eval = state.step  # a stopped run ends evaluated
+                    stopped = self._evaluate_and_keep_best(since) or stopped
+                if stopped is not None or state.step == t.max_steps or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
+                    stopped = self._save_checkpoint(since) or stopped
         finally:
-            for cb in callbacks:
+            for cb in self.callbacks:
                 if isinstance(cb, ProgressBar):
                     cb.on_train_end(None)
+        return stopped
 
-        if self.dist.is_main and not (self.best_dir / "config.json").is_file():
-            self._save_best(task, {}, step)
-        distributed.barrier(self.dist)
-        result = self._finish(history, step, tokens_total, train_time, stopped, best_step)
-        self._fire([cb for cb in callbacks if not isinstance(cb, ProgressBar)], "on_train_end", result)
-        return result
+    def _micro_loss(self, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """The loss of one micro-batch, scaled for gradient accumulation."""
+        with autocast_context(self.device, self.amp):
+            return self.task.loss(self.model, batch) / self.cfg.train.grad_accum
 
-    # ---- pieces
-    def _fire(self, callbacks: Sequence[Callback], event: str, *args: Any) -> str | None:
+    def _train_step(self, since: _SinceReadout) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches (DDP syncs gradients on the last only)."""
+        import torch
+
+        from selfattn.train import distributed
+
+        t, state, dev = self.cfg.train, self.state, self.device
+        started = time.perf_counter()
+        for micro in range(t.grad_accum):
+            batch, n_tok = self.task.train_batch(state.position)
+            state.position += 1
+            state.tokens_total += n_tok
+            since.tokens += n_tok
+            batch = {k: _to_device(distributed.shard(v, self.dist), dev, pin=dev.type == "cuda") for k, v in batch.items()}
+            last = not self.dist.enabled or micro == t.grad_accum - 1
+            with contextlib.nullcontext() if last else self.model.no_sync():
+                loss = self._micro_loss(batch)
+                loss.backward()
+            since.loss += loss.detach()
+        clip = self.cfg.optim.grad_clip
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip) if clip > 0 else None
+        self.lr_used = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        state.step += 1
+        since.steps += 1
+        elapsed = time.perf_counter() - started
+        state.train_time += elapsed
+        since.seconds += elapsed
+
+    def _read_out(self, since: _SinceReadout) -> str | None:
+        """Mean training loss since the last read-out (one host sync): a history row and on_step."""
+        from selfattn.train import distributed
+
+        state = self.state
+        loss_mean = float(distributed.all_reduce_mean(since.loss, self.dist)) / since.steps
+        if not math.isfinite(loss_mean):
+            self._diverged(since.last_step, loss_mean)
+        row = {"step": state.step, "train_loss": loss_mean, "lr": self.lr_used, "tokens": state.tokens_total, "tokens_per_s": since.tokens / max(since.seconds, 1e-9)}
+        if self.grad_norm is not None:
+            row["grad_norm"] = float(self.grad_norm)
+        state.history.append(row)
+        since.loss.zero_()
+        since.steps, since.tokens, since.seconds, since.last_step = 0, 0, 0.0, state.step
+        return self._fire("on_step", state.step, dict(row))
+
+    def _evaluate_and_keep_best(self, since: _SinceReadout) -> str | None:
+        """Validation metrics; a better model goes to best/; patience counts the others."""
+        state, t = self.state, self.cfg.train
+        metrics = self._evaluate()
+        if not math.isfinite(metrics["val_loss"]):
+            self._diverged(since.last_step, metrics["val_loss"], what="validation loss")
+        value = metrics[self.metric]
+        if state.best is None or (value < state.best if self.lower_is_better else value > state.best):
+            state.best, state.bad_evals, state.best_step = value, 0, state.step
+            self._save_best(metrics)
+        else:
+            state.bad_evals += 1
+        state.history.append({"step": state.step, **metrics})
+        stopped = self._fire("on_eval", state.step, dict(metrics))
+        if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience and stopped is None:
+            log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %s)", state.step, self.metric, state.bad_evals, state.best, state.best_step)
+            stopped = "early_stopping"
+        return stopped
+
+    def _evaluate(self) -> dict[str, float]:
+        from selfattn.train import distributed
+
+        metrics = self.task.evaluate(self.raw_model, self.device, self.amp) if self.dist.is_main else None
+        return distributed.broadcast_object(metrics, self.dist)  # type: ignore[return-value]
+
+    # ---- saving
+    def _save_best(self, metrics: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
+        from selfattn.checkpoint import save_pretrained
+
+        extra = {"step": self.state.step, "metrics": metrics, "data": self.cfg.data.model_dump(mode="json"), "train_config": self.cfg.model_dump(mode="json")}
+        save_pretrained(self.raw_model, self.best_dir, tokenizer=self.task.tokenizer, extra=extra)
+
+    def _save_checkpoint(self, since: _SinceReadout) -> str | None:
+        """The TrainState (weights, optimizer, schedule, every rank's RNG) to last.pt, atomically; on_checkpoint."""
+        import torch
+
+        from selfattn.train import distributed
+
+        loss_now = float(distributed.all_reduce_mean(since.loss, self.dist))  # a NaN since the read-out is not saved
+        if not math.isfinite(loss_now):
+            self._diverged(since.last_step, loss_now)
+        rng_cpu = distributed.gather_object(torch.get_rng_state(), self.dist)  # gathered on all ranks; rank 0 writes
+        rng_cuda = distributed.gather_object(torch.cuda.get_rng_state(self.device), self.dist) if self.device.type == "cuda" else []
+        if self.dist.is_main:
+            snapshot = TrainState(**{**vars(self.state), "model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(),
+                                     "scheduler": self.sched.state_dict(), "rng": {"cpu": rng_cpu, "cuda": rng_cuda}})
+            with atomic_path(self.ckpt_path) as tmp:
+                torch.save(snapshot.to_checkpoint(self.cfg.model_dump(mode="json")), tmp)
+            self._last_good = self.state.step
+        return self._fire("on_checkpoint", self.state.step, self.ckpt_path)
+
+    # ---- events and errors
+    def _fire(self, event: str, *args: Any, callbacks: Sequence[Callback] | None = None) -> str | None:
         """Call ``event`` on every callback (rank 0); StopTraining -> "callback"; other errors propagate on every rank."""
         from selfattn.train import distributed
 
         outcome: tuple[str, BaseException | None] = ("ok", None)
-        for cb in callbacks:
+        for cb in self.callbacks if callbacks is None else callbacks:
             try:
                 getattr(cb, event)(*args)
             except StopTraining:
@@ -528,48 +577,10 @@ class _Run:
             raise RuntimeError(f"rank 0 failed in callback {event}; stopping this rank")
         return "callback" if code == "stop" else None
 
-    def _evaluate(self, task: Any) -> dict[str, float]:
-        from selfattn.train import distributed
-
-        metrics = task.evaluate(self.raw_model, self.device, self.amp) if self.dist.is_main else None
-        return distributed.broadcast_object(metrics, self.dist)  # type: ignore[return-value]
-
-    def _save_best(self, task: Any, metrics: dict[str, float], step: int) -> None:
-        if not self.dist.is_main:
-            return
-        from selfattn.checkpoint import save_pretrained
-
-        extra = {"step": step, "metrics": metrics, "data": self.cfg.data.model_dump(mode="json"), "train_config": self.cfg.model_dump(mode="json")}
-        save_pretrained(self.raw_model, self.best_dir, tokenizer=task.tokenizer, extra=extra)
-
-    def _save_checkpoint(self, state: dict[str, Any]) -> None:
-        import torch
-
-        from selfattn.train import distributed
-
-        # every rank's RNG (dropout streams), gathered on all ranks; rank 0 writes
-        rng_cpu = distributed.gather_object(torch.get_rng_state(), self.dist)
-        rng_cuda = distributed.gather_object(torch.cuda.get_rng_state(self.device), self.dist) if self.device.type == "cuda" else []
-        if not self.dist.is_main:
-            return
-        state = {"format": CHECKPOINT_FORMAT, "config": json.dumps(self.cfg.model_dump(mode="json")), "rng": {"cpu": rng_cpu, "cuda": rng_cuda}, **state}
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.ckpt_path.parent, prefix=".last.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.ckpt_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        self._last_good = state["step"]
-
-    def _diverged(self, step: int, last_logged: int, value: float, what: str = "training loss") -> None:
+    def _diverged(self, last_step: int, value: float, what: str = "training loss") -> None:
         kept = f"the last good checkpoint is {self.ckpt_path} (step {self._checkpoint_step()})" if self.ckpt_path.is_file() else "no checkpoint was written before it"
         raise TrainingDiverged(
-            f"training diverged: the {what} became {value} between steps {last_logged} and {step}; {kept}. "
+            f"training diverged: the {what} became {value} between steps {last_step} and {self.state.step}; {kept}. "
             "Lower optim.lr, raise optim.warmup_steps or keep optim.grad_clip on, then resume or start over."
         )
 
@@ -583,37 +594,48 @@ class _Run:
         except Exception:  # noqa: BLE001 - only for the message
             return "?"
 
-    def _finish(self, history: list[dict[str, Any]], step: int, tokens_total: int, train_time: float, stopped: str | None, best_step: int | None) -> TrainResult:
+    # ---- finish
+    def _finish(self, stopped: str | None) -> TrainResult:
+        """Evaluate best/, write history.json, metrics.json and plots; on_train_end."""
         from selfattn.train import distributed
 
-        metrics: dict[str, float] = {}
-        if self.dist.is_main:
-            evals = [h for h in history if "val_loss" in h]
-            steps = [h for h in history if "train_loss" in h]
-            metrics["steps"] = float(step)
-            if steps:
-                metrics["train_loss"] = steps[-1]["train_loss"]
-                metrics["tokens"] = float(steps[-1]["tokens"])
-            if evals:
-                metrics.update({k: float(v) for k, v in evals[-1].items() if k != "step"})
-                best_row = next((h for h in evals if h["step"] == best_step), None)
-                if best_row is not None:  # the evaluation that chose best/: best_val_loss, best_val_accuracy, ...
-                    metrics.update({f"best_{k}": float(v) for k, v in best_row.items() if k != "step"})
-                    metrics["best_step"] = float(best_step)
-            metrics["tokens_per_s"] = tokens_total / train_time if train_time > 0 else 0.0
-            metrics["train_time_s"] = train_time
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-            from selfattn.evaluate import evaluate_checkpoint
-            from selfattn.plots import plot_learning_curves
-
-            if history:
-                plot_learning_curves(history, self.out_dir / "plots" / "learning_curves.png")
-            ev = evaluate_checkpoint(self.best_dir, self.cfg.data, self.out_dir / "eval", batch_size=self.cfg.train.eval_batch_size or self.cfg.train.batch_size, device=str(self.device), n_attention_examples=1, learning_curves=False)
-            metrics.update({f"best_{k}": float(v) for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        state = self.state
+        if self.dist.is_main and not (self.best_dir / "config.json").is_file():
+            self._save_best({})
+        distributed.barrier(self.dist)
+        metrics = self._final_metrics() if self.dist.is_main else {}
         metrics = distributed.broadcast_object(metrics, self.dist)  # type: ignore[assignment]
-        return TrainResult(out_dir=self.out_dir, best_dir=self.best_dir, last_ckpt=self.ckpt_path, metrics=metrics, history=history, stopped_early=stopped)
+        result = TrainResult(out_dir=self.out_dir, best_dir=self.best_dir, last_ckpt=self.ckpt_path, metrics=metrics, history=state.history, stopped_early=stopped)
+        self._fire("on_train_end", result, callbacks=[cb for cb in self.callbacks if not isinstance(cb, ProgressBar)])
+        return result
+
+    def _final_metrics(self) -> dict[str, float]:
+        from selfattn.evaluate import evaluate_checkpoint
+        from selfattn.plots import plot_learning_curves
+
+        state, history = self.state, self.state.history
+        evals = [h for h in history if "val_loss" in h]
+        steps = [h for h in history if "train_loss" in h]
+        metrics: dict[str, float] = {"steps": float(state.step)}
+        if steps:
+            metrics["train_loss"] = steps[-1]["train_loss"]
+            metrics["tokens"] = float(steps[-1]["tokens"])
+        if evals:
+            metrics.update({k: float(v) for k, v in evals[-1].items() if k != "step"})
+            best_row = next((h for h in evals if h["step"] == state.best_step), None)
+            if best_row is not None:  # the evaluation that chose best/: best_val_loss, best_val_accuracy, ...
+                metrics.update({f"best_{k}": float(v) for k, v in best_row.items() if k != "step"})
+                metrics["best_step"] = float(state.best_step)
+        metrics["tokens_per_s"] = state.tokens_total / state.train_time if state.train_time > 0 else 0.0
+        metrics["train_time_s"] = state.train_time
+        atomic_write_text(self.out_dir / "history.json", json.dumps(history, indent=1) + "\n")
+        if history:
+            plot_learning_curves(history, self.out_dir / "plots" / "learning_curves.png")
+        t = self.cfg.train
+        ev = evaluate_checkpoint(self.best_dir, self.cfg.data, self.out_dir / "eval", batch_size=t.eval_batch_size or t.batch_size, device=str(self.device), n_attention_examples=1, learning_curves=False)
+        metrics.update({f"best_{k}": float(v) for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return metrics
 
 
 def _to_device(t: "torch.Tensor", device: "torch.device", pin: bool) -> "torch.Tensor":
@@ -624,30 +646,15 @@ def _to_device(t: "torch.Tensor", device: "torch.device", pin: bool) -> "torch.T
     return t.to(device, non_blocking=pin)
 
 
-def _autocast(device: "torch.device", dtype: "torch.dtype | None"):
-    import torch
-
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Dotted keys whose values differ, ignoring train.* keys that may change on resume."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten(saved), flatten(now)
     out = []
     for k in sorted(set(a) | set(b)):
         if k.startswith("train.") and k.split(".", 1)[1] in _RESUMABLE_TRAIN_KEYS:

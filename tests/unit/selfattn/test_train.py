@@ -139,8 +139,22 @@ def test_same_seed_same_losses_and_resume_continues_the_curve(files, tmp_path):
         pretrain(changed, tmp_path / "full")
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(files, tmp_path):
-    cfg = lm_config(files, max_steps=10, checkpoint_every=2, debug_poison_step=5)
+def poison_step(monkeypatch, step: int) -> None:
+    """Make the training loss NaN at optimizer step ``step`` (a test seam, not a config key)."""
+    from selfattn.train import engine
+
+    clean = engine._Run._micro_loss
+
+    def poisoned(self, batch):
+        loss = clean(self, batch)
+        return loss * float("nan") if self.state.step + 1 == step else loss
+
+    monkeypatch.setattr(engine._Run, "_micro_loss", poisoned)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(files, tmp_path, monkeypatch):
+    poison_step(monkeypatch, 5)
+    cfg = lm_config(files, max_steps=10, checkpoint_every=2)
     with pytest.raises(TrainingDiverged, match=r"became nan between steps 4 and 5.*last good checkpoint is .*last.pt \(step 4\)"):
         pretrain(cfg, tmp_path / "out")
     state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
