@@ -17,6 +17,7 @@ home. The tests below assert on what the sequence left behind.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def crashed(tmp_path_factory, data_dir) -> dict:
     env = pipeline_env(home, data_dir, MLFLOW_TRACKING_PASSWORD=SECRET, PGPASSWORD=SECRET, SELFATTN_TEST_API_TOKEN=SECRET)
     obs: dict = {"home": home, "work": work, "logs": logs, "markers": {}}
 
-    def start(name: str, sets: list[str] = ()) -> Pipeline:
-        return Pipeline(env=env, cwd=work, log_dir=logs, name=name, sets=[*SMOKE_SETS, *sets])
+    def start(name: str, sets: list[str] = (), extra_env: dict[str, str] | None = None) -> Pipeline:
+        return Pipeline(env={**env, **(extra_env or {})}, cwd=work, log_dir=logs, name=name, sets=[*SMOKE_SETS, *sets])
 
     # run 1: killed during pretraining, once a checkpoint is on disk
     p = start("1-pretrain")
@@ -96,8 +97,11 @@ def crashed(tmp_path_factory, data_dir) -> dict:
     obs["versions"] = model_versions(home)
     obs["aliases"] = query(home / "mlflow.db", "select alias, version from registered_model_aliases where name = ?", (MODEL,))
 
-    # afterwards: a NaN loss injected in fine-tuning (test-only engine hook) on the same home
-    p = start("6-nan", ["finetune.train.debug_poison_step=13"])
+    # afterwards: a NaN loss injected in fine-tuning on the same home (a sitecustomize patches the
+    # engine's loss seam); a patience that never triggers in 30 steps makes it a new fine-tuning stage
+    hook = Path(__file__).parent / "nan_hook"
+    nan_env = {"SELFATTN_TEST_NAN_STEP": "13", "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))}
+    p = start("6-nan", ["finetune.train.early_stopping_patience=100"], nan_env)
     obs["nan_rc"] = p.wait(timeout=900)
     obs["nan_stderr"] = p.stderr
     obs["runs"] = runs(home)
