@@ -115,6 +115,11 @@ def _register_plugins() -> None:
         register(app)
 
 
+# Imported only by the plugin commands (data_checks, flows); the library installs without them.
+_PIPELINE_PACKAGES = {"prefect", "mlflow", "optuna", "great_expectations", "pandas", "rich", "psutil", "psycopg", "psycopg2"}
+EXIT_MISSING_EXTRA = 4
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user mistakes become one paragraph and a non-zero exit."""
     _register_plugins()
@@ -123,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _PIPELINE_PACKAGES:
+            raise  # a missing core dependency is a broken install: keep the traceback
+        command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "this command")
+        print(
+            f"error: `selfattn {command}` needs {exc.name}, which is not installed. The library installs alone; "
+            'the pipeline commands need its extra: pip install "selfattn[pipeline]"',
+            file=sys.stderr,
+        )
+        return EXIT_MISSING_EXTRA
     except typer.Exit as exc:
         return exc.exit_code
     except SystemExit as exc:
