@@ -7,38 +7,27 @@ extension names. A failure in the first four steps or in parsing is *unusable in
 decoded with replacement characters and the ``utf8`` check of the suite fails, naming the byte
 offset, so the user sees every other problem in the same report.
 
-pandas is imported inside the functions (``import data_checks`` stays fast).
+Bytes, decoding and parsing are the library's (``selfattn.data.read_table``, shared with the
+trainer); this module adds the gate's normalisation. pandas is imported inside the functions.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# the library's reader: the gate checks exactly the cells the trainer reads
+from selfattn.data import DecodedText, decode_text, normalise_newlines, read_bytes, read_table
 from selfattn.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
 
+__all__ = ["DecodedText", "LabelledData", "decode_text", "detect_kind", "label_strings", "normalise_newlines", "read_bytes", "read_corpus", "read_labelled"]
+
 CORPUS_SUFFIXES = (".txt", ".text", ".raw")
 LABELLED_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
-# bytes 0-31 other than tab, LF, VT, FF, CR, plus DEL: frequent in binaries, rare in text
-_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 11, 12, 13)) + b"\x7f"
-_BINARY_SNIFF_BYTES = 65_536
-_MAX_CONTROL_BYTE_RATIO = 0.10
-
-
-@dataclass(frozen=True)
-class DecodedText:
-    """A file's text. ``utf8_error`` names the first invalid byte (then ``text`` has U+FFFD there)."""
-
-    text: str
-    n_bytes: int
-    had_bom: bool
-    utf8_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,59 +54,6 @@ def detect_kind(path: str | Path) -> str:
     )
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes; a missing, unreadable or empty file is a UserError."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"data file {str(p)!r} does not exist")
-    if not p.is_file():
-        raise UserError(f"data path {str(p)!r} is not a regular file (a directory?)")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read data file {str(p)!r}: {exc.strerror or exc}") from exc
-    if not data:
-        raise UserError(f"data file {str(p)!r} is empty (0 bytes)")
-    return data
-
-
-def decode_text(data: bytes, *, path: str | Path) -> DecodedText:
-    """Refuse binary data, then decode UTF-8 (BOM allowed) strictly, falling back to replacement."""
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise UserError(
-            f"{str(path)!r} is not a text file: NUL byte at byte offset {nul} (a binary, compressed or "
-            "UTF-16 file?). Save it as UTF-8 text."
-        )
-    head = data[:_BINARY_SNIFF_BYTES]
-    n_control = sum(head.count(b) for b in _CONTROL_BYTES)
-    if n_control / len(head) > _MAX_CONTROL_BYTE_RATIO:
-        raise UserError(
-            f"{str(path)!r} is not a text file: {n_control} of its first {len(head)} bytes "
-            f"({n_control / len(head):.0%}) are control characters"
-        )
-    had_bom = data.startswith(b"\xef\xbb\xbf")
-    try:
-        return DecodedText(text=data.decode("utf-8-sig"), n_bytes=len(data), had_bom=had_bom)
-    except UnicodeDecodeError as exc:
-        offset = exc.start
-        line = data.count(b"\n", 0, offset) + 1
-        bad = data[offset : min(exc.end, offset + 4)].hex(" ")
-        n_bad = data.decode("utf-8-sig", errors="replace").count("\ufffd")
-        error = (
-            f"invalid UTF-8 at byte offset {offset} (line {line}): byte(s) {bad} ({exc.reason}); "
-            f"{n_bad} replacement character(s) in the whole file -- re-encode it as UTF-8 "
-            "(e.g. iconv -f latin1 -t utf-8)"
-        )
-        text = data.decode("utf-8-sig", errors="replace")
-        return DecodedText(text=text, n_bytes=len(data), had_bom=had_bom, utf8_error=error)
-
-
-def normalise_newlines(text: str) -> str:
-    """CRLF and lone CR line ends become LF."""
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
-
-
 def read_corpus(path: str | Path) -> tuple[DecodedText, "pd.DataFrame"]:
     """A plain text corpus -> (decoded text, frame of its non-blank lines).
 
@@ -137,13 +73,10 @@ def read_corpus(path: str | Path) -> tuple[DecodedText, "pd.DataFrame"]:
 def read_labelled(path: str | Path, *, text_column: str, label_column: str) -> LabelledData:
     """A .tsv/.csv/.jsonl/.parquet file -> normalised frame (text and label as str or None).
 
-    TSV is read as GLUE writes it (tab, no quoting: SST-2 sentences contain quote characters);
-    CSV with the standard double-quote quoting. The delimiter comes from the extension, never
-    sniffed, so a comma-separated ``.tsv`` shows up as one wrong column and fails the column check
-    with a hint instead of being silently accepted.
+    Parsing is :func:`selfattn.data.read_table`, the reader the trainer uses (texts such as
+    ``NA`` or ``null`` stay texts). A comma-separated ``.tsv`` shows up as one wrong column and
+    fails the column check with a hint instead of being silently accepted.
     """
-    import pandas as pd
-
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in LABELLED_SUFFIXES:
@@ -151,46 +84,13 @@ def read_labelled(path: str | Path, *, text_column: str, label_column: str) -> L
             f"labelled data must be one of {', '.join(LABELLED_SUFFIXES)}; {str(p)!r} has extension "
             f"{suffix or '(none)'!r}"
         )
-    decoded: DecodedText | None = None
-    row_offset = 2
-    if suffix == ".parquet":
-        raw = read_bytes(p)
-        try:
-            frame = pd.read_parquet(io.BytesIO(raw))
-        except Exception as exc:  # pyarrow raises several types for a broken file
-            raise UserError(f"{str(p)!r} is not a readable parquet file: {exc}") from exc
-        row_offset = 0
-    else:
-        decoded = decode_text(read_bytes(p), path=p)
-        text = normalise_newlines(decoded.text)
-        if not text.strip():
-            raise UserError(f"data file {str(p)!r} holds only whitespace: no header, no rows")
-        try:
-            if suffix == ".jsonl":
-                row_offset = 1
-                frame = pd.read_json(io.StringIO(text), lines=True, dtype=False)
-            else:
-                sep = "\t" if suffix == ".tsv" else ","
-                quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
-                frame = pd.read_csv(
-                    io.StringIO(text),
-                    sep=sep,
-                    quoting=quoting,
-                    dtype=str,
-                    keep_default_na=False,
-                    na_filter=False,
-                    skip_blank_lines=True,
-                )
-        except (ValueError, pd.errors.ParserError) as exc:
-            fmt = {".jsonl": "JSON lines", ".tsv": "tab-separated", ".csv": "comma-separated"}[suffix]
-            raise UserError(f"{str(p)!r} cannot be parsed as {fmt} data: {str(exc).strip()}") from exc
-    columns = [str(c) for c in frame.columns]
-    frame.columns = columns
+    table = read_table(p)
+    frame = table.frame
     if text_column in frame.columns:
         frame[text_column] = _as_text(frame[text_column])
     if label_column in frame.columns:
         frame[label_column] = _as_label(frame[label_column])
-    return LabelledData(frame=frame.reset_index(drop=True), columns=columns, decoded=decoded, row_offset=row_offset)
+    return LabelledData(frame=frame.reset_index(drop=True), columns=table.columns, decoded=table.decoded, row_offset=table.row_offset)
 
 
 def _as_text(col: "pd.Series") -> "pd.Series":

@@ -171,12 +171,9 @@ def _write_table(rows: Any, path: Path) -> None:
 
 
 def _read_tsv(path: Path):
-    import pandas as pd
+    from selfattn.data import read_table
 
-    try:
-        return pd.read_csv(path, sep="\t", quoting=3, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several types for broken files
-        raise UserError(f"could not read data file {path}: {type(exc).__name__}: {exc}") from None
+    return read_table(path).frame
 
 
 def _hub_table(hub_id: str, split: str, cfg: PipelineConfig):

@@ -1,4 +1,4 @@
-"""Data: locating files, loading them with HF ``datasets``, tokenizing (cached) and batching.
+"""Data: locating files, reading them (one reader of tabular files, :func:`read_table`; HF ``datasets`` for the hub), tokenizing (cached) and batching.
 
 Two shapes of data feed the training engine:
 
@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 
 from selfattn.config import StrictModel
 from selfattn.errors import UserError
+from selfattn.utils import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -157,14 +158,154 @@ def source_digest(path: str, split: str) -> str:
     return file_digest(local) if local is not None else f"hub:{path}:{split}"
 
 
+# --------------------------------------------------------------------------- the table reader
+
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
+# bytes 0-31 other than tab, LF, VT, FF, CR, plus DEL: frequent in binaries, rare in text
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 11, 12, 13)) + b"\x7f"
+_BINARY_SNIFF_BYTES = 65_536
+_MAX_CONTROL_BYTE_RATIO = 0.10
+
+
+@dataclass(frozen=True)
+class DecodedText:
+    """A file's text. ``utf8_error`` names the first invalid byte (then ``text`` has U+FFFD there)."""
+
+    text: str
+    n_bytes: int
+    had_bom: bool
+    utf8_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """A tabular file as read by :func:`read_table`: the training data and the data gate see the same cells."""
+
+    frame: Any  # pandas.DataFrame; .tsv/.csv cells are str, .jsonl/.json/.parquet keep their JSON/Arrow types
+    columns: list[str]  # header as in the file
+    decoded: DecodedText | None  # None for parquet (no text layer)
+    row_offset: int  # file line of row 0 (2 with a header line, 1 for JSON lines), 0 for parquet
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's bytes; a missing, unreadable or empty file is a UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"data file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise UserError(f"data path {str(p)!r} is not a regular file (a directory?)")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read data file {str(p)!r}: {exc.strerror or exc}") from exc
+    if not data:
+        raise UserError(f"data file {str(p)!r} is empty (0 bytes)")
+    return data
+
+
+def decode_text(data: bytes, *, path: str | Path) -> DecodedText:
+    """Refuse binary data, then decode UTF-8 (BOM allowed) strictly, falling back to replacement."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise UserError(
+            f"{str(path)!r} is not a text file: NUL byte at byte offset {nul} (a binary, compressed or "
+            "UTF-16 file?). Save it as UTF-8 text."
+        )
+    head = data[:_BINARY_SNIFF_BYTES]
+    n_control = sum(head.count(b) for b in _CONTROL_BYTES)
+    if n_control / len(head) > _MAX_CONTROL_BYTE_RATIO:
+        raise UserError(
+            f"{str(path)!r} is not a text file: {n_control} of its first {len(head)} bytes "
+            f"({n_control / len(head):.0%}) are control characters"
+        )
+    had_bom = data.startswith(b"\xef\xbb\xbf")
+    try:
+        return DecodedText(text=data.decode("utf-8-sig"), n_bytes=len(data), had_bom=had_bom)
+    except UnicodeDecodeError as exc:
+        offset = exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        bad = data[offset : min(exc.end, offset + 4)].hex(" ")
+        n_bad = data.decode("utf-8-sig", errors="replace").count("\ufffd")
+        error = (
+            f"invalid UTF-8 at byte offset {offset} (line {line}): byte(s) {bad} ({exc.reason}); "
+            f"{n_bad} replacement character(s) in the whole file -- re-encode it as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)"
+        )
+        text = data.decode("utf-8-sig", errors="replace")
+        return DecodedText(text=text, n_bytes=len(data), had_bom=had_bom, utf8_error=error)
+
+
+def normalise_newlines(text: str) -> str:
+    """CRLF and lone CR line ends become LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def read_table(path: str | Path) -> Table:
+    """Read a .tsv/.csv/.jsonl/.json/.parquet file: the one reader of tabular data.
+
+    Every cell of a delimited file is text: pandas' missing-value parsing is off, so sentences
+    spelled ``NA``, ``null``, ``None``, ``nan`` or ``N/A`` stay those strings (only JSON ``null``
+    and Arrow nulls are missing). TSV is read as GLUE writes it (tab, no quoting: SST-2 sentences
+    hold bare quote characters); CSV with standard double-quote quoting. The delimiter comes from
+    the extension, never sniffed. Unusable input (missing, empty, binary, unparseable) is a
+    UserError; invalid UTF-8 is decoded with replacement characters and named in
+    ``decoded.utf8_error`` (the gate reports it, the trainer refuses it).
+    """
+    import csv
+    import io
+
+    import pandas as pd
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise UserError(f"tabular data must be one of {', '.join(TABLE_SUFFIXES)}; {str(p)!r} has extension {suffix or '(none)'!r}")
+    if suffix == ".parquet":
+        try:
+            frame = pd.read_parquet(io.BytesIO(read_bytes(p)))
+        except UserError:
+            raise
+        except Exception as exc:  # pyarrow raises several types for a broken file
+            raise UserError(f"{str(p)!r} is not a readable parquet file: {exc}") from exc
+        return Table(frame=frame, columns=[str(c) for c in frame.columns], decoded=None, row_offset=0)
+    decoded = decode_text(read_bytes(p), path=p)
+    text = normalise_newlines(decoded.text)
+    if not text.strip():
+        raise UserError(f"data file {str(p)!r} holds only whitespace: no header, no rows")
+    try:
+        if suffix in (".jsonl", ".json"):
+            lines = suffix == ".jsonl" or not text.lstrip().startswith("[")
+            frame = pd.read_json(io.StringIO(text), lines=lines, dtype=False)
+            row_offset = 1
+        else:
+            frame = pd.read_csv(
+                io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+                dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=True,
+            )
+            row_offset = 2
+    except (ValueError, pd.errors.ParserError) as exc:
+        fmt = {".jsonl": "JSON lines", ".json": "JSON", ".tsv": "tab-separated", ".csv": "comma-separated"}[suffix]
+        raise UserError(f"{str(p)!r} cannot be parsed as {fmt} data: {str(exc).strip()}") from exc
+    columns = [str(c) for c in frame.columns]
+    frame.columns = columns
+    return Table(frame=frame, columns=columns, decoded=decoded, row_offset=row_offset)
+
+
+def _table_columns(table: Table, path: str, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"data {path!r} has no column {', '.join(repr(c) for c in missing)}; its columns are {', '.join(table.columns)}")
+
+
 # --------------------------------------------------------------------------- loading
 
 
 def load_table(path: str, *, split: str = "train", columns: Sequence[str] = ()):
     """Load a local file (txt/csv/tsv/json(l)/parquet) or a hub dataset as a ``datasets.Dataset``.
 
-    ``.txt`` files become one row per file (column ``text``, line breaks kept). ``columns``
-    must all exist, else a UserError names the missing ones and the columns present.
+    Tabular files go through :func:`read_table` (texts stay texts); ``.txt`` files become one row
+    per file (column ``text``, line breaks kept). ``columns`` must all exist, else a UserError
+    names the missing ones and the columns present.
     """
     import datasets
 
@@ -181,8 +322,10 @@ def load_table(path: str, *, split: str = "train", columns: Sequence[str] = ()):
             kwargs: dict[str, Any] = {}
             if builder == "text":
                 kwargs["sample_by"] = "document"
-            if local.suffix.lower() == ".tsv":
-                kwargs.update(delimiter="\t", quoting=3)  # QUOTE_NONE: SST-2 text holds bare quotes
+            if local.suffix.lower() in TABLE_SUFFIXES:
+                table = read_table(local)
+                _table_columns(table, path, columns)
+                return datasets.Dataset.from_pandas(table.frame, preserve_index=False)
             ds = datasets.load_dataset(builder, data_files={"data": str(local)}, split="data", cache_dir=hf_cache, **kwargs)
     except UserError:
         raise
@@ -261,17 +404,9 @@ def _cache_load(key: str) -> dict[str, Any] | None:
 def _cache_save(key: str, **arrays: Any) -> None:
     import numpy as np
 
-    d = cache_dir() / "tokens"
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(cache_dir() / "tokens" / f"{key}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, d / f"{key}.npz")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- LM data
@@ -423,27 +558,39 @@ def label_index(labels: Sequence[int | str]) -> dict[str, int]:
 
 
 def read_labelled(path: str, *, split: str, text_column: str, label_column: str | None, labels: Sequence[int | str], max_rows: int | None = None) -> tuple[list[str], list[int] | None]:
-    """Texts and label indices from a file; a UserError for a missing column or a label outside ``labels``."""
+    """Texts and label indices from a file; a UserError for a missing column, a missing/blank text
+    or a label outside ``labels``. Local tabular files are read by :func:`read_table`, as the gate reads them."""
     columns = [text_column] + ([label_column] if label_column else [])
-    ds = load_table(path, split=split, columns=columns)
-    if max_rows is not None:
-        ds = ds.select(range(min(max_rows, len(ds))))
-    texts_raw = ds[text_column]
+    local = resolve_path(path)
+    if local is not None and local.suffix.lower() in TABLE_SUFFIXES:
+        table = read_table(local)
+        if table.decoded is not None and table.decoded.utf8_error:
+            raise UserError(f"data {path!r}: {table.decoded.utf8_error}")
+        _table_columns(table, path, columns)
+        frame = table.frame if max_rows is None else table.frame.iloc[:max_rows]
+        texts_raw = frame[text_column].tolist()
+        values = frame[label_column].tolist() if label_column else []
+    else:
+        ds = load_table(path, split=split, columns=columns)
+        if max_rows is not None:
+            ds = ds.select(range(min(max_rows, len(ds))))
+        texts_raw = ds[text_column]
+        values = ds[label_column] if label_column else []
     if len(texts_raw) == 0:
         raise UserError(f"data {path!r} has no rows")
-    bad_text = [i for i, t in enumerate(texts_raw) if not isinstance(t, str)]
+    bad_text = [i for i, t in enumerate(texts_raw) if not isinstance(t, str) or not t.strip()]
     if bad_text:
-        raise UserError(f"data {path!r}: column {text_column!r} has {len(bad_text)} missing/non-text values (first at row {bad_text[0]})")
+        raise UserError(f"data {path!r}: column {text_column!r} has {len(bad_text)} missing/blank/non-text values (first at row {bad_text[0]})")
     texts = [t.strip() for t in texts_raw]
     if label_column is None:
         return texts, None
     index = label_index(labels)
-    values = ds[label_column]
     out, unknown = [], {}
     for v in values:
-        i = index.get(str(v))
+        key = str(v).strip()
+        i = index.get(key)
         if i is None:
-            unknown[str(v)] = unknown.get(str(v), 0) + 1
+            unknown[key] = unknown.get(key, 0) + 1
             i = -1
         out.append(i)
     if unknown:

@@ -70,7 +70,8 @@ def test_load_table_formats(tmp_path, home):
     for f in (tsv, csv, jsonl, pq):
         ds = load_table(str(f), columns=["sentence", "label"])
         assert ds["sentence"] == [s for s, _ in rows], f
-        assert ds["label"] == [1, 0]
+        # delimited files are text cell by cell; JSON and parquet keep their types
+        assert list(ds["label"]) == (["1", "0"] if f in (tsv, csv) else [1, 0]), f
     txt = tmp_path / "corpus.txt"
     txt.write_text("line one\nline two\n")
     assert load_table(str(txt))["text"] == ["line one\nline two\n"]  # line breaks kept
@@ -207,3 +208,33 @@ def test_token_dropout_replaces_only_real_tokens_and_is_a_function_of_position()
     assert torch.equal(again.get(7)["input_ids"], noisy.get(7)["input_ids"])  # a resumed run sees the same noise
     with pytest.raises(ValueError, match="token_dropout"):
         ClassificationBatcher(data=data, batch_size=8, seed=0, pad_id=0, token_dropout=1.0)
+
+
+NA_SPELLINGS = ["NA", "null", "None", "nan", "N/A", "NaN", "NULL", "n/a"]
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_missing_value_spellings_are_texts(tmp_path, home, suffix):
+    """Sentences spelled like pandas' / datasets' missing values are read as those strings."""
+    rows = [(t, i % 2) for i, t in enumerate(NA_SPELLINGS)]
+    f = tmp_path / f"d{suffix}"
+    if suffix == ".tsv":
+        _write_tsv(f, rows)
+    elif suffix == ".csv":
+        f.write_text("sentence,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    else:
+        f.write_text("".join(json.dumps({"sentence": t, "label": y}) + "\n" for t, y in rows))
+    texts, labels = read_labelled(str(f), split="train", text_column="sentence", label_column="label", labels=[0, 1])
+    assert texts == NA_SPELLINGS
+    assert labels == [i % 2 for i in range(len(NA_SPELLINGS))]
+    assert list(load_table(str(f))["sentence"]) == NA_SPELLINGS
+
+
+def test_blank_and_json_null_texts_are_refused(tmp_path, home):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"sentence": "fine", "label": 1}) + "\n" + json.dumps({"sentence": None, "label": 0}) + "\n")
+    with pytest.raises(UserError, match=r"1 missing/blank/non-text values \(first at row 1\)"):
+        read_labelled(str(f), split="train", text_column="sentence", label_column="label", labels=[0, 1])
+    g = _write_tsv(tmp_path / "b.tsv", [("fine", 1), ("   ", 0)])
+    with pytest.raises(UserError, match="missing/blank"):
+        read_labelled(str(g), split="train", text_column="sentence", label_column="label", labels=[0, 1])
