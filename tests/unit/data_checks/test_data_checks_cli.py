@@ -60,3 +60,15 @@ def test_subprocess_unusable_input_has_no_traceback(write):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "not a text file" in proc.stderr
+
+
+def test_texts_spelled_like_missing_values_pass_the_gate(write, capsys):
+    """``NA``, ``null``, ``None``, ``nan``, ``N/A`` are sentences, read by the reader the trainer uses."""
+    spellings = ["NA", "null", "None", "nan", "N/A"]
+    rows = make_rows() + [(s, i % 2) for i, s in enumerate(spellings)]
+    path = write("na.tsv", tsv_text(rows))
+    capsys.readouterr()
+    assert main(["validate", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    nulls = [c for c in report["checks"] if "null" in c["name"]]
+    assert nulls and all(c["passed"] for c in nulls), nulls

@@ -202,3 +202,28 @@ def test_finetune_from_scratch_learns_and_lora_from_pretrained(files, tmp_path):
     for name in ("confusion_matrix.png", "reliability.png", "attention_0.png", "learning_curves.png"):
         assert (tmp_path / "eval" / "plots" / name).is_file(), name
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+
+
+def test_finetune_reads_texts_spelled_like_missing_values(files, tmp_path):
+    """A TSV whose sentences are ``NA``, ``null``, ``None``, ``nan``, ``N/A`` trains: they are strings,
+    tokenized like any other sentence, and come back in the evaluation's predictions."""
+    import csv
+
+    spellings = ["NA", "null", "None", "nan", "N/A"]
+    lines = (files / "train.tsv").read_text().splitlines()[:41] + [f"{s}\t{i % 2}" for i, s in enumerate(spellings)]
+    data = tmp_path / "na.tsv"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = FinetuneConfig.model_validate({
+        "data": {"train_path": str(data), "val_path": str(data), "tokenizer": "char", "max_length": 48},
+        "model": {"n_layers": 1, "d_model": 32, "n_heads": 2},
+        "train": {"max_steps": 2, "batch_size": 8, "eval_every": 2, "log_every": 1, "progress": False},
+    })
+    result = finetune(cfg, tmp_path / "out")
+    assert result.metrics["best_n"] == 45.0
+    with (tmp_path / "out" / "eval" / "predictions.tsv").open(newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    assert texts[-5:] == spellings
+    from selfattn.checkpoint import load_pretrained
+
+    tok = load_pretrained(result.best_dir).tokenizer
+    assert all(len(tok.encode(s)) >= len(s) for s in spellings)  # characters, not an unknown/empty value
