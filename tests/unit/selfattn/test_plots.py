@@ -32,3 +32,30 @@ def test_plots_refuse_bad_input(tmp_path):
         plot_learning_curves([], tmp_path / "x.png")
     with pytest.raises(ValueError, match="does not match 3 labels"):
         plot_confusion_matrix([[1, 0], [0, 1]], [0, 1, 2], tmp_path / "x.png")
+
+
+def test_reliability_title_shows_the_ece_of_metrics_json(tmp_path, monkeypatch):
+    """The ECE in the diagram's title is the one evaluation writes to metrics.json (one definition, one bin count)."""
+    import json
+
+    import numpy as np
+
+    from selfattn import evaluate, plots
+
+    titles = []
+    save = plots._save
+
+    def capture(fig, path):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet([5.0, 5.0], size=200)  # [N, C]; ECE 0.124 with 10 bins, 0.143 with 15
+    y = rng.integers(0, 2, size=200)
+    metrics = evaluate._classifier_report(probs, y, 0.5, [0, 1], tmp_path / "plots", texts=None)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    shown = [t for t in titles if t.startswith("reliability diagram")]
+    assert shown == [f"reliability diagram (ECE = {json.loads((tmp_path / 'metrics.json').read_text())['ece']:.3f})"]
+    ten_bins = evaluate.expected_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == y, n_bins=10)
+    assert f"{ten_bins:.3f}" != f"{metrics['ece']:.3f}"  # the data tell the bin counts apart
