@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "build_classifier": "selfattn.models",
     "save_pretrained": "selfattn.checkpoint",
     "load_pretrained": "selfattn.checkpoint",
+    "read_table": "selfattn.data",
     "UserError": "selfattn.errors",
     "LoRAConfig": "selfattn.lora",
     "apply_lora": "selfattn.lora",

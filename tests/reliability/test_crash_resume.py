@@ -1,4 +1,4 @@
-"""SIGKILL the real pipeline at four points, re-run the same command each time (issue 7).
+"""SIGKILL the real pipeline at four points, re-run the same command each time.
 
 One home, one sequence (a preempted nightly job that keeps getting killed):
 
