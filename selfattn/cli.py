@@ -116,7 +116,7 @@ def _register_plugins() -> None:
 
 
 # Imported only by the plugin commands (data_checks, flows); the library installs without them.
-_PIPELINE_PACKAGES = {"prefect", "mlflow", "optuna", "great_expectations", "pandas", "rich", "psutil", "psycopg", "psycopg2"}
+_PIPELINE_PACKAGES = {"prefect", "mlflow", "optuna", "great_expectations", "rich", "psutil", "psycopg", "psycopg2"}
 EXIT_MISSING_EXTRA = 4
 
 

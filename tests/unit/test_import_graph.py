@@ -8,6 +8,8 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("selfattn", "data_checks", "flows")
 PIPELINE = ("prefect", "mlflow", "optuna", "great_expectations")
@@ -154,6 +156,25 @@ def test_layers_point_one_way():
         elif top == "data_checks":
             bad += [f"{mod} imports {x}" for x in sorted(imported & {"flows", "prefect", "mlflow", "optuna"})]
     assert not bad, "\n".join(bad)
+
+
+# import name -> distribution name, where they differ
+_DIST = {"sklearn": "scikit-learn", "yaml": "pyyaml", "great_expectations": "great-expectations"}
+
+
+def test_core_dependencies_are_what_the_library_imports():
+    """pyproject's core dependencies cover selfattn/'s third-party imports, and name nothing from the pipeline."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    _, external = build_graph()
+    imported = set().union(*(e for m, e in external.items() if m.split(".")[0] == "selfattn"))
+    third_party = {_DIST.get(x, x) for x in imported if x not in sys.stdlib_module_names and x not in PACKAGES and x != "__future__"}
+    assert third_party <= core, f"imported by selfattn/ but not a core dependency: {sorted(third_party - core)}"
+    assert not core & {_DIST.get(x, x) for x in PIPELINE}, "a pipeline package is a core dependency"
+    assert {_DIST.get(x, x) for x in PIPELINE} <= {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["pipeline"]}
 
 
 def test_cycle_finder_reports_a_cycle():
