@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from selfattn.train import Callback
 
-from flows.config import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
+from flows.paths import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
 
 TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
 TAG_STAGE = "selfattn.stage"
@@ -179,12 +179,6 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     items = [p for p in items if p.key not in existing]  # a resumed run must not re-log different values
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
-
-
-def log_json(run_id: str, obj: Any, artifact_file: str) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient().log_dict(run_id, obj, artifact_file)
 
 
 class MlflowCallback(Callback):
