@@ -257,6 +257,8 @@ def load_pipeline_config(name_or_path: str | Path, overrides: Sequence[str] = ()
         parts, value = parse_override(text)
         if parts[:2] == ["search", "space"] and len(parts) > 3:
             _check_space_key(data, parts[2], text)
+        if parts[:2] == ["search", "fixed"] and len(parts) > 3:
+            raise UserError(f"override {text!r}: a fixed key goes in brackets, e.g. --set 'search.fixed[optim.lr]=0.001' (or --set finetune.optim.lr=0.001)")
         check_key_path(PipelineConfig, parts, text)
         if parts[0] == "finetune":
             data = _fix_searched(data, parts[1:], value)

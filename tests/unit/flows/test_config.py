@@ -78,6 +78,10 @@ def test_a_set_of_a_searched_key_fixes_it_for_trials_and_the_final_finetune():
     from selfattn.utils import flatten
 
     assert flatten(cfg.model_dump(mode="json"))["search.fixed.optim.lr"] == 0.00421
+    same = load_pipeline_config("smoke", ["search.fixed[optim.lr]=0.00421"])
+    assert same.search.fixed == {"optim.lr": 0.00421} and same.finetune.optim.lr == 0.00421 and "optim.lr" not in same.search.space
+    with pytest.raises(UserError, match="goes in brackets"):
+        load_pipeline_config("smoke", ["search.fixed.optim.lr=0.1"])
     # a key the preset sets but does not search is an ordinary override
     plain = load_pipeline_config("smoke", ["finetune.train.max_steps=9"])
     assert plain.search.fixed == {} and plain.finetune.train.max_steps == 9
