@@ -292,7 +292,13 @@ def finetune_config(
         "init_from": pretrained.result["best_dir"],
     }
     base = trial_template(cfg) if trial else cfg.finetune
-    return override_model(base, {**run, **(params or {})}, where="finetune")
+    return override_model(base, {**run, **searched(cfg, params or {})}, where="finetune")
+
+
+def searched(cfg: PipelineConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the fixed keys: a continued study's best trial may come from before a
+    key was fixed, and the fixed value wins."""
+    return {k: v for k, v in params.items() if k not in cfg.search.fixed}
 
 
 def _without_paths(engine_cfg: PretrainConfig | FinetuneConfig) -> dict[str, Any]:
@@ -418,7 +424,7 @@ def finetune_stage(
 ) -> StageOutput:
     """The final fine-tune with the best parameters (GPU when the engine finds one)."""
     stage, engine_cfg = finetune_plan(cfg, data, pretrained, search, home)
-    params = search.result.get("best_params", {})
+    params = searched(cfg, search.result.get("best_params", {}))
     with stage.claim() as (out, out_dir):
         if out is not None:
             return out

@@ -72,7 +72,8 @@ def test_a_set_of_a_searched_key_fixes_it_for_trials_and_the_final_finetune():
     trial = stages.finetune_config(cfg, _data(), _pretrained(), {"optim.weight_decay": 0.05}, trial=True)
     assert trial.optim.lr == 0.00421 and trial.head.dropout == 0.25 and trial.optim.weight_decay == 0.05
     assert trial.train.max_steps == cfg.search.trial_overrides["train"]["max_steps"]
-    final = stages.finetune_config(cfg, _data(), _pretrained(), {"optim.weight_decay": 0.05})
+    # a continued study's best trial may predate the fix: the fixed value still wins
+    final = stages.finetune_config(cfg, _data(), _pretrained(), {"optim.weight_decay": 0.05, "optim.lr": 0.1})
     assert final.optim.lr == 0.00421 and final.head.dropout == 0.25 and final.train.max_steps == cfg.finetune.train.max_steps
     # logged with the config: the parent run's params hold search.fixed.<key>
     from selfattn.utils import flatten
