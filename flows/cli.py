@@ -18,7 +18,10 @@ import typer
 from selfattn.errors import UserError
 
 CONFIG_HELP = "preset (demo, smoke) or a YAML file"
-SET_HELP = "override a config key, e.g. --set search.n_trials=4 (repeatable)"
+SET_HELP = (
+    "override a config key, e.g. --set search.n_trials=4 (repeatable); a searched finetune key is fixed "
+    "(--set finetune.optim.lr=0.001), a range is set with brackets (--set 'search.space[optim.lr].high=0.01')"
+)
 
 
 def prefect_env(home: Path) -> dict[str, str]:
@@ -43,7 +46,7 @@ def prefect_env(home: Path) -> dict[str, str]:
 
 def setup_home() -> Path:
     """Create ``SELFATTN_HOME`` and point Prefect at it (call at the start of a command)."""
-    from flows.config import selfattn_home
+    from flows.paths import selfattn_home
 
     home = selfattn_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,17 @@ def _load(config: str, overrides: list[str]):
     return load_pipeline_config(config, overrides)
 
 
+def _start(cfg) -> Path:
+    """Home set up and the Prefect API + MLflow store warmed, before a flow runs."""
+    from flows.reliability import file_lock
+
+    home = setup_home()
+    # two first starts on one home race on the Prefect/MLflow schema migrations: one at a time
+    with file_lock(home / "locks" / "warm-start.lock", timeout_s=900):
+        warm_start(home, cfg.tracking.experiment)
+    return home
+
+
 def _print_result(result) -> None:
     print(f"pipeline run {result.pipeline_run_id} (MLflow run {result.mlflow_run_id})")
     for name, out in result.stages.items():
@@ -125,12 +139,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the pipeline: validate -> pretrain -> search -> fine-tune -> evaluate -> register -> promote."""
         cfg = _load(config, overrides or [])  # refused before any work
-        home = setup_home()
-        from flows.recovery import file_lock
-
-        # two first starts on one home race on the Prefect/MLflow schema migrations: one at a time
-        with file_lock(home / "locks" / "warm-start.lock", timeout_s=900):
-            warm_start(home, cfg.tracking.experiment)
+        _start(cfg)
         from flows.pipeline import pipeline
 
         with _embedded_settings():
@@ -143,12 +152,13 @@ def register(app: typer.Typer) -> None:
         overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
         workers: int = typer.Option(1, "--workers", "-w", min=1, help="processes sharing the Optuna study"),
     ) -> None:
-        """Run the Optuna search only (data + pretraining first, cached), with N worker processes."""
-        from flows.tuning import tune_command
-
+        """Run the Optuna search only (the pipeline's data gate + pretraining first, cached), with N worker processes."""
         cfg = _load(config, overrides or [])
-        home = setup_home()
-        summary = tune_command(cfg, home, workers=workers)
+        _start(cfg)
+        from flows.pipeline import tune_flow
+
+        with _embedded_settings():
+            summary = tune_flow(cfg, workers=workers)
         print(json.dumps(summary, indent=2, default=str))
 
     @app.command()
@@ -185,7 +195,7 @@ def register(app: typer.Typer) -> None:
 
         home = setup_home()
         tracking.configure(home)
-        from flows.recovery import clean_texts, load_classifier, merge_notes
+        from flows.predict import clean_texts, load_classifier, merge_notes
 
         texts, notes = clean_texts(texts)  # invalid UTF-8 from argv -> U+FFFD, noted in 'warning'
         try:
@@ -226,7 +236,7 @@ def register(app: typer.Typer) -> None:
         """Start the MLflow UI on the configured store."""
         import subprocess
 
-        from flows.config import mlflow_artifact_root, mlflow_tracking_uri
+        from flows.paths import mlflow_artifact_root, mlflow_tracking_uri
 
         home = setup_home()
         uri = mlflow_tracking_uri(home)

@@ -1,21 +1,32 @@
 """Pipeline configuration: one pydantic model per YAML file, presets in ``flows/presets/``.
 
 ``load_pipeline_config("smoke", ["search.n_trials=3"])`` reads a preset (or a YAML path),
-applies dotted overrides (unknown keys refused, naming them) and validates everything, including
-the training-engine sections, before any work starts. Also: where things live (``SELFATTN_HOME``,
-the MLflow and Optuna stores) and which paths a config may point at.
+applies dotted overrides (``selfattn.config``'s one mechanism; unknown keys refused, naming
+them) and validates everything before any work starts. ``pretrain`` / ``finetune`` are the
+engine's own ``PretrainConfig`` / ``FinetuneConfig`` from load time, with the keys the pipeline
+owns (data files, the pretrained checkpoint) set to placeholders that each run fills in
+(:mod:`flows.stages`). Numbers are numbers after loading (YAML 1.1 reads ``1e-4`` as text), so
+stage keys hash the validated values.
+
+Precedence: a ``--set finetune.<key>=V`` of a key that ``search.space`` searches *fixes* it: the
+key leaves the space and is recorded in ``search.fixed`` (logged to MLflow as
+``search.fixed.<key>``); trials and the final fine-tune use V. Search ranges are set with the
+key in brackets: ``--set 'search.space[optim.lr].high=0.01'``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from selfattn.config import StrictModel, load_config, read_mapping
+from selfattn.config import StrictModel, check_key_path, override_model, parse_override, read_mapping, set_dotted, split_key, validate_config
 from selfattn.errors import UserError
+from selfattn.train.config import FinetuneConfig, PretrainConfig
+from selfattn.utils import deep_merge, flatten
+
+from flows.paths import check_within_roots, data_root, optuna_storage_url, resolve_local_path
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 PRESETS = ("demo", "smoke")
@@ -92,6 +103,10 @@ class SearchSection(StrictModel):
     direction: Literal["maximize", "minimize"] = "maximize"
     trial_overrides: dict[str, Any] = Field(default_factory=dict, description="finetune keys set for trials (short budget)")
     space: dict[str, SearchSpace] = Field(default_factory=dict, description="finetune key (dotted) -> range")
+    fixed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="finetune key (dotted) -> value: not searched, set for trials and the final fine-tune (a --set of a searched key lands here)",
+    )
     heartbeat_interval_s: int = Field(default=30, gt=0)
     grace_period_s: int = Field(default=120, gt=0)
     max_retry: int = Field(default=1, ge=0)
@@ -120,8 +135,8 @@ class PipelineConfig(StrictModel):
     name: str = "pipeline"
     seed: int = 0
     data: DataSection = Field(default_factory=DataSection)
-    pretrain: dict[str, Any] = Field(default_factory=dict, description="selfattn.train.PretrainConfig fields")
-    finetune: dict[str, Any] = Field(default_factory=dict, description="selfattn.train.FinetuneConfig fields")
+    pretrain: PretrainConfig = Field(default_factory=lambda: PretrainConfig.model_validate(PIPELINE_OWNED["pretrain"]))
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig.model_validate(PIPELINE_OWNED["finetune"]))
     search: SearchSection = Field(default_factory=SearchSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
@@ -133,6 +148,86 @@ class PipelineConfig(StrictModel):
         if not v or any(c in v for c in "/\\") or v.startswith("."):
             raise ValueError(f"name ({v!r}) must be a plain name (no slashes, not starting with '.')")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_owned_and_fixed(cls, data: Any) -> Any:
+        """Placeholders for the pipeline-owned engine keys; ``search.fixed`` keys leave the space
+        and set the finetune section."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for section in ("pretrain", "finetune"):
+            raw = data.get(section, {})
+            if isinstance(raw, dict):
+                data[section] = deep_merge(raw, PIPELINE_OWNED[section])
+        search = data.get("search")
+        if isinstance(search, dict) and isinstance(search.get("fixed"), dict) and search["fixed"]:
+            search = dict(search)
+            space = dict(search.get("space") or {})
+            ft = data["finetune"]
+            for key, value in search["fixed"].items():
+                space.pop(key, None)
+                if isinstance(ft, dict):
+                    ft = set_dotted(ft, split_key(key), value)
+            data["finetune"], search["space"], data["search"] = ft, space, search
+        return data
+
+    @model_validator(mode="after")
+    def _check_search(self) -> "PipelineConfig":
+        """Trial keys and every search-space key checked against FinetuneConfig; values normalised."""
+        base = _trial_base(self).model_dump(mode="json")
+        normal: dict[str, Any] = {}
+        for key in flatten(self.search.trial_overrides):
+            normal = set_dotted(normal, split_key(key), _get(base, split_key(key)))
+        trial = trial_template(self)
+        trial_dump = trial.model_dump(mode="json")
+        fixed = {key: _get(trial_dump, split_key(key)) for key in self.search.fixed}
+        for key, sp in self.search.space.items():
+            probes = sp.choices if sp.type == "categorical" else [sp.low, sp.high]
+            probes = [int(v) if sp.type == "int" else v for v in probes]  # type: ignore[arg-type]
+            checked = [_get(_override(trial, key, v).model_dump(mode="json"), split_key(key)) for v in probes]
+            if sp.type == "categorical":
+                object.__setattr__(sp, "choices", checked)
+        # object.__setattr__: normalising in place, not an assignment to re-validate
+        object.__setattr__(self.search, "trial_overrides", normal)
+        object.__setattr__(self.search, "fixed", fixed)
+        return self
+
+
+# The engine keys each run fills in (data files, the pretrained checkpoint); placeholders at load
+# time so the sections validate as the engine's configs.
+PIPELINE_OWNED: dict[str, dict[str, Any]] = {
+    "pretrain": {"data": {"path": "<corpus.txt>"}},
+    "finetune": {"data": {"train_path": "<train.tsv>", "val_path": None}, "init_from": "<pretrained>"},
+}
+
+
+def _get(data: dict[str, Any], parts: Sequence[str]) -> Any:
+    node: Any = data
+    for k in parts:
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
+def _override(model: FinetuneConfig, key: str, value: Any) -> FinetuneConfig:
+    """``model`` with a search-space key set to a probe value; errors name the space key."""
+    try:
+        check_key_path(FinetuneConfig, split_key(key), f"{key}={value!r}")
+    except UserError as exc:
+        raise UserError(f"search.space[{key}] is not a finetune key: {exc}") from None
+    return override_model(model, {key: value}, where=f"search.space[{key}] (value {value!r})")
+
+
+def _trial_base(cfg: PipelineConfig) -> FinetuneConfig:
+    data = deep_merge(cfg.finetune.model_dump(mode="json"), cfg.search.trial_overrides)
+    return validate_config(FinetuneConfig, data, source="search.trial_overrides")
+
+
+def trial_template(cfg: PipelineConfig) -> FinetuneConfig:
+    """The finetune section as trials see it: ``search.trial_overrides``, then ``search.fixed``
+    (a fixed value wins for trials as for the final fine-tune)."""
+    return override_model(_trial_base(cfg), cfg.search.fixed, where="search.fixed")
 
 
 # --------------------------------------------------------------------------- loading
@@ -153,144 +248,68 @@ def load_pipeline_config(name_or_path: str | Path, overrides: Sequence[str] = ()
 
     Everything is checked here, before any work: unknown keys (also inside ``pretrain`` /
     ``finetune`` / ``search.space``, checked against the training engine's own configs),
-    out-of-range values and wrong types raise a ``UserError`` naming the key and the value.
+    out-of-range values, wrong types and local paths outside the allowed roots raise a
+    ``UserError`` naming the key and the value.
     """
     path = preset_path(name_or_path)
-    read_mapping(path)  # a clear error for unreadable files before pydantic sees anything
-    cfg = load_config(PipelineConfig, path, overrides)
-    check_engine_sections(cfg)
-    from flows.recovery import check_config_paths
-
+    data = read_mapping(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[:2] == ["search", "space"] and len(parts) > 3:
+            _check_space_key(data, parts[2], text)
+        if parts[:2] == ["search", "fixed"] and len(parts) > 3:
+            raise UserError(f"override {text!r}: a fixed key goes in brackets, e.g. --set 'search.fixed[optim.lr]=0.001' (or --set finetune.optim.lr=0.001)")
+        check_key_path(PipelineConfig, parts, text)
+        if parts[0] == "finetune":
+            data = _fix_searched(data, parts[1:], value)
+        data = set_dotted(data, parts, value)
+    cfg = validate_config(PipelineConfig, data, source=str(path))
     check_config_paths(cfg)  # paths escaping SELFATTN_DATA_DIR / SELFATTN_HOME / cwd: refused now
     return cfg
 
 
-def _engine():
-    try:
-        from selfattn import train
-    except ImportError as exc:  # pragma: no cover - the engine ships with the package
-        raise UserError(f"the training engine selfattn.train is not importable: {exc}") from None
-    return train
-
-
-def _validate_section(schema: Any, data: dict[str, Any], where: str) -> Any:
-    from pydantic import ValidationError
-
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join([where, *(str(p) for p in err["loc"])])
-            value = err.get("input")
-            shown = repr(value) if not isinstance(value, dict) else "{...}"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {loc}: {msg} (got {shown})")
-        raise UserError("invalid pipeline config:\n" + "\n".join(lines)) from None
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    from selfattn.config import apply_overrides
-
-    import yaml
-
-    return apply_overrides(data, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
-
-
-def check_engine_sections(cfg: PipelineConfig) -> None:
-    """Validate ``pretrain``/``finetune`` against the engine configs, and every search key.
-
-    Data fields are filled in by the pipeline at run time, so placeholders are used here.
-    """
-    train = _engine()
-    placeholders = engine_data_placeholders()
-    _validate_section(train.PretrainConfig, merge(cfg.pretrain, placeholders["pretrain"]), "pretrain")
-    ft = merge(cfg.finetune, placeholders["finetune"])
-    _validate_section(train.FinetuneConfig, ft, "finetune")
-    trial = merge(ft, cfg.search.trial_overrides)
-    _validate_section(train.FinetuneConfig, trial, "search.trial_overrides")
-    for key, space in cfg.search.space.items():
-        probe = space.choices[0] if space.type == "categorical" else (int(space.low) if space.type == "int" else space.low)
-        _validate_section(train.FinetuneConfig, _set_dotted(trial, key, probe), f"search.space[{key}]")
-
-
-def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge of two mappings (``b`` wins)."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def engine_data_placeholders() -> dict[str, dict[str, Any]]:
-    """Data-path fields of the engine configs, set by the pipeline (filled per run)."""
-    return engine_data_fields(corpus="corpus.txt", train="train.tsv", dev="dev.tsv", init_from=".")
-
-
-def engine_data_fields(*, corpus: str, train: str, dev: str, init_from: str) -> dict[str, dict[str, Any]]:
-    """The engine keys the pipeline owns: data files and the pretrained checkpoint."""
-    return {
-        "pretrain": {"data": {"path": corpus}},
-        "finetune": {"data": {"train_path": train, "val_path": dev}, "init_from": init_from},
-    }
-
-
-# --------------------------------------------------------------------------- where things live
-
-
-def selfattn_home() -> Path:
-    """``SELFATTN_HOME`` (default ``./.selfattn``), absolute. Not created here."""
-    from selfattn.data import selfattn_home as library_home
-
-    return library_home().expanduser().resolve()
-
-
-def data_root() -> Path | None:
-    """``SELFATTN_DATA_DIR`` or None (then the public sources are used)."""
-    from selfattn.data import data_dir
-
-    d = data_dir()
-    return d.expanduser().resolve() if d else None
-
-
-def mlflow_tracking_uri(home: Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` when set (the standard variable wins), else SQLite under home."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{(home or selfattn_home()) / 'mlflow.db'}"
-
-
-def mlflow_artifact_root(home: Path | None = None) -> str:
-    return str((home or selfattn_home()) / "mlartifacts")
-
-
-def optuna_storage_url(cfg: PipelineConfig, home: Path | None = None) -> str:
-    # SELFATTN_OPTUNA_STORAGE: the team stack's database (infra/), set in the worker's environment
-    return cfg.search.storage or os.environ.get("SELFATTN_OPTUNA_STORAGE") or f"sqlite:///{(home or selfattn_home()) / 'optuna.db'}"
-
-
-def allowed_roots(home: Path | None = None) -> list[Path]:
-    roots = [home or selfattn_home(), Path.cwd().resolve()]
-    d = data_root()
-    if d is not None:
-        roots.insert(0, d)
-    return roots
-
-
-def resolve_local_path(spec: str, *, home: Path | None = None) -> Path:
-    """A config path -> an absolute path inside the allowed roots, else a UserError."""
-    base = data_root()
-    p = Path(spec).expanduser()
-    if not p.is_absolute():
-        p = (base or Path.cwd()) / p
-    p = p.resolve()
-    roots = allowed_roots(home)
-    if not any(p == r or r in p.parents for r in roots):
+def _check_space_key(data: dict[str, Any], key: str, text: str) -> None:
+    """``search.space[KEY].field=...`` needs KEY in the space (a new KEY needs its whole range)."""
+    space = (data.get("search") or {}).get("space") or {}
+    if key not in space:
         raise UserError(
-            f"path {spec!r} resolves to {p}, outside the allowed roots ({', '.join(map(str, roots))}); "
-            "put the file under SELFATTN_DATA_DIR or SELFATTN_HOME"
+            f"override {text!r}: {key!r} is not a key of search.space ({', '.join(sorted(space)) or 'empty'}); "
+            "keys with dots go in brackets, e.g. --set 'search.space[optim.lr].high=0.01', and a new key "
+            "needs its whole range, e.g. --set 'search.space[optim.lr]={type: float, low: 1e-4, high: 1e-2}'"
         )
-    if not p.is_file():
-        raise UserError(f"data file {spec!r} not found (looked at {p})")
-    return p
+
+
+def _fix_searched(data: dict[str, Any], parts: Sequence[str], value: Any) -> dict[str, Any]:
+    """A ``--set finetune.<key>`` that sets a searched key (or a mapping holding one) fixes it."""
+    search = data.get("search") or {}
+    for key in list(search.get("space") or {}):
+        kp = split_key(key)
+        if list(parts) == kp:
+            data = set_dotted(data, ["search", "fixed", key], value)
+        elif kp[: len(parts)] == list(parts) and isinstance(value, dict):
+            inner = _get(value, kp[len(parts) :])
+            if inner is not None:
+                data = set_dotted(data, ["search", "fixed", key], inner)
+    return data
+
+
+def check_config_paths(cfg: PipelineConfig, *, home: Path | None = None) -> dict[str, Path]:
+    """Check every local path of a ``PipelineConfig`` before any work starts.
+
+    With ``SELFATTN_DATA_DIR`` set, ``data.corpus`` / ``data.train`` / ``data.dev`` must resolve
+    inside the allowed roots and exist; a ``sqlite:///`` Optuna storage must live inside them too.
+    Returns ``{key: resolved path}``.
+    """
+    checked: dict[str, Path] = {}
+    if data_root() is not None:
+        for key in ("corpus", "train", "dev"):
+            checked[f"data.{key}"] = resolve_local_path(getattr(cfg.data, key), what=f"data.{key}", home=home)
+    storage = cfg.search.storage
+    if storage and storage.startswith("sqlite:///"):
+        checked["search.storage"] = check_within_roots(storage.removeprefix("sqlite:///"), what="search.storage", home=home)
+    return checked
+
+
+def study_storage_url(cfg: PipelineConfig, home: Path | None = None) -> str:
+    """The Optuna storage URL of this config's study."""
+    return optuna_storage_url(cfg.search.storage, home)

@@ -26,10 +26,16 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from selfattn.errors import UserError
+from selfattn.utils import atomic_write_text
 
-from flows import recovery, registry, stages, tracking
-from flows.config import PipelineConfig, load_pipeline_config, selfattn_home
+from flows import registry, stages, tracking
+from flows.config import PipelineConfig, load_pipeline_config
+from flows.paths import selfattn_home
+from flows.reliability import retry_on_io
+from flows.serving import log_model
 from flows.stages import StageOutput
+from flows.tune import run_workers
+from flows.tuning import pick_metric
 
 FLOW_NAME = "selfattn-pipeline"
 
@@ -102,7 +108,7 @@ def _finish_stage(run_id: str, ctx: RunContext, out: StageOutput, metrics: dict[
 # --------------------------------------------------------------------------- tasks (thin wrappers)
 
 
-@task(name="prepare-data", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=recovery.retry_on_io, cache_policy=NO_CACHE)
+@task(name="prepare-data", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_on_io, cache_policy=NO_CACHE)
 def prepare_data_task(cfg: PipelineConfig, home: str) -> StageOutput:
     """Materialise the run's data files (downloads when SELFATTN_DATA_DIR is unset: I/O, retried)."""
     return stages.prepare_data(cfg, Path(home))
@@ -146,8 +152,6 @@ def evaluate_task(cfg: PipelineConfig, data: StageOutput, ft: StageOutput, home:
 @task(name="log-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_model_task(model_dir: str, run_id: str) -> str:
     """Log the fine-tuned model as a pyfunc on the register stage's run; returns its URI."""
-    from flows.serving import log_model
-
     with _on_run(run_id):
         info = log_model(model_dir, name="model")
     return info.model_uri
@@ -199,11 +203,8 @@ def validate_flow(cfg: PipelineConfig, ctx: RunContext) -> StageOutput:
         mlflow.set_tag("selfattn.validation", "passed" if checked.result["passed"] else "failed")
         _finish_stage(run.info.run_id, ctx, checked)
         if not checked.result["passed"]:
-            from mlflow import MlflowClient
-
-            MlflowClient().log_artifact(ctx.parent_run_id, checked.result["report"], "validation")
-            failures = "; ".join(f"{k}: {', '.join(v)}" for k, v in checked.result["failures"].items())
-            raise UserError(f"data checks failed, nothing was trained or registered: {failures} (report: {checked.result['report']})")
+            mlflow.MlflowClient().log_artifact(ctx.parent_run_id, checked.result["report"], "validation")
+            stages.require_passed(checked)
     return data
 
 
@@ -211,9 +212,9 @@ def validate_flow(cfg: PipelineConfig, ctx: RunContext) -> StageOutput:
 def pretrain_flow(cfg: PipelineConfig, data: StageOutput, ctx: RunContext) -> StageOutput:
     import mlflow
 
-    engine_cfg = stages.pretrain_config(cfg, data)
-    with tracking.stage_run("pretrain", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx), params=engine_cfg) as run:
+    with tracking.stage_run("pretrain", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx)) as run:
         out = pretrain_task(cfg, data, ctx.home, run.info.run_id)
+        tracking.log_params(run.info.run_id, out.result["config"])  # the engine config the stage built
         _finish_stage(run.info.run_id, ctx, out, {f"final_{k}": v for k, v in out.result["metrics"].items()})
         tok = Path(out.result["best_dir"]) / "tokenizer"
         if tok.is_dir():
@@ -241,9 +242,9 @@ def search_flow(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, ctx: R
 def finetune_flow(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, search: StageOutput, ctx: RunContext) -> StageOutput:
     import mlflow
 
-    engine_cfg = stages.finetune_config(cfg, data, pre, search.result.get("best_params", {}))
-    with tracking.stage_run("finetune", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx), params=engine_cfg) as run:
+    with tracking.stage_run("finetune", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx)) as run:
         out = finetune_task(cfg, data, pre, search, ctx.home, run.info.run_id)
+        tracking.log_params(run.info.run_id, out.result["config"])  # the engine config the stage built
         _finish_stage(run.info.run_id, ctx, out, {f"final_{k}": v for k, v in out.result["metrics"].items()})
         mlflow.log_artifact(out.result["history"], "history")
     return out
@@ -266,8 +267,10 @@ def evaluate_flow(cfg: PipelineConfig, data: StageOutput, ft: StageOutput, ctx: 
 @flow(name="register")
 def register_flow(cfg: PipelineConfig, ft: StageOutput, ev: StageOutput, ctx: RunContext) -> dict[str, Any]:
     """Log the pyfunc, register a version (idempotent), then the champion gate."""
+    import mlflow
+
     metric = cfg.promotion.metric
-    score = stages_metric(ev.result["metrics"], metric)
+    score = pick_metric(ev.result["metrics"], metric)
     run_key = stages.digest({"finetune": ft.key, "evaluate": ev.key, "model": cfg.registry.model_name})[:24]
     with tracking.stage_run("register", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx)) as run:
         existing = registry.find_version(cfg.registry.model_name, run_key)
@@ -285,17 +288,9 @@ def register_flow(cfg: PipelineConfig, ft: StageOutput, ev: StageOutput, ctx: Ru
         }
         version = register_task(model_uri, cfg.registry.model_name, run_key, tags, ctx.home)
         decision = gate_task(cfg.registry.model_name, version, metric, cfg.promotion.margin, ctx.home)
-        import mlflow
-
         mlflow.set_tags({"registry.model": cfg.registry.model_name, "registry.version": version, "promotion.decision": "promoted" if decision["promoted"] else "rejected", "promotion.reason": decision["reason"]})
         mlflow.log_dict(decision, "promotion.json")
     return {"model_uri": model_uri, "version": version, "decision": decision}
-
-
-def stages_metric(metrics: dict[str, float], name: str) -> float | None:
-    from flows.tuning import pick_metric
-
-    return pick_metric(metrics, name)
 
 
 # --------------------------------------------------------------------------- the main flow
@@ -326,14 +321,11 @@ def _summary_markdown(cfg: PipelineConfig, result: PipelineResult, url: str) -> 
     return "\n".join(lines) + "\n"
 
 
-@flow(name=FLOW_NAME, log_prints=True)
-def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None = None) -> PipelineResult:
-    """Run the whole pipeline for a preset name, a YAML path or a ``PipelineConfig``."""
+@contextlib.contextmanager
+def _parent_run(cfg: PipelineConfig, kind: str) -> Iterator[RunContext]:
+    """Stores configured, stale runs marked KILLED, then the MLflow parent run of a pipeline/tune run."""
     import mlflow
 
-    cfg = config if isinstance(config, PipelineConfig) else load_pipeline_config(config, overrides or [])
-    if isinstance(config, PipelineConfig) and overrides:
-        raise UserError("overrides apply to a preset or a file; pass an already-resolved PipelineConfig without them")
     home = selfattn_home()
     home.mkdir(parents=True, exist_ok=True)
     tracking.configure(home)
@@ -348,13 +340,32 @@ def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None 
         "selfattn.config": cfg.name,
         "selfattn.code_version": stages.code_version(),
     }
+    if kind != "pipeline":
+        tags[tracking.TAG_STAGE] = kind
     if commit := tracking.git_commit():
         tags[tracking.TAG_GIT] = commit
-    system_metrics = cfg.tracking.system_metrics and _has_psutil()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.name}-{pipeline_run_id[:8]}", tags=tags, log_system_metrics=system_metrics) as parent:
-        ctx = RunContext(home=str(home), experiment_id=experiment_id, parent_run_id=parent.info.run_id, pipeline_run_id=pipeline_run_id)
-        tracking.log_params(parent.info.run_id, cfg.model_dump())
+    name = f"{cfg.name}-{pipeline_run_id[:8]}" if kind == "pipeline" else f"tune-{cfg.search.study_name}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, log_system_metrics=cfg.tracking.system_metrics) as parent:
+        tracking.log_params(parent.info.run_id, cfg.model_dump(mode="json"))
         mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
+        yield RunContext(home=str(home), experiment_id=experiment_id, parent_run_id=parent.info.run_id, pipeline_run_id=pipeline_run_id)
+
+
+def _resolve(config: str | PipelineConfig, overrides: list[str] | None) -> PipelineConfig:
+    if isinstance(config, PipelineConfig):
+        if overrides:
+            raise UserError("overrides apply to a preset or a file; pass an already-resolved PipelineConfig without them")
+        return config
+    return load_pipeline_config(config, overrides or [])
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None = None) -> PipelineResult:
+    """Run the whole pipeline for a preset name, a YAML path or a ``PipelineConfig``."""
+    import mlflow
+
+    cfg = _resolve(config, overrides)
+    with _parent_run(cfg, "pipeline") as ctx:
         out: dict[str, StageOutput] = {}
         data = validate_flow(cfg, ctx)
         out["data"] = data
@@ -366,21 +377,31 @@ def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None 
         metrics = out["evaluate"].result["metrics"]
         mlflow.log_metrics(metrics)
         result = PipelineResult(
-            pipeline_run_id=pipeline_run_id, mlflow_run_id=parent.info.run_id, experiment_id=experiment_id,
+            pipeline_run_id=ctx.pipeline_run_id, mlflow_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id,
             stages=out, metrics=metrics,
         )
         if cfg.registry.enabled:
             reg = register_flow(cfg, out["finetune"], out["evaluate"], ctx)
             result.model_name, result.model_version, result.decision = cfg.registry.model_name, reg["version"], reg["decision"]
-        url = tracking.run_url(parent.info.run_id, experiment_id)
+        url = tracking.run_url(ctx.parent_run_id, ctx.experiment_id)
         summary = _summary_markdown(cfg, result, url)
         mlflow.log_text(summary, "summary.md")
         mlflow.log_dict(json.loads(result.model_dump_json()), "pipeline_result.json")
-    run_dir = home / "runs" / f"pipeline-{pipeline_run_id}"
-    stages.write_atomic(run_dir / "result.json", result.model_dump_json(indent=2))
-    stages.write_atomic(run_dir / "summary.md", summary)
+    run_dir = Path(ctx.home) / "runs" / f"pipeline-{ctx.pipeline_run_id}"
+    atomic_write_text(run_dir / "result.json", result.model_dump_json(indent=2))
+    atomic_write_text(run_dir / "summary.md", summary)
     _markdown_artifact(summary)
     return result
+
+
+@flow(name="selfattn-tune", log_prints=True)
+def tune_flow(config: str | PipelineConfig = "demo", overrides: list[str] | None = None, workers: int = 1) -> dict[str, Any]:
+    """``selfattn tune``: the pipeline's gate and pretraining stages, then ``workers`` processes on the study."""
+    cfg = _resolve(config, overrides)
+    with _parent_run(cfg, "tune") as ctx:
+        data = validate_flow(cfg, ctx)
+        pre = pretrain_flow(cfg, data, ctx)
+        return run_workers(cfg, data, pre, Path(ctx.home), parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, workers=workers)
 
 
 def _markdown_artifact(markdown: str) -> None:
@@ -390,14 +411,6 @@ def _markdown_artifact(markdown: str) -> None:
         create_markdown_artifact(markdown=markdown, key="selfattn-pipeline-summary", description="selfattn pipeline run")
     except Exception as exc:  # an artifact is a nicety; never fail a finished run for it
         _log("could not create the Prefect summary artifact: %s", exc)
-
-
-def _has_psutil() -> bool:
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def build_deployment(*, cron: str, config: str = "demo", overrides: list[str] | None = None, name: str = "nightly"):

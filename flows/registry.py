@@ -63,8 +63,8 @@ def _client():
 @contextlib.contextmanager
 def registry_lock(model_name: str, home: Path | None = None, timeout_s: float = 120.0) -> Iterator[None]:
     """Exclusive lock for one registered model (same-machine processes)."""
-    from flows.config import selfattn_home
-    from flows.recovery import file_lock
+    from flows.paths import selfattn_home
+    from flows.reliability import file_lock
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
     with file_lock((home or selfattn_home()) / "locks" / f"registry-{safe}.lock", timeout_s=timeout_s, poll_s=0.05):

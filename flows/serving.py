@@ -7,7 +7,7 @@ model object from the installed ``flows.serving`` module at load time, so nothin
 (safetensors + JSON + tokenizer files) and are loaded in ``load_context`` with
 ``selfattn.checkpoint.load_pretrained``, which never unpickles and refuses any other file.
 ``selfattn predict`` does not even run the stored code: it reads the weights directory only
-(``flows.recovery.load_classifier``).
+(``flows.predict.load_classifier``).
 
 Input: a list of strings, one string, a one-column DataFrame (any column name, ``text``
 preferred), or bytes. Output: a DataFrame with ``label`` (the class value), ``label_index``,

@@ -10,7 +10,7 @@ of that stage and of everything downstream only. A stage killed half-way has no 
 runs again in the same directory, where the training engine resumes from its last checkpoint.
 
 Why not Prefect's ``INPUTS + TASK_SOURCE`` cache: the stage directory must be stable across a
-crash for checkpoint resume (issue 7), the same stages must run without Prefect (benchmark,
+crash for checkpoint resume, the same stages must run without Prefect (benchmark,
 ``selfattn tune``), and a marker on disk is easy to inspect and delete by hand.
 """
 
@@ -21,9 +21,7 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
@@ -33,10 +31,17 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from selfattn.data import file_digest
-from selfattn.errors import UserError
+import selfattn
 
-from flows.config import PipelineConfig, data_root, merge, resolve_local_path
+from selfattn.config import override_model
+from selfattn.data import file_digest, load_table
+from selfattn.errors import UserError
+from selfattn.train import FinetuneConfig, PretrainConfig, evaluate_checkpoint, finetune, pretrain
+from selfattn.utils import atomic_write_text
+
+from flows import tuning
+from flows.config import PipelineConfig, trial_template
+from flows.paths import data_root, resolve_local_path
 
 log = logging.getLogger(__name__)
 
@@ -54,34 +59,12 @@ def digest(obj: Any) -> str:
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """Digest of the training code (``selfattn`` package sources and this module)."""
-    import selfattn
-
     root = Path(selfattn.__file__).resolve().parent
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")) + [Path(__file__).resolve()]:
         h.update(str(p.relative_to(p.parents[1])).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class StageOutput(BaseModel):
@@ -144,11 +127,11 @@ class Stage:
 
     def start(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.dir / "inputs.json", json.dumps(self.inputs, indent=2, sort_keys=True, default=str))
+        atomic_write_text(self.dir / "inputs.json", json.dumps(self.inputs, indent=2, sort_keys=True, default=str))
         return self.dir
 
     def finish(self, result: dict[str, Any]) -> StageOutput:
-        write_atomic(self.dir / MARKER, json.dumps(result, indent=2, sort_keys=True, default=str))
+        atomic_write_text(self.dir / MARKER, json.dumps(result, indent=2, sort_keys=True, default=str))
         return StageOutput(stage=self.name, key=self.key, dir=str(self.dir), cached=False, result=result)
 
 
@@ -167,7 +150,7 @@ def _write_table(rows: Any, path: Path) -> None:
     lines = ["\t".join(map(str, rows.columns))]
     for rec in rows.itertuples(index=False):
         lines.append("\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in rec))
-    write_atomic(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _read_tsv(path: Path):
@@ -178,8 +161,6 @@ def _read_tsv(path: Path):
 
 def _hub_table(hub_id: str, split: str, cfg: PipelineConfig):
     """Download a hub split (users with internet) -> DataFrame with the configured columns."""
-    from selfattn.data import load_table
-
     ds = load_table(hub_id, split=split, columns=[cfg.data.text_column, cfg.data.label_column])
     return ds.select_columns([cfg.data.text_column, cfg.data.label_column]).to_pandas().astype(str)
 
@@ -214,7 +195,7 @@ def prepare_data(cfg: PipelineConfig, home: Path) -> StageOutput:
                 text = resp.read().decode("utf-8", errors="replace")
         if d.corpus_chars is not None:
             text = text[: d.corpus_chars]
-        write_atomic(out_dir / "corpus.txt", text)
+        atomic_write_text(out_dir / "corpus.txt", text)
         # labelled splits
         for split, hub_split in (("train", "train"), ("dev", "validation")):
             src = sources[split]
@@ -255,7 +236,7 @@ def validate_data(cfg: PipelineConfig, data: StageOutput, home: Path) -> StageOu
         reports["train"] = validate(files["train.tsv"], kind="labelled", output_dir=out_dir / "train", **common)
         reports["dev"] = validate(files["dev.tsv"], kind="labelled", against=files["train.tsv"], output_dir=out_dir / "dev", **common)
         summary = {name: r.to_dict() for name, r in reports.items()}
-        write_atomic(out_dir / "report.json", json.dumps(summary, indent=2, default=str))
+        atomic_write_text(out_dir / "report.json", json.dumps(summary, indent=2, default=str))
         passed = all(r.passed for r in reports.values())
         result = {
             "passed": passed,
@@ -269,11 +250,19 @@ def validate_data(cfg: PipelineConfig, data: StageOutput, home: Path) -> StageOu
         return stage.finish(result)
 
 
+def require_passed(checked: StageOutput) -> None:
+    """The data gate: a UserError naming every failed check unless validation passed."""
+    if not checked.result["passed"]:
+        failures = "; ".join(f"{k}: {', '.join(v)}" for k, v in checked.result["failures"].items())
+        raise UserError(f"data checks failed, nothing was trained or registered: {failures} (report: {checked.result['report']})")
+
+
 # --------------------------------------------------------------------------- training
 
 
-def pretrain_config(cfg: PipelineConfig, data: StageOutput) -> dict[str, Any]:
-    return merge(cfg.pretrain, {"data": {"path": data.result["files"]["corpus.txt"]}})
+def pretrain_config(cfg: PipelineConfig, data: StageOutput) -> PretrainConfig:
+    """The engine's PretrainConfig of this run: the pipeline's section with the run's corpus."""
+    return override_model(cfg.pretrain, {"data.path": data.result["files"]["corpus.txt"]}, where="pretrain")
 
 
 def finetune_config(
@@ -283,35 +272,35 @@ def finetune_config(
     params: dict[str, Any] | None = None,
     *,
     trial: bool = False,
-) -> dict[str, Any]:
-    """The engine's FinetuneConfig mapping. Trials and the final fine-tune alike select and stop
-    on a held-out part of train (val_path None, ``finetune.data.val_fraction``), so the dev split
-    stays unseen until the final evaluation: the reported dev score is not selected on dev."""
-    from flows.tuning import apply_params
+) -> FinetuneConfig:
+    """The engine's FinetuneConfig of this run (trials: with ``search.trial_overrides``), then
+    ``params`` (dotted keys, e.g. Optuna's). The only place a fine-tune's config is built.
 
+    Trials and the final fine-tune alike select and stop on a held-out part of train
+    (val_path None, ``finetune.data.val_fraction``), so the dev split stays unseen until the
+    final evaluation: the reported dev score is not selected on dev."""
     d = cfg.data
-    files = data.result["files"]
-    base = merge(
-        cfg.finetune,
-        {
-            "data": {
-                "train_path": files["train.tsv"],
-                "val_path": None,
-                "text_column": d.text_column,
-                "label_column": d.label_column,
-                "labels": d.labels,
-            },
-            "init_from": pretrained.result["best_dir"],
-        },
-    )
-    if trial:
-        base = merge(base, cfg.search.trial_overrides)
-    return apply_params(base, params or {})
+    run = {
+        "data.train_path": data.result["files"]["train.tsv"],
+        "data.val_path": None,
+        "data.text_column": d.text_column,
+        "data.label_column": d.label_column,
+        "data.labels": d.labels,
+        "init_from": pretrained.result["best_dir"],
+    }
+    base = trial_template(cfg) if trial else cfg.finetune
+    return override_model(base, {**run, **searched(cfg, params or {})}, where="finetune")
 
 
-def _without_paths(mapping: dict[str, Any]) -> dict[str, Any]:
-    """Config mapping minus run-specific paths (they are keyed by digests instead)."""
-    out = json.loads(json.dumps(mapping, default=str))
+def searched(cfg: PipelineConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the fixed keys: a continued study's best trial may come from before a
+    key was fixed, and the fixed value wins."""
+    return {k: v for k, v in params.items() if k not in cfg.search.fixed}
+
+
+def _without_paths(engine_cfg: PretrainConfig | FinetuneConfig) -> dict[str, Any]:
+    """The validated config minus run-specific paths (they are keyed by digests instead)."""
+    out = engine_cfg.model_dump(mode="json")
     out.get("data", {}).pop("path", None)
     for k in ("train_path", "val_path"):
         if out.get("data", {}).get(k):
@@ -320,9 +309,33 @@ def _without_paths(mapping: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def pretrain_plan(cfg: PipelineConfig, data: StageOutput, home: Path) -> tuple[Stage, PretrainConfig]:
+    """The pretrain stage (keyed by the validated config and the corpus digest) and its config."""
+    engine_cfg = pretrain_config(cfg, data)
+    return Stage(home, "pretrain", {"config": _without_paths(engine_cfg), "corpus": data.result["digests"]["corpus.txt"]}), engine_cfg
+
+
+def search_plan(cfg: PipelineConfig, data: StageOutput, pretrained: StageOutput, home: Path) -> Stage:
+    """The search stage, keyed by the space, the validated trial config, the pretrained model and the data."""
+    inputs = {
+        # trial_overrides and fixed are inside the validated trial config
+        "search": cfg.search.model_dump(mode="json", exclude={"storage", "trial_overrides", "fixed"}),
+        "pretrain": pretrained.key,
+        "finetune": _without_paths(finetune_config(cfg, data, pretrained, trial=True)),
+        "data": data.result["digests"],
+    }
+    return Stage(home, "search", inputs)
+
+
+def finetune_plan(cfg: PipelineConfig, data: StageOutput, pretrained: StageOutput, search: StageOutput, home: Path) -> tuple[Stage, FinetuneConfig]:
+    """The final fine-tune stage (keyed by its validated config) and that config (best parameters applied)."""
+    engine_cfg = finetune_config(cfg, data, pretrained, search.result.get("best_params", {}))
+    return Stage(home, "finetune", {"config": _without_paths(engine_cfg), "pretrain": pretrained.key, "data": data.result["digests"]}), engine_cfg
+
+
 def _train_result(result: Any, out_dir: Path) -> dict[str, Any]:
     history_path = out_dir / "history.json"
-    write_atomic(history_path, json.dumps(list(result.history or []), default=str))
+    atomic_write_text(history_path, json.dumps(list(result.history or []), default=str))
     return {
         "best_dir": str(result.best_dir),
         "last_ckpt": str(result.last_ckpt) if result.last_ckpt else None,
@@ -333,15 +346,12 @@ def _train_result(result: Any, out_dir: Path) -> dict[str, Any]:
 
 def pretrain_stage(cfg: PipelineConfig, data: StageOutput, home: Path, callbacks: Sequence[Any] = ()) -> StageOutput:
     """Causal-LM pretraining on the corpus (resumes from the stage's checkpoint after a crash)."""
-    from selfattn.train import PretrainConfig, pretrain
-
-    engine_cfg = pretrain_config(cfg, data)
-    stage = Stage(home, "pretrain", {"config": _without_paths(engine_cfg), "corpus": data.result["digests"]["corpus.txt"]})
+    stage, engine_cfg = pretrain_plan(cfg, data, home)
     with stage.claim() as (out, out_dir):
         if out is not None:
             return out
-        result = pretrain(PretrainConfig.model_validate(engine_cfg), out_dir / "train", list(callbacks))
-        return stage.finish({**_train_result(result, out_dir), "config": engine_cfg})
+        result = pretrain(engine_cfg, out_dir / "train", list(callbacks))
+        return stage.finish({**_train_result(result, out_dir), "config": engine_cfg.model_dump(mode="json")})
 
 
 def search_stage(
@@ -357,15 +367,7 @@ def search_stage(
     ``trial_callbacks(trial, params)`` returns extra engine callbacks for a trial (e.g. one that
     logs it as a nested MLflow run). With ``search.enabled: false`` the best parameters are {}.
     """
-    from flows import tuning
-
-    inputs = {
-        "search": cfg.search.model_dump(exclude={"storage"}),
-        "pretrain": pretrained.key,
-        "finetune": _without_paths(finetune_config(cfg, data, pretrained, trial=True)),
-        "data": data.result["digests"],
-    }
-    stage = Stage(home, "search", inputs)
+    stage = search_plan(cfg, data, pretrained, home)
     with stage.claim() as (out, out_dir):
         if out is not None:
             return out
@@ -390,9 +392,6 @@ def make_objective(
     def objective(trial: Any) -> float:
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-        from flows import tuning
-        from selfattn.train import FinetuneConfig, finetune
-
         params = tuning.suggest(trial, cfg)
         engine_cfg = finetune_config(cfg, data, pretrained, params, trial=True)
         # a retried trial (its process died) resumes in the dead trial's directory
@@ -402,10 +401,8 @@ def make_objective(
         trial_dir = out_dir / f"trial-{trial.number if number is None else number}"
         callbacks = [tuning.PruningCallback(trial=trial, metric=cfg.search.metric)]
         callbacks += list(trial_callbacks(trial, params) if trial_callbacks else [])
-        result = finetune(FinetuneConfig.model_validate(engine_cfg), trial_dir, callbacks)
-        metrics = result.metrics or {}
-        value = tuning.pick_metric(metrics, f"best_{cfg.search.metric}")  # the best model's score
-        value = tuning.pick_metric(metrics, cfg.search.metric) if value is None else value
+        result = finetune(engine_cfg, trial_dir, callbacks)
+        value = tuning.pick_metric(result.metrics or {}, f"best_{cfg.search.metric}")  # the best model's score
         if value is None:
             raise UserError(f"trial {trial.number}: the engine reported no {cfg.search.metric!r} metric (got {sorted(result.metrics)})")
         trial.set_user_attr("out_dir", str(trial_dir))
@@ -423,38 +420,28 @@ def finetune_stage(
     callbacks: Sequence[Any] = (),
 ) -> StageOutput:
     """The final fine-tune with the best parameters (GPU when the engine finds one)."""
-    from selfattn.train import FinetuneConfig, finetune
-
-    params = search.result.get("best_params", {})
-    engine_cfg = finetune_config(cfg, data, pretrained, params)
-    stage = Stage(home, "finetune", {"config": _without_paths(engine_cfg), "pretrain": pretrained.key, "data": data.result["digests"]})
+    stage, engine_cfg = finetune_plan(cfg, data, pretrained, search, home)
+    params = searched(cfg, search.result.get("best_params", {}))
     with stage.claim() as (out, out_dir):
         if out is not None:
             return out
-        result = finetune(FinetuneConfig.model_validate(engine_cfg), out_dir / "train", list(callbacks))
-        return stage.finish({**_train_result(result, out_dir), "config": engine_cfg, "params": params})
+        result = finetune(engine_cfg, out_dir / "train", list(callbacks))
+        return stage.finish({**_train_result(result, out_dir), "config": engine_cfg.model_dump(mode="json"), "params": params})
 
 
 def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> StageOutput:
     """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention)."""
-    from selfattn.train import evaluate_checkpoint
-
     dev = data.result["files"]["dev.tsv"]
     stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"]})
     with stage.claim() as (out, out_dir):
         if out is not None:
             return out
-        done_eval = _engine_eval(finetuned, dev)
-        if done_eval is not None:  # the engine already evaluated the best model on exactly this file
-            shutil.copytree(done_eval, out_dir / "eval", dirs_exist_ok=True)
-            metrics = json.loads((out_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
-        else:
-            metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), dev, out_dir / "eval")
+        metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), dev, out_dir / "eval")
         plots = sorted(str(p) for p in (out_dir / "eval" / "plots").rglob("*.png"))
         if not any(p.endswith("learning_curves.png") for p in plots):
             plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
         return stage.finish(
             {
                 "metrics": scalars,
@@ -464,15 +451,6 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
                 "eval_dir": str(out_dir / "eval"),
             }
         )
-
-
-def _engine_eval(finetuned: StageOutput, dev: str) -> Path | None:
-    """The fine-tune's own final evaluation dir when it evaluated the best model on ``dev``."""
-    eval_dir = Path(finetuned.result["best_dir"]).parent / "eval"
-    val_path = (finetuned.result.get("config") or {}).get("data", {}).get("val_path")
-    if val_path and Path(val_path) == Path(dev) and (eval_dir / "metrics.json").is_file():
-        return eval_dir
-    return None
 
 
 def _learning_curves(finetuned: StageOutput, out_dir: Path) -> list[str]:

@@ -8,7 +8,6 @@ tags ``selfattn.host`` and ``selfattn.pid`` so the next start can mark runs whos
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -17,8 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from selfattn.train import Callback
+from selfattn.utils import flatten
 
-from flows.config import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
+from flows.paths import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
 
 TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
 TAG_STAGE = "selfattn.stage"
@@ -155,36 +155,18 @@ def stage_run(
         mlflow.end_run()
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as JSON)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
-    return out
-
-
 def log_params(run_id: str, params: dict[str, Any]) -> None:
     """Flattened params in batches of 100 (MLflow's limit), values cut to 6000 chars."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    flat = flatten(params)
+    flat = flatten(params, lists_as_json=True)
     items = [Param(k[:250], str(v)[:6000]) for k, v in flat.items()]
     client = MlflowClient()
     existing = client.get_run(run_id).data.params
     items = [p for p in items if p.key not in existing]  # a resumed run must not re-log different values
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
-
-
-def log_json(run_id: str, obj: Any, artifact_file: str) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient().log_dict(run_id, obj, artifact_file)
 
 
 class MlflowCallback(Callback):

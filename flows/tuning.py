@@ -4,13 +4,13 @@ The study lives in an RDB storage (SQLite under ``SELFATTN_HOME`` by default, an
 via ``search.storage``) with a heartbeat: a trial whose process died (SIGKILL, OOM) is failed on
 the next start and retried once with the same parameters (``RetryHeartbeatStaleTrialCallback``).
 ``search.n_trials`` is the number of finished (complete or pruned) trials the study should hold,
-so a re-run continues the study and several workers (``selfattn tune --workers N``) share it.
-Trials are logged as nested MLflow runs by us (not optuna-integration's MLflowCallback).
+so a re-run continues the study and several workers (``selfattn tune --workers N``, see
+:mod:`flows.tune`) share it. Trials are logged as nested MLflow runs by us (not
+optuna-integration's MLflowCallback).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from dataclasses import dataclass
@@ -18,22 +18,25 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from selfattn.errors import UserError
-from selfattn.train import Callback
+from selfattn.train import Callback, TrainingDiverged
 
-from flows.config import PipelineConfig, optuna_storage_url
+from flows.config import PipelineConfig, study_storage_url
+from flows.paths import selfattn_home
+from flows.reliability import file_lock
 
 log = logging.getLogger(__name__)
 
 FINISHED = ("COMPLETE", "PRUNED")
 
 
-def pick_metric(metrics: dict[str, Any], name: str) -> float | None:
-    """``metrics[name]``, else the engine's ``val_<name>`` / ``eval_<name>`` spelling."""
-    for key in (name, f"val_{name}", f"eval_{name}", f"val/{name}"):
-        v = metrics.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return None
+def pick_metric(metrics: dict[str, Any], key: str) -> float | None:
+    """``metrics[key]`` as a float, or None when it is missing or not a number.
+
+    The engine's spellings: ``val_<metric>`` in each evaluation (``on_eval``), ``best_<metric>``
+    for the best model in a run's final metrics, ``<metric>`` from ``evaluate_checkpoint``.
+    """
+    v = metrics.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 class PruningCallback(Callback):
@@ -50,7 +53,7 @@ class PruningCallback(Callback):
     def on_eval(self, step: int, metrics: dict) -> None:
         import optuna
 
-        value = pick_metric(metrics, self.metric)
+        value = pick_metric(metrics, f"val_{self.metric}")
         if value is None:
             return
         self.trial.report(value, step)
@@ -63,15 +66,13 @@ def storage(cfg: PipelineConfig, home: Path | None = None):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    url = optuna_storage_url(cfg, home)
+    url = study_storage_url(cfg, home)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    from flows.config import selfattn_home
-    from flows.recovery import file_lock
 
     # processes creating the schema of a fresh storage at once collide ("table already exists")
     with warnings.catch_warnings(), file_lock((home or selfattn_home()) / "locks" / "optuna-storage.lock", timeout_s=600):
@@ -122,19 +123,10 @@ def suggest(trial: Any, cfg: PipelineConfig) -> dict[str, Any]:
 
 def frozen(trial: Any) -> Any:
     """The stored ``FrozenTrial`` of a live trial (system attrs, e.g. which trial it retries)."""
-    return trial.study._storage.get_trial(trial._trial_id)
-
-
-def apply_params(finetune: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (``lora.rank``) of a finetune mapping."""
-    out = copy.deepcopy(finetune)
-    for key, value in params.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
+    for t in trial.study.get_trials(deepcopy=False):
+        if t.number == trial.number:
+            return t
+    raise LookupError(f"trial {trial.number} is not in study {trial.study.study_name!r}")
 
 
 def n_finished(study: Any) -> int:
@@ -172,7 +164,7 @@ def summarize(study: Any, cfg: PipelineConfig, home: Path | None = None) -> Sear
     best = study.best_trial
     return SearchResult(
         study_name=cfg.search.study_name,
-        storage=optuna_storage_url(cfg, home),
+        storage=study_storage_url(cfg, home),
         best_params=dict(best.params),
         best_value=float(best.value),
         best_trial=best.number,
@@ -218,8 +210,6 @@ def optimize(
 
 def _trial_errors() -> tuple[type[BaseException], ...]:
     """Errors that fail one trial (recorded in the study) instead of the whole search."""
-    from selfattn.train import TrainingDiverged
-
     return (TrainingDiverged, FloatingPointError, ArithmeticError)
 
 
@@ -248,71 +238,3 @@ def save_plots(study: Any, out_dir: Path) -> list[Path]:
             plt.close(fig)
             paths.append(out_dir / name)
     return paths
-
-
-# --------------------------------------------------------------------------- `selfattn tune --workers N`
-
-
-def _worker(cfg_json: str, data_json: str, pre_json: str, home: str, out_dir: str, parent_run_id: str, experiment_id: str, worker: int, share: int | None = None) -> int:
-    """One worker process: run its ``share`` of the trials still missing from the shared study."""
-    from flows import stages, tracking
-
-    cfg = PipelineConfig.model_validate_json(cfg_json)
-    data = stages.StageOutput.model_validate_json(data_json)
-    pre = stages.StageOutput.model_validate_json(pre_json)
-    tracking.configure(Path(home))
-    trials = tracking.TrialRuns(parent_run_id=parent_run_id, experiment_id=experiment_id, log_every=cfg.tracking.log_every)
-    objective = stages.make_objective(cfg, data, pre, Path(out_dir), trials.factory)
-    study = optimize(cfg, objective, home=Path(home), worker=worker, callbacks=[trials], share=share)
-    return n_finished(study)
-
-
-def tune_command(cfg: PipelineConfig, home: Path, *, workers: int = 1) -> dict[str, Any]:
-    """Data gate and pretraining (cached stages), then ``workers`` processes on one study.
-
-    Each worker is a separate process (``spawn``) with its own storage connection; the RDB
-    storage serialises trial bookkeeping; the trials still missing are split into fixed
-    shares up front, so the study ends with exactly ``search.n_trials`` finished trials. Trials are nested MLflow runs under one ``tune`` run.
-    """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from mlflow import MlflowClient
-
-    from flows import stages, tracking
-
-    if workers < 1:
-        raise ValueError(f"workers ({workers}) must be >= 1")
-    tracking.configure(home)
-    experiment_id = tracking.ensure_experiment(cfg.tracking.experiment, home)
-    tracking.mark_stale_runs(experiment_id)
-    data = stages.prepare_data(cfg, home)
-    checked = stages.validate_data(cfg, data, home)
-    if not checked.result["passed"]:
-        raise UserError(f"data checks failed: {checked.result['failures']} (report: {checked.result['report']})")
-    pre = stages.pretrain_stage(cfg, data, home)
-    client = MlflowClient()
-    parent = client.create_run(experiment_id, run_name=f"tune-{cfg.search.study_name}", tags={**tracking.process_tags(), tracking.TAG_STAGE: "tune"})
-    out_dir = home / "runs" / f"tune-{cfg.search.study_name}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = (cfg.model_dump_json(), data.model_dump_json(), pre.model_dump_json(), str(home), str(out_dir), parent.info.run_id, experiment_id)
-    status = "FAILED"
-    # schema + study once: workers creating them together race on PostgreSQL (CREATE TYPE)
-    remaining = max(0, cfg.search.n_trials - n_finished(make_study(cfg, home)))
-    shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
-    try:
-        if workers == 1:
-            _worker(*args, 0)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-                for f in [pool.submit(_worker, *args, i, shares[i]) for i in range(workers) if shares[i]]:
-                    f.result()
-        study = make_study(cfg, home)
-        summary = summarize(study, cfg, home)
-        for p in save_plots(study, out_dir / "plots"):
-            client.log_artifact(parent.info.run_id, str(p), "plots")
-        client.log_dict(parent.info.run_id, summary.to_dict(), "search.json")
-        status = "FINISHED"
-        return {**summary.to_dict(), "workers": workers, "mlflow_run_id": parent.info.run_id}
-    finally:
-        client.set_terminated(parent.info.run_id, status=status)

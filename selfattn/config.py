@@ -119,14 +119,51 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def split_key(key: str) -> list[str]:
+    """``'a.b[c.d].e'`` -> ``['a', 'b', 'c.d', 'e']``: dots separate keys, brackets hold a key that has dots."""
+    parts: list[str] = []
+    buf, i = "", 0
+    while i < len(key):
+        c = key[i]
+        if c == "[":
+            end = key.find("]", i)
+            if end < 0:
+                raise UserError(f"key {key!r} has an unclosed '['")
+            if buf:
+                parts.append(buf)
+            parts.append(key[i + 1 : end])
+            buf, i = "", end + 1
+            if i < len(key) and key[i] not in ".[":
+                raise UserError(f"key {key!r}: expected '.' or '[' after ']'")
+            if i < len(key) and key[i] == ".":
+                i += 1
+            continue
+        if c == ".":
+            parts.append(buf)
+            buf = ""
+        else:
+            buf += c
+        i += 1
+    if buf or not parts or key.endswith("."):
+        parts.append(buf)
+    if not all(p.strip() for p in parts):
+        raise UserError(f"key {key!r} has an empty key segment")
+    return [p.strip() for p in parts]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'train.lr=3e-4'`` -> ``(['train', 'lr'], 0.0003)``; the value is parsed as YAML."""
+    """``'optim.lr=3e-4'`` -> ``(['optim', 'lr'], 0.0003)``; the value is parsed as YAML.
+
+    A key that itself holds dots goes in brackets: ``'search.space[optim.lr].high=0.01'``.
+    YAML 1.1 reads ``1e-4`` (no dot) as text; the pydantic validation that follows makes it a float.
+    """
     if "=" not in text:
-        raise UserError(f"override {text!r} must look like key=value (dotted keys allowed, e.g. train.lr=3e-4)")
+        raise UserError(f"override {text!r} must look like key=value (dotted keys allowed, e.g. optim.lr=3e-4)")
     key, raw = text.split("=", 1)
-    parts = [k for k in key.strip().split(".")]
-    if not all(parts):
-        raise UserError(f"override {text!r} has an empty key segment")
+    try:
+        parts = split_key(key.strip())
+    except UserError as exc:
+        raise UserError(f"override {text!r}: {exc}") from None
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -134,34 +171,58 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_dotted(data: dict[str, Any], parts: Sequence[str], value: Any) -> dict[str, Any]:
+    """A copy of ``data`` with ``data[parts[0]]...[parts[-1]] = value`` (missing levels created)."""
+    out = json.loads(json.dumps(data, default=str))
+    node = out
+    for k in parts[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    node[parts[-1]] = json.loads(json.dumps(value, default=str))
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str], schema: type[BaseModel] | None = None) -> dict[str, Any]:
-    """Return a copy of ``data`` with dotted overrides applied.
+    """Return a copy of ``data`` with dotted ``key=value`` overrides applied.
 
     With ``schema``, every key path is checked against the pydantic model's fields first,
-    so ``--set train.lrr=1`` fails naming ``train.lrr`` and the keys that exist.
+    so ``--set optim.lrr=1`` fails naming ``optim.lrr`` and the keys that exist.
     """
     out = json.loads(json.dumps(data, default=str))
     for text in overrides:
         parts, value = parse_override(text)
         if schema is not None:
-            _check_key_path(schema, parts, text)
-        node = out
-        for k in parts[:-1]:
-            nxt = node.get(k)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[k] = nxt
-            node = nxt
-        node[parts[-1]] = value
+            check_key_path(schema, parts, text)
+        out = set_dotted(out, parts, value)
     return out
 
 
-def _check_key_path(schema: type[BaseModel], parts: list[str], text: str) -> None:
+def override_model(model: C, params: dict[str, Any], where: str = "config") -> C:
+    """A validated copy of ``model`` with dotted keys set to values (``{"optim.lr": 0.01}``).
+
+    The same key check and validation as :func:`apply_overrides`, for values that are already
+    typed (search parameters, programmatic settings) instead of ``key=value`` text.
+    """
+    data = model.model_dump(mode="json")
+    for key, value in params.items():
+        parts = split_key(key)
+        check_key_path(type(model), parts, f"{key}={value!r}")
+        data = set_dotted(data, parts, value)
+    return validate_config(type(model), data, source=where)
+
+
+def check_key_path(schema: type[BaseModel], parts: Sequence[str], text: str) -> None:
+    """A UserError unless ``parts`` names a field path of ``schema`` (free-form values end the check)."""
     model: Any = schema
-    for i, k in enumerate(parts):
+    i = 0
+    while i < len(parts):
+        k = parts[i]
         fields = getattr(model, "model_fields", None)
         if fields is None:
-            # reached a free-form value (dict / Any): anything below is allowed
+            # reached a free-form value (Any): anything below is allowed
             return
         if k not in fields:
             where = ".".join(parts[:i]) or "<top level>"
@@ -169,7 +230,25 @@ def _check_key_path(schema: type[BaseModel], parts: list[str], text: str) -> Non
                 f"unknown config key {'.'.join(parts[: i + 1])!r} in override {text!r}; "
                 f"keys under {where}: {', '.join(sorted(fields))}"
             )
-        model = _submodel(fields[k].annotation)
+        annotation = fields[k].annotation
+        value_type = _mapping_value(annotation)
+        if value_type is not None:  # dict[str, X]: the next part is a free key, then X's fields
+            i += 1
+            annotation = value_type
+        model = _submodel(annotation)
+        i += 1
+
+
+def _mapping_value(annotation: Any) -> Any:
+    """``X`` for ``dict[str, X]`` (also inside ``| None``), else None."""
+    import typing
+
+    if typing.get_origin(annotation) is dict:
+        return typing.get_args(annotation)[1]
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is dict:
+            return typing.get_args(arg)[1]
+    return None
 
 
 def _submodel(annotation: Any) -> Any:

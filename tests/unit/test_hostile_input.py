@@ -116,7 +116,7 @@ def test_optuna_storage_outside_the_roots_is_refused(isolated, capsys):
 
 def test_paths_inside_the_roots_are_accepted(isolated, tmp_path):
     from flows.config import load_pipeline_config
-    from flows.recovery import check_config_paths
+    from flows.config import check_config_paths
 
     cfg = load_pipeline_config("smoke", [f"search.storage=sqlite:///{isolated}/studies/optuna.db"])
     paths = check_config_paths(cfg)

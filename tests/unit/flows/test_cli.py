@@ -19,6 +19,14 @@ def test_run_refuses_unknown_keys_before_any_work(selfattn_home, capsys):
     assert not any(selfattn_home.iterdir())  # nothing was created
 
 
+def test_unknown_search_space_keys_are_refused_in_one_paragraph(selfattn_home, capsys):
+    for cmd in ("run", "tune"):
+        assert main([cmd, "--config", "smoke", "--set", "search.space[optim.lrr].high=0.01"]) == 2
+        err = capsys.readouterr().err
+        assert "'optim.lrr' is not a key of search.space" in err and "optim.lr" in err and "Traceback" not in err
+    assert not any(selfattn_home.iterdir())
+
+
 def test_prefect_env_points_the_ephemeral_api_at_home(selfattn_home, monkeypatch):
     from flows.cli import prefect_env
 

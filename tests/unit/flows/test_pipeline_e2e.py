@@ -4,9 +4,10 @@ One session-scoped fixture runs the pipeline three times on a private SELFATTN_H
 assertions below share the results:
 
 1. ``smoke`` -> version 1, challenger, and champion (there is none yet);
-2. ``smoke`` with a longer study (3 trials), a shorter fine-tune and ``promotion.margin=1.0``
-   (no accuracy can beat the champion by 1.0, so the outcome is deterministic) -> data and
-   pretraining come from the cache, the study continues, version 2 is challenger only;
+2. ``smoke`` with a longer study (3 trials), a shorter fine-tune, a fixed weight decay and
+   ``promotion.margin=1.0`` (no accuracy can beat the champion by 1.0, so the outcome is
+   deterministic) -> data and pretraining come from the cache, the study continues, version 2
+   is challenger only;
 3. a training file with an unknown label -> the data gate stops the run, nothing is trained or
    registered, the failed MLflow run holds the report.
 """
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 MODEL = "selfattn-sst2-smoke"
-SECOND = ["search.n_trials=3", "finetune.train.max_steps=8", "promotion.margin=1.0"]
+# finetune.optim.weight_decay is searched by the preset: this --set fixes it
+SECOND = ["search.n_trials=3", "finetune.train.max_steps=8", "promotion.margin=1.0", "finetune.optim.weight_decay=0.05"]
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +149,18 @@ def test_second_run_reuses_finished_stages_and_continues_the_study(smoke):
     states = [t.state.name for t in study.trials]
     assert len(states) == 3 and all(s in ("COMPLETE", "PRUNED") for s in states)
     assert second.stages["search"].result["n_trials"] == 3
+
+
+def test_a_set_of_a_searched_key_is_logged_as_fixed_and_used(smoke, client):
+    second = smoke["second"]
+    parent = client.get_run(second.mlflow_run_id)
+    assert parent.data.params["search.fixed.optim.weight_decay"] == "0.05"
+    assert "search.space.optim.weight_decay.high" not in parent.data.params
+    runs = _runs(client, second).values()
+    finetune = [r for r in runs if r.data.tags.get("selfattn.stage") == "finetune"]
+    assert len(finetune) == 1 and finetune[0].data.params["optim.weight_decay"] == "0.05"
+    trials = [r for r in runs if r.data.tags.get("selfattn.stage") == "trial" and r.data.params]
+    assert trials and all("optim.weight_decay" not in r.data.params and "optim.lr" in r.data.params for r in trials)
 
 
 def test_failed_data_check_stops_before_training(smoke, client):

@@ -22,14 +22,6 @@ def test_stage_key_depends_on_inputs_and_marker_roundtrip(tmp_path):
     assert json.loads((a.dir / "inputs.json").read_text()) == {"data": "abc", "lr": 1e-3}
 
 
-def test_write_atomic_leaves_no_partial_file(tmp_path):
-    target = tmp_path / "m.json"
-    stages.write_atomic(target, "one")
-    stages.write_atomic(target, "two")
-    assert target.read_text() == "two"
-    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
-
-
 def test_corrupt_marker_means_not_done(tmp_path):
     s = stages.Stage(tmp_path, "evaluate", {"k": 1})
     s.start()

@@ -62,10 +62,21 @@ def test_pruning_callback_reports_and_prunes(selfattn_home):
     assert tuning.frozen(trial).intermediate_values == {0: 0.65, 2: 0.1}
 
 
-def test_apply_params_and_pick_metric():
-    ft = {"optim": {"lr": 1.0}, "train": {"max_steps": 5}}
-    out = tuning.apply_params(ft, {"optim.lr": 0.5, "lora.rank": 4})
-    assert out == {"optim": {"lr": 0.5}, "train": {"max_steps": 5}, "lora": {"rank": 4}} and ft["optim"]["lr"] == 1.0
-    assert tuning.pick_metric({"val_accuracy": 0.7}, "accuracy") == 0.7
+def test_search_params_set_dotted_keys_through_the_one_override_mechanism():
+    from selfattn.config import override_model
+    from selfattn.errors import UserError
+    from selfattn.train import FinetuneConfig
+
+    ft = FinetuneConfig.model_validate({"data": {"train_path": "t.tsv"}, "optim": {"lr": 1.0}, "train": {"max_steps": 5}})
+    out = override_model(ft, {"optim.lr": 0.5, "lora.rank": 4, "train.batch_size": "8"})
+    assert out.optim.lr == 0.5 and out.lora.rank == 4 and out.train.batch_size == 8 and out.train.max_steps == 5
+    assert ft.optim.lr == 1.0 and ft.lora is None  # the original is untouched
+    with pytest.raises(UserError, match="optim.lrr"):
+        override_model(ft, {"optim.lrr": 0.5})
+
+
+def test_pick_metric_reads_exactly_the_key_asked_for():
+    assert tuning.pick_metric({"val_accuracy": 0.7}, "val_accuracy") == 0.7
     assert tuning.pick_metric({"accuracy": 0.6, "val_accuracy": 0.7}, "accuracy") == 0.6
-    assert tuning.pick_metric({"loss": 1.0}, "accuracy") is None
+    assert tuning.pick_metric({"val_accuracy": 0.7}, "accuracy") is None
+    assert tuning.pick_metric({"accuracy": True}, "accuracy") is None

@@ -1,5 +1,5 @@
-"""flows.recovery: the file lock across real processes (a SIGKILLed holder releases it), the
-retry condition, and the argv text cleaning used by ``selfattn predict``."""
+"""flows.reliability: the file lock across real processes (a SIGKILLed holder releases it) and the
+retry condition; flows.predict: the argv text cleaning used by ``selfattn predict``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import time
 
 import pytest
 
-from flows.recovery import clean_texts, file_lock, retry_on_io
+from flows.predict import clean_texts
+from flows.reliability import file_lock, retry_on_io
 from selfattn.errors import UserError
 
 HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from flows.recovery import file_lock
+    from flows.reliability import file_lock
     with file_lock(Path(sys.argv[1])):
         Path(sys.argv[2]).write_text("held")
         time.sleep(float(sys.argv[3]))

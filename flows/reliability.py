@@ -1,0 +1,56 @@
+"""Failure handling shared by the stages: an exclusive file lock that a dead process releases,
+and the rule deciding which failed Prefect task is worth a retry.
+
+What survives what (SIGKILL, concurrent runs, hostile input) is documented in
+``docs/reliability.md`` with the test that proves each row. The pieces that live elsewhere:
+stage done-markers and claims (``flows.stages``), training resume from the last checkpoint
+(``selfattn.train``), stale MLflow runs marked KILLED on the next start
+(``flows.tracking.mark_stale_runs``), Optuna heartbeat + retry (``flows.tuning``), idempotent
+registration and the locked champion gate (``flows.registry``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from selfattn.errors import UserError
+
+__all__ = ["file_lock", "retry_on_io"]
+
+
+def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry I/O failures, never a :class:`UserError` (bad input)."""
+    exc = getattr(state, "data", None)
+    if not isinstance(exc, BaseException):
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - unknown failure: let Prefect retry it
+            return True
+    return not isinstance(exc, UserError)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, timeout_s: float = 3600.0, poll_s: float = 0.2) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing); released when the process dies.
+
+    The kernel drops the lock of a SIGKILLed process, so a crash never leaves it stuck.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"lock {path} not acquired in {timeout_s} s (another pipeline holds it)") from None
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

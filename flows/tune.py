@@ -1,0 +1,62 @@
+"""``selfattn tune --workers N``: several processes on one Optuna study.
+
+The gate and pretraining before it are the pipeline's own stages (``flows.pipeline.tune_flow``);
+this module is the part that needs no Prefect: each worker is a separate process (``spawn``)
+with its own storage connection, the RDB storage serialises trial bookkeeping, and the trials
+still missing are split into fixed shares up front, so the study ends with exactly
+``search.n_trials`` finished trials. Trials are nested MLflow runs under the ``tune`` run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from flows import stages, tracking, tuning
+from flows.config import PipelineConfig
+from flows.stages import StageOutput
+
+
+def _worker(cfg_json: str, data_json: str, pre_json: str, home: str, out_dir: str, parent_run_id: str, experiment_id: str, worker: int, share: int | None = None) -> int:
+    """One worker process: run its ``share`` of the trials still missing from the shared study."""
+    cfg = PipelineConfig.model_validate_json(cfg_json)
+    data = StageOutput.model_validate_json(data_json)
+    pre = StageOutput.model_validate_json(pre_json)
+    tracking.configure(Path(home))
+    trials = tracking.TrialRuns(parent_run_id=parent_run_id, experiment_id=experiment_id, log_every=cfg.tracking.log_every)
+    objective = stages.make_objective(cfg, data, pre, Path(out_dir), trials.factory)
+    study = tuning.optimize(cfg, objective, home=Path(home), worker=worker, callbacks=[trials], share=share)
+    return tuning.n_finished(study)
+
+
+def shares(missing: int, workers: int) -> list[int]:
+    """``missing`` trials split over ``workers`` as evenly as possible (first ones get the rest)."""
+    if workers < 1:
+        raise ValueError(f"workers ({workers}) must be >= 1")
+    return [missing // workers + (i < missing % workers) for i in range(workers)]
+
+
+def run_workers(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, home: Path, *, parent_run_id: str, experiment_id: str, workers: int = 1) -> dict[str, Any]:
+    """Run the missing trials in ``workers`` processes; log plots and ``search.json`` on the parent run."""
+    from mlflow import MlflowClient
+
+    out_dir = home / "runs" / f"tune-{cfg.search.study_name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = (cfg.model_dump_json(), data.model_dump_json(), pre.model_dump_json(), str(home), str(out_dir), parent_run_id, experiment_id)
+    # schema + study once: workers creating them together race on PostgreSQL (CREATE TYPE)
+    split = shares(max(0, cfg.search.n_trials - tuning.n_finished(tuning.make_study(cfg, home))), workers)
+    if workers == 1:
+        _worker(*args, 0)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            for f in [pool.submit(_worker, *args, i, split[i]) for i in range(workers) if split[i]]:
+                f.result()
+    study = tuning.make_study(cfg, home)
+    summary = tuning.summarize(study, cfg, home)
+    client = MlflowClient()
+    for p in tuning.save_plots(study, out_dir / "plots"):
+        client.log_artifact(parent_run_id, str(p), "plots")
+    client.log_dict(parent_run_id, summary.to_dict(), "search.json")
+    return {**summary.to_dict(), "workers": workers, "mlflow_run_id": parent_run_id}
