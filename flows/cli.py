@@ -233,10 +233,12 @@ def register(app: typer.Typer) -> None:
 
         from flows.prefect_ops import pool_report
 
-        deployment_id = deployment.apply(work_pool_name=pool)
-        print(f"deployment {deployment.flow_name}/{name} ({deployment_id}) on work pool {pool!r}, cron {cron!r} (UTC)")
         with get_client(sync_client=True) as client:
             report = pool_report(client, pool)
+        if not report.exists:
+            raise UserError(report.message)
+        deployment_id = deployment.apply(work_pool_name=pool)
+        print(f"deployment {deployment.flow_name}/{name} ({deployment_id}) on work pool {pool!r}, cron {cron!r} (UTC)")
         print(("" if report.online_workers else "warning: ") + report.message)
 
     @app.command()

@@ -199,11 +199,13 @@ def test_deploy_warns_without_worker_and_schedules_show(day):
     env = day["client_env"]
     cmd = _selfattn("deploy", "--pool", POOL, "--config", "smoke", "--name", "nightly-cli", "--cron", "0 3 * * *")
     first = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert f"work pool {POOL!r} does not exist" in first.stdout and "prefect worker start --pool" in first.stdout, first.stdout
+    # no pool yet: refused (one paragraph, no traceback), saying how to create it and start a worker
+    assert first.returncode != 0 and "Traceback" not in first.stderr, first.stdout + first.stderr
+    assert f"work pool {POOL!r} does not exist" in first.stderr and "prefect worker start --pool" in first.stderr, first.stderr
     made = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"], env=env, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stdout + made.stderr
     second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
     assert "has no worker online" in second.stdout and f"prefect worker start --pool {POOL}" in second.stdout, second.stdout
 
     shipped = subprocess.run(
