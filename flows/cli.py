@@ -1,6 +1,6 @@
 """CLI commands contributed by flows (registered through the selfattn.cli entry point).
 
-``run``, ``tune``, ``promote``, ``rollback``, ``predict``, ``deploy``, ``ui``. Heavy libraries
+``run``, ``tune``, ``promote``, ``rollback``, ``predict``, ``deploy``, ``status``, ``ui``. Heavy libraries
 (prefect, mlflow, optuna, torch) are imported inside the commands; the embedded stores under
 ``SELFATTN_HOME`` are configured here, at command time, never on import.
 """
@@ -218,30 +218,90 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
         overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
         name: str = typer.Option("nightly", "--name", help="deployment name"),
+        pool: Optional[str] = typer.Option(
+            None, "--pool", help="register on this work pool of a Prefect server and return (a worker runs it); "
+            "default: serve the schedule from this process"),
     ) -> None:
-        """Serve the pipeline on a cron schedule (blocks; Ctrl-C to stop)."""
+        """Schedule the pipeline on cron: on a work pool (--pool), or served by this process (blocks; Ctrl-C to stop)."""
         _load(config, overrides or [])  # refuse a bad config now, not at 3 am
         setup_home()
-        from prefect import serve
-
         from flows.pipeline import build_deployment
 
-        serve(build_deployment(cron=cron, config=config, overrides=overrides or [], name=name))
+        deployment = build_deployment(cron=cron, config=config, overrides=overrides or [], name=name)
+        if pool is None:
+            from prefect import serve
+
+            print(f"serving deployment {deployment.flow_name}/{name} on cron {cron!r} (UTC); runs start only while this process runs")
+            serve(deployment)
+            return
+        if not os.environ.get("PREFECT_API_URL"):
+            raise UserError(
+                "--pool needs a Prefect server (PREFECT_API_URL): the embedded API stops with this process, so "
+                "nothing would run the schedule. Start one with `infra/local.sh up` or `selfattn ui`, or drop --pool."
+            )
+        from prefect import get_client
+
+        from flows.prefect_ops import pool_report
+
+        with get_client(sync_client=True) as client:
+            report = pool_report(client, pool)
+        if not report.exists:
+            raise UserError(report.message)
+        deployment_id = deployment.apply(work_pool_name=pool)
+        print(f"deployment {deployment.flow_name}/{name} ({deployment_id}) on work pool {pool!r}, cron {cron!r} (UTC)")
+        print(("" if report.online_workers else "warning: ") + report.message)
+
+    @app.command()
+    def status(
+        limit: int = typer.Option(20, "--limit", "-n", min=1, help="how many flow runs"),
+        state: Optional[List[str]] = typer.Option(None, "--state", help="only these state names (Late, Crashed, Running, ...)"),
+        pool: Optional[str] = typer.Option(None, "--pool", help="also report this work pool's workers"),
+    ) -> None:
+        """Recent flow runs (Late and Crashed ones included) and, with --pool, whether a worker is online."""
+        setup_home()
+        from prefect import get_client
+        from rich.console import Console
+        from rich.table import Table
+
+        from flows.prefect_ops import pool_report, recent_runs, worker_command
+
+        with get_client(sync_client=True) as client:
+            runs = recent_runs(client, limit=limit, states=state)
+            report = pool_report(client, pool) if pool else None
+        table = Table("flow run", "state", "expected start (UTC)", "work pool", title="recent flow runs")
+        for r in runs:
+            table.add_row(r["name"], r["state"], r["expected_start"], r["work_pool"])
+        console = Console(width=120)
+        console.print(table)
+        late = [r for r in runs if r["state"] == "Late"]
+        if late:
+            pools = sorted({r["work_pool"] for r in late if r["work_pool"]})
+            hint = "; ".join(worker_command(p) for p in pools) or "start the process that serves the deployment"
+            console.print(f"{len(late)} Late run(s): scheduled, but no worker picked them up. {hint}", soft_wrap=True)
+        if report is not None:
+            console.print(report.message, soft_wrap=True)
 
     @app.command()
     def ui(
-        port: int = typer.Option(5000, "--port", "-p"),
+        port: int = typer.Option(5000, "--port", "-p", help="MLflow UI port"),
+        prefect_port: int = typer.Option(4200, "--prefect-port", help="Prefect UI/API port"),
         host: str = typer.Option("127.0.0.1", "--host"),
     ) -> None:
-        """Start the MLflow UI on the configured store."""
-        import subprocess
-
+        """The MLflow UI and the Prefect UI on the configured stores (Ctrl-C stops both)."""
         from flows.paths import mlflow_artifact_root, mlflow_tracking_uri
+        from flows.prefect_ops import prefect_server_env, serve_uis
 
         home = setup_home()
         uri = mlflow_tracking_uri(home)
-        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             cmd += ["--default-artifact-root", Path(mlflow_artifact_root(home)).as_uri()]
+        # MLflow's GenAI job runner adds ~8 processes that a local UI does not need
+        os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        server_env = None
+        if os.environ.get("PREFECT_API_URL"):  # a team server already has its UI
+            print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')} (configured server)")
+        else:
+            server_env = prefect_server_env(prefect_env(home), host, prefect_port)
         print(" ".join(cmd))
-        raise typer.Exit(subprocess.call(cmd))
+        raise typer.Exit(serve_uis(cmd, f"http://{host}:{port}", server_env, host, prefect_port))

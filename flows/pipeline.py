@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from selfattn.errors import UserError
 from selfattn.utils import atomic_write_text
 
-from flows import registry, stages, tracking
+from flows import prefect_ops, registry, stages, tracking
 from flows.config import PipelineConfig, load_pipeline_config
 from flows.paths import selfattn_home
 from flows.reliability import retry_on_io
@@ -173,7 +173,7 @@ def gate_task(model_name: str, version: str, metric: str, margin: float, home: s
 # --------------------------------------------------------------------------- sub-flows (one per stage)
 
 
-@flow(name="validate")
+@flow(name="validate", flow_run_name=prefect_ops.stage_run_name("validate"))
 def validate_flow(cfg: PipelineConfig, ctx: RunContext) -> StageOutput:
     """Data gate: materialise + check; a failure stops the pipeline before any training."""
     import mlflow
@@ -208,7 +208,7 @@ def validate_flow(cfg: PipelineConfig, ctx: RunContext) -> StageOutput:
     return data
 
 
-@flow(name="pretrain")
+@flow(name="pretrain", flow_run_name=prefect_ops.stage_run_name("pretrain"))
 def pretrain_flow(cfg: PipelineConfig, data: StageOutput, ctx: RunContext) -> StageOutput:
     import mlflow
 
@@ -223,7 +223,7 @@ def pretrain_flow(cfg: PipelineConfig, data: StageOutput, ctx: RunContext) -> St
     return out
 
 
-@flow(name="search")
+@flow(name="search", flow_run_name=prefect_ops.stage_run_name("search"))
 def search_flow(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, ctx: RunContext) -> StageOutput:
     import mlflow
 
@@ -238,7 +238,7 @@ def search_flow(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, ctx: R
     return out
 
 
-@flow(name="finetune")
+@flow(name="finetune", flow_run_name=prefect_ops.stage_run_name("finetune"))
 def finetune_flow(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, search: StageOutput, ctx: RunContext) -> StageOutput:
     import mlflow
 
@@ -250,7 +250,7 @@ def finetune_flow(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, sear
     return out
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name=prefect_ops.stage_run_name("evaluate"))
 def evaluate_flow(cfg: PipelineConfig, data: StageOutput, ft: StageOutput, ctx: RunContext) -> StageOutput:
     import mlflow
 
@@ -264,7 +264,7 @@ def evaluate_flow(cfg: PipelineConfig, data: StageOutput, ft: StageOutput, ctx: 
     return out
 
 
-@flow(name="register")
+@flow(name="register", flow_run_name=prefect_ops.stage_run_name("register"))
 def register_flow(cfg: PipelineConfig, ft: StageOutput, ev: StageOutput, ctx: RunContext) -> dict[str, Any]:
     """Log the pyfunc, register a version (idempotent), then the champion gate."""
     import mlflow
@@ -333,6 +333,8 @@ def _parent_run(cfg: PipelineConfig, kind: str) -> Iterator[RunContext]:
     stale = tracking.mark_stale_runs(experiment_id)
     if stale:
         _log("marked %d stale MLflow run(s) KILLED: %s", len(stale), ", ".join(stale))
+    if crashed := prefect_ops.on_pipeline_start():
+        _log("marked %d flow run(s) of killed pipelines Crashed: %s", len(crashed), ", ".join(crashed))
     pipeline_run_id = _pipeline_run_id()
     tags = {
         **tracking.process_tags(),
@@ -359,7 +361,7 @@ def _resolve(config: str | PipelineConfig, overrides: list[str] | None) -> Pipel
     return load_pipeline_config(config, overrides or [])
 
 
-@flow(name=FLOW_NAME, log_prints=True)
+@flow(name=FLOW_NAME, log_prints=True, flow_run_name=prefect_ops.pipeline_run_name)
 def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None = None) -> PipelineResult:
     """Run the whole pipeline for a preset name, a YAML path or a ``PipelineConfig``."""
     import mlflow

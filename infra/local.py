@@ -17,16 +17,17 @@ then SIGKILL after a grace period) and, with ``--drop-databases``, drops the dat
 Every option also reads an environment variable (shown in ``--help``), so tests can start a
 private stack on free ports with throwaway databases.
 
-Only the standard library and psycopg2 are used, so the script runs before anything else is set up.
+Process trees, signals and liveness go through psutil; what is ours is the databases, the
+commands that start each service, their health checks and the env file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import psutil
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_STATE_DIR = REPO_DIR / ".selfattn" / "stack"
@@ -99,6 +103,8 @@ class Stack:
     optuna_storage: str
     pool: str
     pids: dict[str, int] = field(default_factory=dict)
+    # psutil's create_time per service, so a recycled pid is never mistaken for ours
+    started: dict[str, float] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
 
     def client_env(self) -> dict[str, str]:
@@ -110,63 +116,46 @@ class Stack:
             "SELFATTN_WORK_POOL": self.pool,
         }
 
-
-# --------------------------------------------------------------------------- processes (via /proc)
-
-
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) for every live process (Linux /proc)."""
-    table: dict[int, tuple[int, int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    def process(self, name: str) -> psutil.Process | None:
+        """The live process of service ``name`` (None if gone, a zombie or a recycled pid)."""
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # the command name may contain spaces and parentheses: split after the last ')'
-        fields = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
-    return table
+            proc = psutil.Process(self.pids[name])
+            same = abs(proc.create_time() - self.started.get(name, proc.create_time())) < 1e-3
+            return proc if same and _running(proc) else None
+        except (KeyError, psutil.Error):
+            return None
+
+
+# --------------------------------------------------------------------------- processes (psutil)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def process_tree(root_pid: int) -> set[int]:
-    """The live (non-zombie) processes in ``root_pid``'s tree or process group."""
-    table = _proc_table()
-    found = {root_pid} if root_pid in table else set()
-    found |= {pid for pid, (_, pgid, _) in table.items() if pgid == root_pid}
-    changed = True
-    while changed:
-        children = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
-        found |= children
-        changed = bool(children)
-    return {pid for pid in found if table[pid][2] != "Z"}
+    """The live (non-zombie) processes of ``root_pid``'s tree."""
+    try:
+        root = psutil.Process(root_pid)
+        return {p.pid for p in [root, *root.children(recursive=True)] if _running(p)}
+    except psutil.NoSuchProcess:
+        return set()
 
 
-def _alive(pids: set[int]) -> set[int]:
-    table = _proc_table()
-    return {pid for pid in pids if pid in table and table[pid][2] != "Z"}
-
-
-def stop_tree(root_pid: int, grace_s: float = 20.0) -> set[int]:
-    """SIGTERM ``root_pid``'s whole tree, SIGKILL what is left after ``grace_s``; returns the pids seen."""
-    pids = process_tree(root_pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _alive(pids):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 10.0)
-        while time.monotonic() < deadline:
-            pids |= process_tree(root_pid)  # catch children spawned while shutting down
-            if not _alive(pids):
-                return pids
-            time.sleep(0.2)
-    left = _alive(pids)
-    if left:
-        raise StackError(f"processes {sorted(left)} of pid {root_pid} survived SIGKILL")
-    return pids
+def stop_process_tree(root: psutil.Process, grace_s: float = 20.0) -> set[int]:
+    """SIGTERM ``root``'s whole tree, SIGKILL what is left after ``grace_s``; returns the pids seen."""
+    procs = [root, *root.children(recursive=True)]
+    for sig in ("terminate", "kill"):
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                getattr(p, sig)()
+        _, alive = psutil.wait_procs(procs, timeout=grace_s if sig == "terminate" else 10)
+        if not alive:
+            return {p.pid for p in procs}
+    raise StackError(f"processes {sorted(p.pid for p in alive)} of pid {root.pid} survived SIGKILL")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -181,27 +170,45 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _http_get(url: str, timeout: float = 5.0, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url)
+def _http(url: str, body: dict | None = None, auth: tuple[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET (or POST a JSON ``body``); returns (status, payload) for 2xx and HTTP errors alike."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
     if auth:
         import base64
 
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        req.add_header("Authorization", f"Basic {token}")
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    data = json.dumps(body).encode() if body is not None else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 
 
-def _http_post_json(url: str, body: dict, timeout: float = 5.0) -> tuple[int, object]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _healthy(check: Callable[[], bool]) -> bool:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
+        return bool(check())
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def wait_ready(what: str, proc: psutil.Process, check: Callable[[], bool], log_path: Path, timeout_s: float) -> None:
+    """Poll ``check`` until it passes; fail early (with the log's tail) if ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _running(proc):
+            raise StackError(f"{what} exited during start-up; see {log_path}:\n{_tail(log_path)}")
+        if _healthy(check):
+            return
+        time.sleep(0.5)
+    raise StackError(f"{what} not healthy after {timeout_s:.0f}s; see {log_path}:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
 
 
 # --------------------------------------------------------------------------- databases
@@ -211,17 +218,20 @@ def _pg_connect(pg_url: str):
     import psycopg2
 
     parts = urllib.parse.urlsplit(pg_url)
-    admin_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
-    conn = psycopg2.connect(admin_url)
+    conn = psycopg2.connect(urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, "")))
     conn.autocommit = True
     return conn
+
+
+def _databases(settings: StackSettings) -> list[str]:
+    return [settings.db_name(s) for s in ("mlflow", "prefect", "optuna")]
 
 
 def create_databases(settings: StackSettings) -> list[str]:
     """Create ``<prefix>_{mlflow,prefect,optuna}`` if missing; returns the names."""
     from psycopg2 import sql
 
-    names = [settings.db_name(s) for s in ("mlflow", "prefect", "optuna")]
+    names = _databases(settings)
     conn = _pg_connect(settings.pg_url)
     try:
         with conn.cursor() as cur:
@@ -238,7 +248,7 @@ def drop_databases(settings: StackSettings) -> list[str]:
     """Drop the stack's databases (closing any connection still open); returns the names."""
     from psycopg2 import sql
 
-    names = [settings.db_name(s) for s in ("mlflow", "prefect", "optuna")]
+    names = _databases(settings)
     conn = _pg_connect(settings.pg_url)
     try:
         with conn.cursor() as cur:
@@ -261,37 +271,16 @@ def _bin(name: str) -> str:
     return found
 
 
-def _spawn(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> int:
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> psutil.Process:
     """Start ``cmd`` in its own session (so ``down`` can stop its whole group), output to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(
+        popen = subprocess.Popen(
             cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
-    return proc.pid
-
-
-def _wait(what: str, check, pid: int, log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _alive({pid}):
-            raise StackError(f"{what} exited during start-up; see {log_path}:\n{_tail(log_path)}")
-        try:
-            if check():
-                return
-        except (OSError, urllib.error.URLError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise StackError(f"{what} not healthy after {timeout_s:.0f}s; see {log_path}:\n{_tail(log_path)}")
-
-
-def _tail(path: Path, n: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
+    return psutil.Process(popen.pid)
 
 
 def _base_env(settings: StackSettings) -> dict[str, str]:
@@ -304,16 +293,27 @@ def _base_env(settings: StackSettings) -> dict[str, str]:
     return env
 
 
-def start_mlflow(settings: StackSettings, port: int) -> int:
+@dataclass
+class Service:
+    """How to start one service and how to tell it is ready."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    cwd: Path
+    ready: Callable[[], bool]
+
+
+def mlflow_service(settings: StackSettings, port: int) -> Service:
+    """``mlflow server`` on PostgreSQL with proxied artifacts; with auth, the basic-auth app."""
     state = settings.state_dir
-    artifacts = state / "mlartifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    (state / "mlartifacts").mkdir(parents=True, exist_ok=True)
     env = _base_env(settings)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "true" if settings.mlflow_jobs else "false"
     cmd = [
         _bin("mlflow"), "server",
         "--backend-store-uri", settings.db_url("mlflow", driver="psycopg2"),
-        "--artifacts-destination", str(artifacts),
+        "--artifacts-destination", str(state / "mlartifacts"),
         "--serve-artifacts",
         "--host", settings.host, "--port", str(port),
         "--workers", str(settings.mlflow_workers),
@@ -334,46 +334,50 @@ def start_mlflow(settings: StackSettings, port: int) -> int:
         env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", os.urandom(16).hex())
         cmd += ["--app-name", "basic-auth"]
         auth = (os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"), password)
-    log = state / "logs" / "mlflow.log"
-    pid = _spawn(cmd, env, log, cwd=state)
-    url = f"http://{settings.host}:{port}"
-    _wait("mlflow server", lambda: _http_get(f"{url}/health", auth=auth)[0] == 200, pid, log, settings.timeout_s)
-    return pid
+    url = f"http://{settings.host}:{port}/health"
+    return Service("mlflow", cmd, env, state, lambda: _http(url, auth=auth)[0] == 200)
 
 
-def start_prefect(settings: StackSettings, port: int) -> int:
+def prefect_service(settings: StackSettings, port: int) -> Service:
     env = _base_env(settings)
     env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = settings.db_url("prefect", driver="asyncpg")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["PREFECT_SERVER_UI_ENABLED"] = "true" if settings.prefect_ui else "false"
+    # the browser calls this URL; without it the UI says "Can't connect to Server API"
     env["PREFECT_UI_API_URL"] = f"http://{settings.host}:{port}/api"
     cmd = [_bin("prefect"), "server", "start", "--host", settings.host, "--port", str(port)]
-    log = settings.state_dir / "logs" / "prefect.log"
-    pid = _spawn(cmd, env, log, cwd=settings.state_dir)
     url = f"http://{settings.host}:{port}/api/health"
-    _wait("prefect server", lambda: _http_get(url)[0] == 200, pid, log, settings.timeout_s)
-    return pid
+    return Service("prefect", cmd, env, settings.state_dir, lambda: _http(url)[0] == 200)
 
 
-def start_worker(settings: StackSettings, stack: Stack) -> int:
+def worker_service(settings: StackSettings, stack: Stack) -> Service:
     env = _base_env(settings)
     env.update(stack.client_env())
     env.setdefault("SELFATTN_DATA_DIR", str(REPO_DIR.parent / "shared" / "data"))
     # the pipeline's caches and run folders: the worker's own home unless one is configured
     env["SELFATTN_HOME"] = os.environ.get("SELFATTN_HOME") or str(settings.state_dir / "selfattn_home")
     cmd = [_bin("prefect"), "worker", "start", "--pool", settings.pool, "--type", "process"]
-    log = settings.state_dir / "logs" / "worker.log"
-    # flow runs start in the worker's directory; deployments from infra/prefect.yaml set their own
-    pid = _spawn(cmd, env, log, cwd=REPO_DIR)
     api = stack.prefect_api_url
-    _wait("prefect worker", lambda: worker_online(api, settings.pool), pid, log, settings.timeout_s)
-    return pid
+    # flow runs start in the worker's directory; deployments from infra/prefect.yaml set their own
+    return Service("worker", cmd, env, REPO_DIR, lambda: worker_online(api, settings.pool))
 
 
 def worker_online(prefect_api_url: str, pool: str) -> bool:
     """True once a worker of ``pool`` has sent a heartbeat to the Prefect server."""
-    status, workers = _http_post_json(f"{prefect_api_url}/work_pools/{pool}/workers/filter", {})
-    return status == 200 and any(w.get("status") == "ONLINE" for w in workers)  # type: ignore[union-attr]
+    status, raw = _http(f"{prefect_api_url}/work_pools/{pool}/workers/filter", body={})
+    return status == 200 and any(w.get("status") == "ONLINE" for w in json.loads(raw))
+
+
+def _create_pool(settings: StackSettings, stack: Stack) -> None:
+    if _http(f"{stack.prefect_api_url}/work_pools/{settings.pool}")[0] == 200:
+        return
+    env = {**_base_env(settings), "PREFECT_API_URL": stack.prefect_api_url}
+    proc = subprocess.run(
+        [_bin("prefect"), "work-pool", "create", settings.pool, "--type", "process"],
+        env=env, capture_output=True, text=True, timeout=settings.timeout_s,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise StackError(f"could not create work pool {settings.pool!r}:\n{proc.stdout}\n{proc.stderr}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -392,8 +396,7 @@ def load_stack(state_dir: Path) -> Stack | None:
 
 def _write_stack(stack: Stack, state_dir: Path) -> None:
     _state_file(state_dir).write_text(json.dumps(asdict(stack), indent=2) + "\n")
-    lines = [f"{k}={v}" for k, v in stack.client_env().items()]
-    (state_dir / "stack.env").write_text("\n".join(lines) + "\n")
+    (state_dir / "stack.env").write_text("".join(f"{k}={v}\n" for k, v in stack.client_env().items()))
 
 
 def up(settings: StackSettings) -> Stack:
@@ -401,7 +404,7 @@ def up(settings: StackSettings) -> Stack:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     running = load_stack(settings.state_dir)
     if running is not None:
-        if all(_alive({pid}) for pid in running.pids.values()):
+        if all(running.process(name) for name in running.pids):
             return running
         down(settings.state_dir)  # a half-dead stack: clean it up and start again
 
@@ -417,38 +420,30 @@ def up(settings: StackSettings) -> Stack:
         prefect_api_url=f"http://{settings.host}:{prefect_port}/api",
         optuna_storage=settings.db_url("optuna", driver="psycopg2"),
         pool=settings.pool,
+        logs={s: str(settings.state_dir / "logs" / f"{s}.log") for s in SERVICES},
     )
-    logs = settings.state_dir / "logs"
-    stack.logs = {s: str(logs / f"{s}.log") for s in SERVICES}
+    _write_stack(stack, settings.state_dir)
     try:
-        # record each pid as soon as it exists, so a failed start is still cleaned up by down()
-        stack.pids["mlflow"] = start_mlflow(settings, mlflow_port)
-        _write_stack(stack, settings.state_dir)
-        stack.pids["prefect"] = start_prefect(settings, prefect_port)
-        _write_stack(stack, settings.state_dir)
+        # MLflow and Prefect boot side by side; each pid is recorded as soon as it exists, so a
+        # failed start is still cleaned up by down()
+        _start(stack, settings, [mlflow_service(settings, mlflow_port), prefect_service(settings, prefect_port)])
         if settings.worker:
             _create_pool(settings, stack)
-            stack.pids["worker"] = start_worker(settings, stack)
-            _write_stack(stack, settings.state_dir)
+            _start(stack, settings, [worker_service(settings, stack)])
     except BaseException:
-        _write_stack(stack, settings.state_dir)
         down(settings.state_dir)
         raise
     return stack
 
 
-def _create_pool(settings: StackSettings, stack: Stack) -> None:
-    env = _base_env(settings)
-    env["PREFECT_API_URL"] = stack.prefect_api_url
-    status, _ = _http_get(f"{stack.prefect_api_url}/work_pools/{settings.pool}")
-    if status == 200:
-        return
-    proc = subprocess.run(
-        [_bin("prefect"), "work-pool", "create", settings.pool, "--type", "process"],
-        env=env, capture_output=True, text=True, timeout=settings.timeout_s,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise StackError(f"could not create work pool {settings.pool!r}:\n{proc.stdout}\n{proc.stderr}")
+def _start(stack: Stack, settings: StackSettings, services: list[Service]) -> None:
+    procs = {}
+    for svc in services:
+        procs[svc.name] = _spawn(svc.cmd, svc.env, Path(stack.logs[svc.name]), svc.cwd)
+        stack.pids[svc.name], stack.started[svc.name] = procs[svc.name].pid, procs[svc.name].create_time()
+        _write_stack(stack, settings.state_dir)
+    for svc in services:
+        wait_ready(svc.name, procs[svc.name], svc.ready, Path(stack.logs[svc.name]), settings.timeout_s)
 
 
 def down(state_dir: Path, drop: bool = False, settings: StackSettings | None = None) -> dict[str, list[int]]:
@@ -461,10 +456,10 @@ def down(state_dir: Path, drop: bool = False, settings: StackSettings | None = N
     stack = load_stack(state_dir)
     stopped: dict[str, list[int]] = {}
     if stack is not None:
-        for name in reversed(SERVICES):
-            pid = stack.pids.get(name)
-            if pid:
-                stopped[name] = sorted(stop_tree(pid))
+        for name in reversed([n for n in SERVICES if n in stack.pids]):
+            proc = stack.process(name)
+            if proc is not None:
+                stopped[name] = sorted(stop_process_tree(proc))
         _state_file(state_dir).unlink(missing_ok=True)
         (state_dir / "stack.env").unlink(missing_ok=True)
         if drop:
@@ -482,16 +477,13 @@ def status(state_dir: Path) -> dict[str, object]:
         return {"running": False}
     out: dict[str, object] = {"running": True, **stack.client_env()}
     checks = {
-        "mlflow": lambda: _http_get(f"{stack.mlflow_url}/health")[0] == 200,
-        "prefect": lambda: _http_get(f"{stack.prefect_api_url}/health")[0] == 200,
+        "mlflow": lambda: _http(f"{stack.mlflow_url}/health")[0] == 200,
+        "prefect": lambda: _http(f"{stack.prefect_api_url}/health")[0] == 200,
         "worker": lambda: worker_online(stack.prefect_api_url, stack.pool),
     }
     for name, pid in stack.pids.items():
-        alive = bool(_alive({pid}))
-        try:
-            healthy = alive and checks[name]()
-        except (OSError, urllib.error.URLError, ValueError):
-            healthy = False
+        alive = stack.process(name) is not None
+        healthy = alive and _healthy(checks[name])
         out[name] = {"pid": pid, "alive": alive, "healthy": healthy, "log": stack.logs.get(name)}
     return out
 
@@ -540,8 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                 state_dir=state_dir, pg_url=args.pg_url, db_prefix=args.db_prefix, host=args.host,
                 mlflow_port=args.mlflow_port, prefect_port=args.prefect_port, pool=args.pool,
                 worker=not args.no_worker, prefect_ui=not args.no_prefect_ui, mlflow_auth=args.mlflow_auth,
-                mlflow_jobs=args.mlflow_jobs,
-                timeout_s=args.timeout,
+                mlflow_jobs=args.mlflow_jobs, timeout_s=args.timeout,
             )  # fmt: skip
             stack = up(settings)
             print(f"stack up (state: {state_dir}); use it with:  set -a; . {state_dir / 'stack.env'}; set +a")

@@ -60,15 +60,15 @@ def test_stack_is_healthy_on_postgres(stack):
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
+    import psutil
+
     alive = []
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as fh:
-                state = fh.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
             continue
-        if state != "Z":
-            alive.append(pid)
     return alive
 
 
