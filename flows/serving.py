@@ -28,6 +28,8 @@ try:  # mlflow is a dependency of the flows layer; the import is cheap (no track
 except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc, assignment]
 
+from selfattn.calibration import temperature_of
+
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 64
@@ -120,6 +122,7 @@ class SelfattnClassifier(PythonModel):
         if self._pre is None:
             raise RuntimeError("SelfattnClassifier has no model loaded (load_context was not called)")
         model, tok, cfg = self._pre.model, self._pre.tokenizer, self._pre.config
+        temperature = temperature_of(self._pre.extra)  # fitted on held-out rows; 1.0 = uncalibrated
         labels = self.labels
         max_len = cfg.context_length
         fallback = tok.bos_id if getattr(tok, "bos_id", None) is not None else tok.pad_id
@@ -151,7 +154,7 @@ class SelfattnClassifier(PythonModel):
                 for j, x in enumerate(chunk):
                     input_ids[j, : len(x)] = torch.tensor(x, dtype=torch.long)
                     mask[j, : len(x)] = True
-                logits = model(input_ids, mask).logits.float()  # [B, C]
+                logits = model(input_ids, mask).logits.float() / temperature  # [B, C]
                 probs_rows.extend(torch.softmax(logits, dim=-1).tolist())
         rows = []
         for probs, note in zip(probs_rows, notes):
