@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from selfattn.data import file_digest
 from selfattn.errors import UserError
 
+from flows import behaviour_stage
 from flows.config import PipelineConfig, data_root, merge, resolve_local_path
 
 log = logging.getLogger(__name__)
@@ -443,11 +444,13 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
     from selfattn.train import evaluate_checkpoint
 
     dev = data.result["files"]["dev.tsv"]
-    stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"]})
+    stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump()})
     with stage.claim() as (out, out_dir):
         if out is not None:
             return out
-        done_eval = _engine_eval(finetuned, dev)
+        # the temperature goes into the model dir before dev is scored, so dev metrics use it
+        extra = behaviour_stage.calibrate(cfg, finetuned.result["best_dir"], finetuned.result["config"]["data"], dev)
+        done_eval = None if extra else _engine_eval(finetuned, dev)
         if done_eval is not None:  # the engine already evaluated the best model on exactly this file
             shutil.copytree(done_eval, out_dir / "eval", dirs_exist_ok=True)
             metrics = json.loads((out_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
@@ -456,6 +459,7 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
         plots = sorted(str(p) for p in (out_dir / "eval" / "plots").rglob("*.png"))
         if not any(p.endswith("learning_curves.png") for p in plots):
             plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
+        metrics.update(extra, **behaviour_stage.behaviour(cfg, finetuned.result["best_dir"], dev, out_dir))
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
         return stage.finish(
@@ -465,6 +469,7 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
                 "plots": plots,
                 "dataset_digest": data.result["digests"]["dev.tsv"][:16],
                 "eval_dir": str(out_dir / "eval"),
+                "behaviour_dir": str(out_dir / behaviour_stage.BEHAVIOUR_DIR),
             }
         )
 
