@@ -11,7 +11,9 @@ model object from the installed ``flows.serving`` module at load time, so nothin
 
 Input: a list of strings, one string, a one-column DataFrame (any column name, ``text``
 preferred), or bytes. Output: a DataFrame with ``label`` (the class value), ``label_index``,
-``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none).
+``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none). The
+probabilities are temperature-scaled when the checkpoint holds a fitted temperature
+(``extra.calibration``, written by the evaluate stage; see docs/evaluation.md).
 Empty strings, very long inputs (truncated to the model's context, with a warning) and invalid
 UTF-8 (replaced with U+FFFD, with a warning) never raise.
 """
@@ -23,12 +25,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from selfattn.calibration import temperature_of
+
 try:  # mlflow is a dependency of the flows layer; the import is cheap (no tracking set up)
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc, assignment]
-
-from selfattn.calibration import temperature_of
 
 log = logging.getLogger(__name__)
 
