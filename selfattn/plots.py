@@ -95,7 +95,7 @@ def plot_reliability_diagram(confidences: Sequence[float], correct: Sequence[boo
     centers = (edges[:-1] + edges[1:]) / 2
     width = edges[1] - edges[0]
     filled = counts > 0
-    ax.bar(centers[filled], acc[filled], width=width * 0.9, edgecolor="black", label="accuracy")
+    ax.bar(centers[filled], acc[filled], width=width * 0.9, edgecolor="black", label="accuracy" if uncalibrated is None else "accuracy after scaling")
     ax.bar(centers[filled], (conf - acc)[filled], bottom=acc[filled], width=width * 0.9, color="red", alpha=0.3, label="gap")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set_xlim(0, 1)
