@@ -127,6 +127,20 @@ class RegistrySection(StrictModel):
 class PromotionSection(StrictModel):
     metric: str = "accuracy"
     margin: float = Field(default=0.0, ge=0.0)
+    slices: dict[str, float] = Field(
+        default_factory=dict,
+        description="slice name -> the most accuracy it may lose against the champion, e.g. {negation: 0.02} (off when empty)",
+    )
+
+
+class EvaluationSection(StrictModel):
+    """Calibration and behavioural evaluation in the evaluate stage (docs/evaluation.md)."""
+
+    calibrate: bool = Field(default=True, description="fit a temperature on the fine-tune's held-out rows; served probabilities use it")
+    behaviour: bool = Field(default=True, description="run the behavioural tests and the dev slices")
+    behaviour_seed: int = 0
+    behaviour_cases: int = Field(default=200, gt=0, description="cases per test from templates, and up to as many from dev")
+    length_bins: list[int] = Field(default_factory=lambda: [12, 24], description="word-count edges of the length slices")
 
 
 class PipelineConfig(StrictModel):
@@ -141,6 +155,7 @@ class PipelineConfig(StrictModel):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
     promotion: PromotionSection = Field(default_factory=PromotionSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
 
     @field_validator("name")
     @classmethod

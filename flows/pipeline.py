@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from selfattn.errors import UserError
 from selfattn.utils import atomic_write_text
 
-from flows import prefect_ops, registry, stages, tracking
+from flows import behaviour_stage, prefect_ops, registry, stages, tracking
 from flows.config import PipelineConfig, load_pipeline_config
 from flows.paths import selfattn_home
 from flows.reliability import retry_on_io
@@ -165,9 +165,9 @@ def register_task(model_uri: str, model_name: str, run_key: str, tags: dict[str,
 
 
 @task(name="champion-gate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def gate_task(model_name: str, version: str, metric: str, margin: float, home: str) -> dict[str, Any]:
-    """Move champion if the challenger is better by the margin."""
-    return registry.gate(model_name=model_name, version=version, metric=metric, margin=margin, home=Path(home)).to_dict()
+def gate_task(model_name: str, version: str, metric: str, margin: float, home: str, slices: dict[str, float] | None = None) -> dict[str, Any]:
+    """Move champion if the challenger is better by the margin (and loses no guarded slice)."""
+    return registry.gate(model_name=model_name, version=version, metric=metric, margin=margin, home=Path(home), slices=slices).to_dict()
 
 
 # --------------------------------------------------------------------------- sub-flows (one per stage)
@@ -261,6 +261,7 @@ def evaluate_flow(cfg: PipelineConfig, data: StageOutput, ft: StageOutput, ctx: 
         mlflow.log_artifact(out.result["metrics_file"], "evaluation")
         for p in out.result["plots"]:
             mlflow.log_artifact(p, "plots")
+        behaviour_stage.log_results(out.result)
     return out
 
 
@@ -287,7 +288,7 @@ def register_flow(cfg: PipelineConfig, ft: StageOutput, ev: StageOutput, ctx: Ru
             **{f"eval.{k}": f"{v:.6f}" for k, v in ev.result["metrics"].items()},
         }
         version = register_task(model_uri, cfg.registry.model_name, run_key, tags, ctx.home)
-        decision = gate_task(cfg.registry.model_name, version, metric, cfg.promotion.margin, ctx.home)
+        decision = gate_task(cfg.registry.model_name, version, metric, cfg.promotion.margin, ctx.home, cfg.promotion.slices)
         mlflow.set_tags({"registry.model": cfg.registry.model_name, "registry.version": version, "promotion.decision": "promoted" if decision["promoted"] else "rejected", "promotion.reason": decision["reason"]})
         mlflow.log_dict(decision, "promotion.json")
     return {"model_uri": model_uri, "version": version, "decision": decision}

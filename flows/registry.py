@@ -160,6 +160,25 @@ def _move_champion(model_name: str, version: str, client) -> str | None:
     return str(old.version) if old is not None else None
 
 
+def slice_regression(challenger, champion, slices: dict[str, float] | None) -> str | None:
+    """Why ``challenger`` may not replace ``champion`` on the guarded ``slices``, or None.
+
+    ``slices`` maps a slice name to the most accuracy it may lose (``{"negation": 0.02}``); the
+    accuracies are the version tags ``eval.slice.<name>.accuracy`` written at registration. A slice
+    the challenger lacks refuses (a misspelt name must not pass silently); a slice the champion
+    lacks (registered before slices existed) is not compared.
+    """
+    for name, allowed in sorted((slices or {}).items()):
+        tag = f"eval.slice.{name}.accuracy"
+        mine = challenger.tags.get(tag)
+        if mine is None:
+            return f"slice {name!r} has no accuracy on version {challenger.version} (no tag {tag})"
+        theirs = champion.tags.get(tag)
+        if theirs is not None and float(mine) < float(theirs) - allowed:
+            return f"slice {name!r} accuracy {float(mine):.4f} < champion v{champion.version} {float(theirs):.4f} - allowed {allowed}"
+    return None
+
+
 def gate(
     *,
     model_name: str,
@@ -168,12 +187,15 @@ def gate(
     margin: float,
     home: Path | None = None,
     client=None,
+    slices: dict[str, float] | None = None,
 ) -> Decision:
     """Move ``champion`` to ``version`` if it beats the champion by ``margin`` (or there is none).
 
     Scores come from the version tags ``eval.score``/``eval.metric``; the two are compared only
     when both were evaluated on the same data (``eval.dataset_digest``). Higher is better.
-    The decision and both scores are written into the challenger's version tags.
+    With ``slices`` a better challenger is still refused when it loses more accuracy than allowed
+    on a named slice (:func:`slice_regression`). The decision and both scores are written into the
+    challenger's version tags.
     """
     client = client or _client()
     version = str(version)
@@ -200,6 +222,9 @@ def gate(
             promoted, reason = True, f"{metric} {score:.4f} > champion {champ_score:.4f} + margin {margin}"
         else:
             promoted, reason = False, f"{metric} {score:.4f} <= champion {champ_score:.4f} + margin {margin}"
+        if promoted and slices and champ is not None and champ_v != version:
+            why = slice_regression(mv, champ, slices)
+            promoted, reason = (False, why) if why else (True, f"{reason}; no guarded slice regressed ({', '.join(sorted(slices))})")
         if promoted:
             _move_champion(model_name, version, client)
         decision = Decision(

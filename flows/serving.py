@@ -11,7 +11,9 @@ model object from the installed ``flows.serving`` module at load time, so nothin
 
 Input: a list of strings, one string, a one-column DataFrame (any column name, ``text``
 preferred), or bytes. Output: a DataFrame with ``label`` (the class value), ``label_index``,
-``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none).
+``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none). The
+probabilities are temperature-scaled when the checkpoint holds a fitted temperature
+(``extra.calibration``, written by the evaluate stage; see docs/evaluation.md).
 Empty strings, very long inputs (truncated to the model's context, with a warning) and invalid
 UTF-8 (replaced with U+FFFD, with a warning) never raise.
 """
@@ -22,6 +24,8 @@ import logging
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
+
+from selfattn.calibration import temperature_of
 
 try:  # mlflow is a dependency of the flows layer; the import is cheap (no tracking set up)
     from mlflow.pyfunc import PythonModel
@@ -120,6 +124,7 @@ class SelfattnClassifier(PythonModel):
         if self._pre is None:
             raise RuntimeError("SelfattnClassifier has no model loaded (load_context was not called)")
         model, tok, cfg = self._pre.model, self._pre.tokenizer, self._pre.config
+        temperature = temperature_of(self._pre.extra)  # fitted on held-out rows; 1.0 = uncalibrated
         labels = self.labels
         max_len = cfg.context_length
         fallback = tok.bos_id if getattr(tok, "bos_id", None) is not None else tok.pad_id
@@ -151,7 +156,7 @@ class SelfattnClassifier(PythonModel):
                 for j, x in enumerate(chunk):
                     input_ids[j, : len(x)] = torch.tensor(x, dtype=torch.long)
                     mask[j, : len(x)] = True
-                logits = model(input_ids, mask).logits.float()  # [B, C]
+                logits = model(input_ids, mask).logits.float() / temperature  # [B, C]
                 probs_rows.extend(torch.softmax(logits, dim=-1).tolist())
         rows = []
         for probs, note in zip(probs_rows, notes):

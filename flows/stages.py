@@ -39,7 +39,7 @@ from selfattn.errors import UserError
 from selfattn.train import FinetuneConfig, PretrainConfig, evaluate_checkpoint, finetune, pretrain
 from selfattn.utils import atomic_write_text
 
-from flows import tuning
+from flows import behaviour_stage, tuning
 from flows.config import PipelineConfig, trial_template
 from flows.paths import data_root, resolve_local_path
 
@@ -432,14 +432,17 @@ def finetune_stage(
 def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> StageOutput:
     """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention)."""
     dev = data.result["files"]["dev.tsv"]
-    stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"]})
+    stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump()})
     with stage.claim() as (out, out_dir):
         if out is not None:
             return out
+        # the temperature goes into the model dir before dev is scored, so dev metrics use it
+        extra = behaviour_stage.calibrate(cfg, finetuned.result["best_dir"], finetuned.result["config"]["data"], dev)
         metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), dev, out_dir / "eval")
         plots = sorted(str(p) for p in (out_dir / "eval" / "plots").rglob("*.png"))
         if not any(p.endswith("learning_curves.png") for p in plots):
             plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
+        metrics.update(extra, **behaviour_stage.behaviour(cfg, finetuned.result["best_dir"], dev, out_dir))
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
         return stage.finish(
@@ -449,6 +452,7 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
                 "plots": plots,
                 "dataset_digest": data.result["digests"]["dev.tsv"][:16],
                 "eval_dir": str(out_dir / "eval"),
+                "behaviour_dir": str(out_dir / behaviour_stage.BEHAVIOUR_DIR),
             }
         )
 

@@ -204,23 +204,85 @@ def _classifier_rows(pre: Any, data: "ClassificationDataConfig") -> Any:
 
 def _evaluate_classifier(pre: Any, data: "ClassificationDataConfig", plots: Path, *, batch_size: int, device: "torch.device", n_attention_examples: int) -> dict[str, Any]:
     val, probs, y, loss = _classifier_probs(pre, data, batch_size=batch_size, device=device)
-    metrics = _classifier_report(probs, y, loss, data.labels, plots, texts=val.texts)
+    probs, loss, raw = _calibrated(pre, probs, y, loss)
+    metrics = _classifier_report(probs, y, loss, data.labels, plots, texts=val.texts, raw_probs=raw)
     if val.texts and n_attention_examples:
         _attention_plots(pre, val.texts[:n_attention_examples], plots, min(data.max_length, pre.config.context_length))
     return {**metrics, "n_truncated": val.n_truncated}
 
 
-def _classifier_report(probs: "np.ndarray", y: "np.ndarray", loss: float, labels: Sequence[int | str], plots: Path, *, texts: Sequence[str] | None) -> dict[str, Any]:
+def _classifier_report(probs: "np.ndarray", y: "np.ndarray", loss: float, labels: Sequence[int | str], plots: Path, *, texts: Sequence[str] | None, raw_probs: "np.ndarray | None" = None) -> dict[str, Any]:
     """Metrics of class probabilities ``probs [N, C]`` against ``y [N]``; writes the confusion and
-    reliability plots and ``predictions.tsv`` beside ``plots/`` (one row per example, for error analysis)."""
+    reliability plots and ``predictions.tsv`` beside ``plots/`` (one row per example, for error analysis).
+    ``raw_probs``: the uncalibrated probabilities when ``probs`` are temperature-scaled (their ECE is
+    reported as ``ece_uncalibrated`` and drawn in the reliability diagram too)."""
     from selfattn.plots import plot_confusion_matrix, plot_reliability_diagram
 
     m = classification_metrics(y, probs)
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)
     plot_confusion_matrix(m["confusion_matrix"], list(labels), plots / "confusion_matrix.png")
-    plot_reliability_diagram(conf, pred == y, plots / "reliability.png")
+    before = None if raw_probs is None else raw_probs.max(axis=1)
+    plot_reliability_diagram(conf, pred == y, plots / "reliability.png", uncalibrated=before)
     write_predictions(plots.parent / PREDICTIONS_FILE, probs, y, labels, texts)
+    if before is not None:
+        m["ece_uncalibrated"] = expected_calibration_error(before, raw_probs.argmax(axis=1) == y)
     return {"task": "classifier", "loss": loss, **m, "labels": list(labels)}
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _calibrated(pre: Any, probs: "np.ndarray", y: "np.ndarray", loss: float) -> tuple["np.ndarray", float, "np.ndarray | None"]:
+    """``(served probs, their NLL, raw probs or None)``: the checkpoint's stored temperature applied."""
+    import numpy as np
+
+    from selfattn.calibration import scale_probs, temperature_of
+
+    temperature = temperature_of(pre.extra)
+    if temperature == 1.0:
+        return probs, loss, None
+    scaled = scale_probs(probs, temperature)
+    return scaled, float(-np.log(np.clip(scaled[np.arange(len(y)), y], 1e-12, None)).mean()), probs
+
+
+def calibrate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig | None" = None, *, batch_size: int = 64, device: str = "auto", write: bool = True) -> dict[str, Any]:
+    """Fit a temperature on held-out rows and (``write``) store it in ``model_dir/config.json``.
+
+    ``data`` defaults to the data config the model was fine-tuned with, so the rows are its own
+    validation split (``val_path``, or the held-out ``val_fraction`` of train), never the set the
+    model is finally scored on. Returns the temperature, the row count, and NLL and ECE (the
+    function of ``metrics.json``) before and after on those rows.
+    """
+    from selfattn.calibration import fit_temperature, logits_from_probs, nll, save_temperature, scale_probs
+    from selfattn.checkpoint import load_pretrained
+    from selfattn.data import ClassificationDataConfig
+    from selfattn.devices import resolve_device
+
+    dev = resolve_device(device)
+    pre = load_pretrained(model_dir, map_location=dev)
+    if pre.task != "classifier" or pre.tokenizer is None:
+        raise UserError(f"calibration needs a classifier with a tokenizer; {model_dir} holds a {pre.task!r} model")
+    if data is None:
+        saved = (pre.extra or {}).get("data")
+        if not saved:
+            raise UserError(f"{model_dir} records no training data config (extra.data); pass the held-out data to calibrate on")
+        data = ClassificationDataConfig.model_validate(saved)
+    _, probs, y, _ = _classifier_probs(pre, data, batch_size=batch_size, device=dev)
+    logits = logits_from_probs(probs)  # [N, C]
+    temperature = fit_temperature(logits, y)
+    after = scale_probs(probs, temperature)
+    report = {
+        "temperature": temperature,
+        "n": int(len(y)),
+        "nll_before": nll(logits, y),
+        "nll_after": nll(logits, y, temperature),
+        "ece_before": expected_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == y),
+        "ece_after": expected_calibration_error(after.max(axis=1), after.argmax(axis=1) == y),
+        "fitted_on": data.val_path or f"held-out {data.val_fraction} of {data.train_path} ({data.val_holdout})",
+    }
+    if write:
+        save_temperature(model_dir, temperature, report)
+    return report
 
 
 PREDICTIONS_FILE = "predictions.tsv"

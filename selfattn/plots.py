@@ -82,9 +82,12 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], labels: Sequence[Any], pa
     return _save(fig, path)
 
 
-def plot_reliability_diagram(confidences: Sequence[float], correct: Sequence[bool], path: str | Path, *, n_bins: int = ECE_BINS) -> Path:
-    """Accuracy per confidence bin against the diagonal, with the bin counts below; the title's ECE is
-    the one in ``metrics.json`` (same function, same bins)."""
+def plot_reliability_diagram(confidences: Sequence[float], correct: Sequence[bool], path: str | Path, *, n_bins: int = ECE_BINS, uncalibrated: Sequence[float] | None = None) -> Path:
+    """Accuracy per confidence bin against the diagonal, with the bin counts below.
+
+    ``uncalibrated``: the confidences before temperature scaling (same predictions, so the same
+    ``correct``), drawn as a line over the calibrated bars, with both ECEs in the title.
+    """
 
     acc, conf, counts, edges = reliability_bins(confidences, correct, n_bins=n_bins)
     ece = expected_calibration_error(confidences, correct, n_bins=n_bins)
@@ -93,16 +96,25 @@ def plot_reliability_diagram(confidences: Sequence[float], correct: Sequence[boo
     centers = (edges[:-1] + edges[1:]) / 2
     width = edges[1] - edges[0]
     filled = counts > 0
-    ax.bar(centers[filled], acc[filled], width=width * 0.9, edgecolor="black", label="accuracy")
+    ax.bar(centers[filled], acc[filled], width=width * 0.9, edgecolor="black", label="accuracy" if uncalibrated is None else "accuracy after scaling")
     ax.bar(centers[filled], (conf - acc)[filled], bottom=acc[filled], width=width * 0.9, color="red", alpha=0.3, label="gap")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title(f"reliability diagram (ECE = {ece:.3f})")
+    if uncalibrated is not None:
+        acc0, conf0, counts0, _ = reliability_bins(uncalibrated, correct, n_bins=n_bins)
+        ece0 = expected_calibration_error(uncalibrated, correct, n_bins=n_bins)
+        seen = counts0 > 0
+        ax.plot(conf0[seen], acc0[seen], "s-", color="tab:orange", label=f"before scaling (ECE = {ece0:.3f})")
+        ax.set_title(f"reliability diagram (ECE {ece0:.3f} -> {ece:.3f} after temperature scaling)", fontsize=9)
     ax.legend(loc="upper left")
     ax2 = fig.add_subplot(2, 1, 2)
     ax2.bar(centers, counts, width=width * 0.9, color="gray")
+    if uncalibrated is not None:
+        ax2.step(edges[1:], counts0, where="pre", color="tab:orange", label="before scaling")
+        ax2.legend(loc="upper left")
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("confidence")
     ax2.set_ylabel("examples")
