@@ -120,6 +120,7 @@ class PipelineConfig(StrictModel):
     name: str = "pipeline"
     seed: int = 0
     data: DataSection = Field(default_factory=DataSection)
+    init_from: str | None = Field(default=None, description="hf:ID_OR_DIR or a selfattn checkpoint dir: replaces the pretrain stage")
     pretrain: dict[str, Any] = Field(default_factory=dict, description="selfattn.train.PretrainConfig fields")
     finetune: dict[str, Any] = Field(default_factory=dict, description="selfattn.train.FinetuneConfig fields")
     search: SearchSection = Field(default_factory=SearchSection)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from selfattn.errors import UserError
 
-from flows import recovery, registry, stages, tracking
+from flows import init_from, recovery, registry, stages, tracking
 from flows.config import PipelineConfig, load_pipeline_config, selfattn_home
 from flows.stages import StageOutput
 
@@ -359,7 +359,8 @@ def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None 
         data = validate_flow(cfg, ctx)
         out["data"] = data
         mlflow.set_tag(tracking.TAG_DATA_DIGEST, data.result["digest"])
-        out["pretrain"] = pretrain_flow(cfg, data, ctx)
+        # init_from (an imported or existing checkpoint) stands in for pretraining
+        out["pretrain"] = init_from.init_from_flow(cfg, ctx) if cfg.init_from else pretrain_flow(cfg, data, ctx)
         out["search"] = search_flow(cfg, data, out["pretrain"], ctx)
         out["finetune"] = finetune_flow(cfg, data, out["pretrain"], out["search"], ctx)
         out["evaluate"] = evaluate_flow(cfg, data, out["finetune"], ctx)

@@ -280,7 +280,7 @@ def config_to_hf(cfg: ModelConfig, tokenizer: HFTokenizer | None = None, dtype: 
     if fam == "gpt2":
         return {
             **common, "n_positions": cfg.context_length, "n_layer": cfg.n_layers, "n_embd": cfg.d_model, "n_head": cfg.n_heads,
-            "n_inner": cfg.ff_dim, "activation_function": "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
+            "n_inner": cfg.d_ff, "activation_function": "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
             "layer_norm_epsilon": 1e-5 if cfg.norm_eps is None else cfg.norm_eps,
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
         }
@@ -433,12 +433,13 @@ def import_hf(src: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Dec
     hf = _read_json(d / "config.json")
     family = _model_type(hf, str(d / "config.json"))
     tokenizer = HFTokenizer.from_pretrained_dir(d, hf) if (d / BPE_FILE).is_file() else None
-    cfg = config_from_hf(hf, where=str(d / "config.json"), pad_token_id=tokenizer.pad_id if tokenizer else None)
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+    n_rows = hf.get("vocab_size")
+    if tokenizer is not None and isinstance(n_rows, int) and tokenizer.vocab_size > n_rows:
         raise UserError(
-            f"{d / BPE_FILE}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {cfg.vocab_size} rows "
+            f"{d / BPE_FILE}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {n_rows} rows "
             "(vocab_size in config.json); ids past the table would crash - use the tokenizer the model was trained with"
         )
+    cfg = config_from_hf(hf, where=str(d / "config.json"), pad_token_id=tokenizer.pad_id if tokenizer else None)
     tensors = state_dict_from_hf(_read_weights(d), cfg, family)
     model = DecoderLM(cfg)
     expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
