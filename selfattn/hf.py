@@ -621,3 +621,49 @@ def export_peft(model: DecoderLM, dst: str | Path, *, base_model_name_or_path: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# --------------------------------------------------------------------------- embedding tables
+
+
+def load_embedding_table(weights: str | Path, tokenizer_json: str | Path, *, key: str | None = None, bos_token_id: int | None = None, eos_token_id: int | None = None) -> tuple[Tensor, HFTokenizer]:
+    """A pretrained token-embedding table ``[V, D]`` (safetensors) and its ``tokenizer.json``.
+
+    For tables shipped without a model (e.g. wordllama's, derived from Llama-2's embeddings).
+    ``key`` names the tensor when the file holds several.
+    """
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights))
+    if key is None:
+        if len(tensors) != 1:
+            raise UserError(f"{weights} holds {len(tensors)} tensors ({sorted(tensors)[:5]}); pass key=")
+        key = next(iter(tensors))
+    if key not in tensors or tensors[key].dim() != 2:
+        raise UserError(f"{weights}: no 2-D tensor {key!r} (found {sorted(tensors)[:5]})")
+    with tempfile.TemporaryDirectory() as d:  # the import path reads <dir>/tokenizer.json
+        shutil.copyfile(tokenizer_json, Path(d) / BPE_FILE)
+        tok = HFTokenizer.from_pretrained_dir(d, {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id})
+    table = tensors[key].float()
+    if tok.vocab_size > table.shape[0]:
+        raise UserError(f"{tokenizer_json}: the tokenizer has {tok.vocab_size} tokens but the table only {table.shape[0]} rows")
+    return table, tok
+
+
+@torch.no_grad()
+def init_embeddings(model: nn.Module, table: Tensor, *, std: float | None = 0.02) -> nn.Module:
+    """Copy ``table [V', D]`` into ``model.tok_emb`` (rows ``0..V'-1``), rescaled to ``std`` (None = as is).
+
+    A table's scale rarely matches a fresh trunk's (N(0, 0.02) init): wordllama's rows have
+    std ~0.1 after its own projection, so raw copies swamp the residual stream.
+    """
+    emb = model.tok_emb.weight  # [V, D]
+    if table.dim() != 2 or table.shape[1] != emb.shape[1] or table.shape[0] > emb.shape[0]:
+        raise ValueError(f"embedding table {tuple(table.shape)} does not fit tok_emb {tuple(emb.shape)} (same D, at most V rows)")
+    t = table.to(emb.dtype)
+    if std is not None:
+        t = (t - t.mean()) / t.std().clamp(min=1e-12) * std
+    emb[: t.shape[0]].copy_(t.to(emb.device))
+    return model
