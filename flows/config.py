@@ -18,7 +18,7 @@ from selfattn.config import StrictModel, load_config, read_mapping
 from selfattn.errors import UserError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-PRESETS = ("demo", "smoke")
+PRESETS = ("demo", "smoke", "gpt2")
 
 # public sources used when SELFATTN_DATA_DIR is not set (users with internet)
 HUB_SST2 = "stanfordnlp/sst2"
