@@ -504,7 +504,6 @@ def export_hf(model: DecoderLM, dst: str | Path, tokenizer: Any = None, *, unmer
     family = hf_family(cfg)
     if unmerged:
         state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
-        state = {k: v for k, v in state.items()}
         for m in lora_modules(model):
             if m.merged:
                 raise UserError("unmerge the LoRA adapters (unmerge_lora) before exporting the base for PEFT")
