@@ -140,6 +140,8 @@ def wordllama_stage(sst2: Path, out: Path, steps: int, budget_s: float, device: 
 
     rows = {}
     for variant in ("random", "wordllama"):
+        # a budget-cut first run caps the second at the same step (same schedule): the pair differs only in the init
+        limit = rows["random"]["steps"] if rows else steps
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=table.shape[0], context_length=64, n_classes=2, pooling="mean", causal=False, pad_token_id=tok.pad_id, **w["arch"])
         model = SequenceClassifier(cfg).to(device)
@@ -166,12 +168,14 @@ def wordllama_stage(sst2: Path, out: Path, steps: int, budget_s: float, device: 
             loss.backward()
             opt.step()
             done = step
-            if step % every == 0 or step == steps:
+            over = time.perf_counter() - t0 > budget_s / 2
+            last = step >= limit or over
+            if step % every == 0 or last:
                 acc = float((probs(model, val_b).argmax(-1) == y_val).float().mean())
                 if acc > best:
                     best, best_state = acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if time.perf_counter() - t0 > budget_s / 2:
-                hit = True
+            if last:
+                hit = over or step < steps
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
