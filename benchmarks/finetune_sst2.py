@@ -39,7 +39,7 @@ RECIPE = {
     "batch": 64, "max_length": 64, "token_dropout": 0.1, "val_holdout": "sentences", "val_fraction": 0.1,
     "few_labels": 3000, "few_steps": 600,  # the low-label stages: the first 3,000 training rows only
 }
-BUDGET_SHARE = {"scratch": 0.12, "pretrain": 0.25, "finetune": 0.1, "lora": 0.08, "ensemble": 0.4, "few": 0.05}
+BUDGET_SHARE = {"scratch": 0.12, "pretrain": 0.25, "finetune": 0.1, "lora": 0.08, "ensemble": 0.4, "few": 0.05, "wordllama": 0.3}
 
 
 class TimeBudget(Callback):
@@ -76,6 +76,120 @@ def linear_peer(train_path: Path, dev_path: Path, val_fraction: float, out: Path
     return {"wall_s": round(time.perf_counter() - t0, 1), "dev_accuracy": round(acc, 4), "train_rows": len(train_idx)}
 
 
+WORDLLAMA = {  # the transfer stage: same trunk and tokenizer, random vs wordllama embeddings
+    "arch": {"n_layers": 2, "d_model": 256, "n_heads": 4, "d_ff": 512, "dropout": 0.1, "position": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+    "steps": 1500, "batch": 64, "lr": 1e-3, "emb_lr": 2e-4, "freeze_frac": 0.3, "emb_std": 0.02, "evals": 6,
+}
+
+
+def wordllama_stage(sst2: Path, out: Path, steps: int, budget_s: float, device: str) -> dict:
+    """Token embeddings from a real pretrained table (wordllama's 32k x 256, derived from Llama-2's)
+    through the import path (HFTokenizer + init_embeddings), against random init, same everything else.
+
+    Transfer recipe: table rescaled to ``emb_std``, embeddings frozen for the first ``freeze_frac``
+    of the steps, then trained at their own ``emb_lr``; random init trains its embeddings at ``lr``
+    throughout. Both select their best state on the held-out training sentences, then evaluate on dev once.
+    """
+    from importlib.util import find_spec
+
+    import numpy as np
+    import torch
+
+    from selfattn.config import ModelConfig
+    from selfattn.data import read_labelled, sentence_holdout
+    from selfattn.evaluate import paired_bootstrap, write_predictions
+    from selfattn.hf import init_embeddings, load_embedding_table
+    from selfattn.models import SequenceClassifier
+
+    spec = find_spec("wordllama")
+    if spec is None or not spec.submodule_search_locations:
+        return {"skipped": "wordllama is not installed (pip install wordllama)"}
+    root = Path(list(spec.submodule_search_locations)[0])
+    table, tok = load_embedding_table(root / "weights" / "l2_supercat_256.safetensors", root / "tokenizers" / "l2_supercat_tokenizer_config.json", bos_token_id=1, eos_token_id=2)
+    w = WORDLLAMA
+    texts, labels = read_labelled(str(sst2 / "train.tsv"), split="train", text_column="sentence", label_column="label", labels=[0, 1])
+    tr_idx, val_idx = sentence_holdout(texts, 0.1)
+    dev_texts, dev_labels = read_labelled(str(sst2 / "dev.tsv"), split="train", text_column="sentence", label_column="label", labels=[0, 1])
+
+    def encode(ts):  # -> ids [B, T] (right-padded), mask [B, T] True = real token
+        ids = [e[:64] or [tok.bos_id] for e in tok.encode_batch(ts)]
+        x = torch.full((len(ids), max(map(len, ids))), tok.pad_id, dtype=torch.long)
+        for i, row in enumerate(ids):
+            x[i, : len(row)] = torch.tensor(row)
+        lengths = torch.tensor([len(r) for r in ids])
+        return x, torch.arange(x.shape[1])[None, :] < lengths[:, None]
+
+    def batches(idx_texts):
+        xs = []
+        for i in range(0, len(idx_texts), 512):
+            xs.append(encode(idx_texts[i : i + 512]))
+        return xs
+
+    train_texts = [texts[i] for i in tr_idx]
+    y_train = torch.tensor([labels[i] for i in tr_idx])
+    val_b = batches([texts[i] for i in val_idx])
+    y_val = torch.tensor([labels[i] for i in val_idx])
+    dev_b = batches(dev_texts)
+
+    @torch.no_grad()
+    def probs(model, bs):
+        model.eval()
+        p = torch.cat([model(x.to(device), attention_mask=m.to(device)).logits.float().softmax(-1).cpu() for x, m in bs])
+        model.train()
+        return p
+
+    rows = {}
+    for variant in ("random", "wordllama"):
+        # a budget-cut first run caps the second at the same step (same schedule): the pair differs only in the init
+        limit = rows["random"]["steps"] if rows else steps
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=table.shape[0], context_length=64, n_classes=2, pooling="mean", causal=False, pad_token_id=tok.pad_id, **w["arch"])
+        model = SequenceClassifier(cfg).to(device)
+        if variant == "wordllama":
+            init_embeddings(model, table, std=w["emb_std"])
+        emb = [model.tok_emb.weight]
+        rest = [p for n, p in model.named_parameters() if n != "tok_emb.weight"]
+        emb_lr = w["emb_lr"] if variant == "wordllama" else w["lr"]
+        opt = torch.optim.AdamW([{"params": rest, "lr": w["lr"], "weight_decay": 0.01}, {"params": emb, "lr": emb_lr, "weight_decay": 0.0}])
+        freeze_until = int(steps * w["freeze_frac"]) if variant == "wordllama" else 0
+        gen = torch.Generator().manual_seed(0)
+        best, best_state, t0, done, hit = -1.0, None, time.perf_counter(), 0, False
+        every = max(steps // w["evals"], 1)
+        for step in range(1, steps + 1):
+            frozen = step <= freeze_until
+            model.tok_emb.weight.requires_grad_(not frozen)
+            warm = min(1.0, step / 100)
+            for g, base in zip(opt.param_groups, (w["lr"], emb_lr)):
+                g["lr"] = base * warm * 0.5 * (1 + np.cos(np.pi * step / steps))
+            pick = torch.randint(0, len(train_texts), (w["batch"],), generator=gen)
+            x, m = encode([train_texts[i] for i in pick])
+            loss = model(x.to(device), attention_mask=m.to(device), labels=y_train[pick].to(device)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = step
+            over = time.perf_counter() - t0 > budget_s / 2
+            last = step >= limit or over
+            if step % every == 0 or last:
+                acc = float((probs(model, val_b).argmax(-1) == y_val).float().mean())
+                if acc > best:
+                    best, best_state = acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if last:
+                hit = over or step < steps
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        p = probs(model, dev_b)
+        y = np.asarray(dev_labels)
+        write_predictions(out / f"wordllama_{variant}" / "predictions.tsv", p.numpy(), y, [0, 1], dev_texts)
+        rows[variant] = {
+            "dev_accuracy": round(float((p.argmax(-1).numpy() == y).mean()), 4), "val_accuracy": round(best, 4),
+            "steps": done, "budget_hit": hit, "wall_s": round(time.perf_counter() - t0, 1), "correct": (p.argmax(-1).numpy() == y).astype(int),
+        }
+    cmp = paired_bootstrap(rows["random"].pop("correct"), rows["wordllama"].pop("correct"))
+    return {**rows, "paired_wordllama-random": {k: round(v, 4) for k, v in cmp.items()}, "recipe": w, "selection": "held-out training sentences; dev once"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.environ.get("SELFATTN_DATA_DIR", "../shared/data"))
@@ -84,7 +198,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--members", type=int, default=RECIPE["ensemble_members"], help="ensemble size, (b) included")
-    ap.add_argument("--stages", default="linear,scratch,pretrain,finetune,lora,ensemble,few", help="few = scratch vs pretrained with few labels")
+    ap.add_argument("--stages", default="linear,scratch,pretrain,finetune,lora,ensemble,few", help="few = scratch vs pretrained with few labels; wordllama (not in the default) = pretrained embedding table vs random init")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
 
@@ -198,6 +312,8 @@ def main() -> int:
         emit("few_scratch", dev_eval(res, row, out / "few_scratch" / "dev"))
         res, row = train_stage("few_finetune", finetune, finetune_cfg(0, n, few), budget * BUDGET_SHARE["few"])
         emit("few_finetune", dev_eval(res, row, out / "few_finetune" / "dev"))
+    if "wordllama" in stages:
+        emit("wordllama", wordllama_stage(sst2, out, steps(WORDLLAMA["steps"]), budget * BUDGET_SHARE["wordllama"], args.device))
     # paired comparisons on the same dev rows
     preds = {n: out / n / "dev" / "predictions.tsv" for n in ("scratch", "finetune", "lora", "ensemble", "few_scratch", "few_finetune")}
     preds["linear"] = out / "linear" / "predictions.tsv"

@@ -29,7 +29,7 @@ from selfattn.utils import deep_merge, flatten
 from flows.paths import check_within_roots, data_root, optuna_storage_url, resolve_local_path
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-PRESETS = ("demo", "smoke")
+PRESETS = ("demo", "smoke", "gpt2")
 
 # public sources used when SELFATTN_DATA_DIR is not set (users with internet)
 HUB_SST2 = "stanfordnlp/sst2"
@@ -149,6 +149,7 @@ class PipelineConfig(StrictModel):
     name: str = "pipeline"
     seed: int = 0
     data: DataSection = Field(default_factory=DataSection)
+    init_from: str | None = Field(default=None, description="hf:ID_OR_DIR or a selfattn checkpoint dir: replaces the pretrain stage")
     pretrain: PretrainConfig = Field(default_factory=lambda: PretrainConfig.model_validate(PIPELINE_OWNED["pretrain"]))
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig.model_validate(PIPELINE_OWNED["finetune"]))
     search: SearchSection = Field(default_factory=SearchSection)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from selfattn.errors import UserError
 from selfattn.utils import atomic_write_text
 
-from flows import behaviour_stage, prefect_ops, registry, stages, tracking
+from flows import behaviour_stage, init_from, prefect_ops, registry, stages, tracking
 from flows.config import PipelineConfig, load_pipeline_config
 from flows.paths import selfattn_home
 from flows.reliability import retry_on_io
@@ -373,7 +373,8 @@ def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None 
         data = validate_flow(cfg, ctx)
         out["data"] = data
         mlflow.set_tag(tracking.TAG_DATA_DIGEST, data.result["digest"])
-        out["pretrain"] = pretrain_flow(cfg, data, ctx)
+        # init_from (an imported or existing checkpoint) stands in for pretraining
+        out["pretrain"] = init_from.init_from_flow(cfg, ctx) if cfg.init_from else pretrain_flow(cfg, data, ctx)
         out["search"] = search_flow(cfg, data, out["pretrain"], ctx)
         out["finetune"] = finetune_flow(cfg, data, out["pretrain"], out["search"], ctx)
         out["evaluate"] = evaluate_flow(cfg, data, out["finetune"], ctx)
@@ -403,7 +404,7 @@ def tune_flow(config: str | PipelineConfig = "demo", overrides: list[str] | None
     cfg = _resolve(config, overrides)
     with _parent_run(cfg, "tune") as ctx:
         data = validate_flow(cfg, ctx)
-        pre = pretrain_flow(cfg, data, ctx)
+        pre = init_from.init_from_flow(cfg, ctx) if cfg.init_from else pretrain_flow(cfg, data, ctx)
         return run_workers(cfg, data, pre, Path(ctx.home), parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, workers=workers)
 
 

@@ -33,6 +33,10 @@ _EXPORTS: dict[str, str] = {
     "CharTokenizer": "selfattn.tokenization",
     "BPETokenizer": "selfattn.tokenization",
     "load_tokenizer": "selfattn.tokenization",
+    "HFTokenizer": "selfattn.tokenization",
+    "import_hf": "selfattn.hf",
+    "export_hf": "selfattn.hf",
+    "export_peft": "selfattn.hf",
     "attention_maps": "selfattn.interpret",
     "plot_attention": "selfattn.interpret",
 }

@@ -56,6 +56,49 @@ class Pretrained:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------- config digest
+
+# fields that do not change what a saved model computes in eval mode: editing them is allowed
+_DIGEST_EXEMPT = ("dropout",)
+META_CONFIG, META_DIGEST = "selfattn_config", "selfattn_config_sha256"
+
+
+def config_digest(cfg: ModelConfig) -> str:
+    """sha256 of the architecture fields (canonical JSON), recorded in the weights file's metadata."""
+    import hashlib
+
+    fields = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _DIGEST_EXEMPT}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def config_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """safetensors metadata (str -> str) holding the config and its digest."""
+    fields = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _DIGEST_EXEMPT}
+    return {META_CONFIG: json.dumps(fields, sort_keys=True), META_DIGEST: config_digest(cfg)}
+
+
+def check_config_digest(cfg: ModelConfig, metadata: dict[str, str] | None, path: Path) -> None:
+    """UserError when config.json no longer describes the weights (e.g. n_heads edited by hand).
+
+    Files written before digests were recorded carry none and are accepted.
+    """
+    if not metadata or META_DIGEST not in metadata or metadata[META_DIGEST] == config_digest(cfg):
+        return
+    changed: list[str] = []
+    try:
+        saved = json.loads(metadata.get(META_CONFIG, "{}"))
+        now = cfg.model_dump(mode="json")
+        changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now) - set(_DIGEST_EXEMPT)) if saved.get(k) != now.get(k)]
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    detail = "; changed: " + ", ".join(changed) if changed else ""
+    raise UserError(
+        f"{path}: config.json does not match the config these weights were saved with (digest "
+        f"{metadata[META_DIGEST][:12]} != {config_digest(cfg)[:12]}){detail}. The model would load with different "
+        "logits; restore config.json or re-save the model from code"
+    )
+
+
 # --------------------------------------------------------------------------- saving
 
 
@@ -98,7 +141,7 @@ def save_pretrained(
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "task": task})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "task": task, **config_metadata(cfg)})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
@@ -163,7 +206,7 @@ def _fsync_dir(d: Path) -> None:
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> Pretrained:
     """Rebuild the model saved by :func:`save_pretrained` (bitwise the same weights)."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     d = Path(path)
@@ -177,12 +220,18 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
 
     try:
         tensors = load_file(str(d / WEIGHTS_FILE), device=str(map_location))
+        with safe_open(str(d / WEIGHTS_FILE), framework="pt") as fh:
+            file_meta = fh.metadata()
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{d / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
 
-    model: nn.Module = SequenceClassifier(cfg) if task == "classifier" else DecoderLM(cfg)
+    try:
+        model: nn.Module = SequenceClassifier(cfg) if task == "classifier" else DecoderLM(cfg)
+    except ValueError as exc:  # e.g. an LM asking for attention='low_rank' (bidirectional only)
+        raise UserError(f"{d / CONFIG_FILE}: this {task} config cannot be built: {exc}") from None
     model.to(map_location)
     _check_tensors(model, tensors, d / WEIGHTS_FILE)
+    check_config_digest(cfg, file_meta, d / CONFIG_FILE)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())  # a checkpoint saved in bf16 loads in bf16

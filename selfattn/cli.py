@@ -105,6 +105,22 @@ def evaluate(
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
 
 
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="source: a directory, or a Hugging Face hub id with --from-hf"),
+    dst: Path = typer.Argument(..., help="destination directory (must not exist, or be empty / a checkpoint)"),
+    from_hf: bool = typer.Option(False, "--from-hf", help="SRC is a Hugging Face model (dir or hub id) -> selfattn checkpoint"),
+    to_hf: bool = typer.Option(False, "--to-hf", help="SRC is a selfattn checkpoint -> Hugging Face directory (AutoModelForCausalLM)"),
+) -> None:
+    """Convert between Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2) and selfattn checkpoints."""
+    if from_hf == to_hf:
+        raise UserError("convert needs exactly one of --from-hf (HF -> selfattn) or --to-hf (selfattn -> HF)")
+    from selfattn.hf import convert_from_hf, convert_to_hf
+
+    out = convert_from_hf(src, dst) if from_hf else convert_to_hf(src, dst)
+    print(json.dumps({"out_dir": str(out), "direction": "from-hf" if from_hf else "to-hf"}))
+
+
 def _register_plugins() -> None:
     for ep in entry_points(group="selfattn.cli"):
         try:

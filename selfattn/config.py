@@ -22,6 +22,7 @@ PositionKind = Literal["rope", "learned", "alibi", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "swiglu"]
 PoolingKind = Literal["mean", "max", "last", "first"]
+GeluApprox = Literal["none", "tanh"]
 
 
 class StrictModel(BaseModel):
@@ -42,13 +43,16 @@ class ModelConfig(StrictModel):
     d_ff: int | None = Field(default=None, gt=0, description="MLP hidden size; None = 4 * d_model")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     bias: bool = False
+    qkv_bias: bool | None = Field(default=None, description="bias on q/k/v only (Qwen2); None = follow bias")
     attention: AttentionKind = "full"
     window: int | None = Field(default=None, gt=0, description="sliding_window: keys per query (incl. itself)")
     low_rank_k: int | None = Field(default=None, gt=0, description="low_rank: projected key/value length")
     position: PositionKind = "rope"
     rope_base: float = Field(default=10000.0, gt=0)
     norm: NormKind = "layernorm"
+    norm_eps: float | None = Field(default=None, gt=0, description="None = 1e-5 (layernorm) / 1e-6 (rmsnorm)")
     mlp: MLPKind = "gelu"
+    gelu_approximate: GeluApprox = Field(default="none", description="'tanh' = GPT-2's gelu_new")
     tie_embeddings: bool = True
     # classifier head (ignored by the LM)
     n_classes: int | None = Field(default=None, ge=2)

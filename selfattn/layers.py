@@ -40,8 +40,8 @@ class RMSNorm(nn.Module):
 def make_norm(cfg: ModelConfig) -> nn.Module:
     """The normalisation layer ``cfg.norm`` names, over ``cfg.d_model`` features."""
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model)
-    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        return RMSNorm(cfg.d_model, eps=1e-6 if cfg.norm_eps is None else cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=1e-5 if cfg.norm_eps is None else cfg.norm_eps, bias=cfg.bias)
 
 
 class MLP(nn.Module):
@@ -56,6 +56,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
+        self.approximate = cfg.gelu_approximate
         self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
@@ -65,7 +66,7 @@ class MLP(nn.Module):
         if self.gate_proj is not None:
             hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [B, T, ff]
         else:
-            hidden = F.gelu(self.up_proj(x))  # [B, T, ff]
+            hidden = F.gelu(self.up_proj(x), approximate=self.approximate)  # [B, T, ff]
         return self.dropout(self.down_proj(hidden))
 
 
@@ -76,6 +77,11 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = make_norm(cfg)
         self.attn = MultiHeadAttention.from_config(cfg)
+        if cfg.qkv_bias is not None and cfg.qkv_bias != cfg.bias:
+            # Qwen2-style: q/k/v carry a bias while out_proj and the MLP do not (or the reverse)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(self.attn, name)
+                setattr(self.attn, name, nn.Linear(old.in_features, old.out_features, bias=cfg.qkv_bias))
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 

@@ -30,7 +30,8 @@ class LoRAConfig(StrictModel):
     """Rank, scale (``alpha / rank``), dropout on the adapter input, and which Linear layers to adapt.
 
     ``targets`` match a module by its attribute name (``"q_proj"``) or by a dotted suffix of its
-    full name (``"blocks.0.attn.q_proj"``).
+    full name (``"blocks.0.attn.q_proj"``). Hugging Face names of an imported model also work:
+    ``c_attn`` (= q/k/v), ``attn.c_proj`` / ``o_proj`` (= out_proj), ``c_fc``, ``mlp.c_proj``.
     """
 
     rank: int = Field(default=8, gt=0)
@@ -105,6 +106,25 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+# Hugging Face module names (GPT-2, Llama) -> the trunk's, so targets written for an imported model work
+HF_TARGET_ALIASES: dict[str, tuple[str, ...]] = {
+    "c_attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "attn.c_proj": ("attn.out_proj",),
+    "mlp.c_fc": ("mlp.up_proj",),
+    "c_fc": ("mlp.up_proj",),
+    "mlp.c_proj": ("mlp.down_proj",),
+    "o_proj": ("attn.out_proj",),
+    "self_attn.o_proj": ("attn.out_proj",),
+}
+
+
+def _expand_targets(targets: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for t in targets:
+        out.extend(HF_TARGET_ALIASES.get(t, (t,)))
+    return out
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig, *, trainable_extra: Iterable[str] = ()) -> nn.Module:
     """Wrap every ``nn.Linear`` matching ``cfg.targets`` in a :class:`LoRALinear`, in place.
 
@@ -115,8 +135,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *, trainable_extra: Iterable[s
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA adapters; apply_lora once (merge_lora/unmerge_lora toggle them)")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
-    chosen = {name for name in linears if any(_matches(name, t) for t in cfg.targets)}
-    unmatched = [t for t in cfg.targets if not any(_matches(n, t) for n in linears)]
+    targets = _expand_targets(cfg.targets)
+    chosen = {name for name in linears if any(_matches(name, t) for t in targets)}
+    unmatched = [t for t in targets if not any(_matches(n, t) for n in linears)]
     if unmatched:
         short = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ValueError(f"LoRA targets {unmatched} match no nn.Linear in the model; Linear names: {short}")

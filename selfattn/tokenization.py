@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkabl
 from selfattn.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as RawTokenizer
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
 
 CHAR_VOCAB_FILE = "vocab.json"
 BPE_FILE = "tokenizer.json"
+HF_SPECIAL_FILE = "special_tokens.json"  # beside tokenizer.json: marks an imported (Hugging Face) tokenizer
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAR_FORMAT_VERSION = 1
 
 
@@ -177,7 +179,7 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, *, tokenizer: "HFTokenizer") -> None:
+    def __init__(self, *, tokenizer: "RawTokenizer") -> None:
         self._tok = tokenizer
         ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
@@ -275,14 +277,160 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
+# --------------------------------------------------------------------------- imported (Hugging Face)
+
+
+class HFTokenizer:
+    """Any ``tokenizer.json`` (a pretrained model's, e.g. GPT-2's or Llama's), run by HF ``tokenizers``.
+
+    Unlike :class:`BPETokenizer` its special tokens are the model's own, so the ids are stored:
+    ``save(dir)`` writes ``tokenizer.json`` and ``special_tokens.json`` (``pad_id``, ``unk_id``,
+    ``bos_id``, ``eos_id`` and their strings). A model without a pad (or unk / bos) token uses
+    its eos token there, as GPT-2 fine-tuning recipes do; the attention mask keeps padding out.
+    ``encode`` never adds the model's template tokens (same rule as the other tokenizers).
+    """
+
+    kind = "hf"
+
+    def __init__(self, *, tokenizer: "RawTokenizer", pad_id: int, unk_id: int, bos_id: int, eos_id: int) -> None:
+        self._tok = tokenizer
+        n = tokenizer.get_vocab_size(with_added_tokens=True)
+        ids = {"pad_id": pad_id, "unk_id": unk_id, "bos_id": bos_id, "eos_id": eos_id}
+        bad = {k: v for k, v in ids.items() if not isinstance(v, int) or not 0 <= v < n}
+        if bad:
+            raise ValueError(f"special token ids {bad} are outside the tokenizer's vocabulary (size {n})")
+        self._ids = ids
+
+    @classmethod
+    def from_pretrained_dir(cls, directory: str | Path, model_config: dict | None = None) -> "HFTokenizer":
+        """Read ``tokenizer.json`` (+ ``tokenizer_config.json``, ``config.json`` ids) of a HF model directory."""
+        from tokenizers import Tokenizer as _HF
+
+        d = Path(directory)
+        path = d / BPE_FILE
+        _read_json(path)
+        try:
+            tok = _HF.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise UserError(f"{path} is not a usable HF tokenizer file: {exc}") from None
+        conf = _read_json(d / HF_TOKENIZER_CONFIG) if (d / HF_TOKENIZER_CONFIG).is_file() else {}
+        conf = conf if isinstance(conf, dict) else {}
+        model_config = model_config or {}
+
+        def resolve(name: str) -> int | None:
+            value = conf.get(f"{name}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and tok.token_to_id(value) is not None:
+                return tok.token_to_id(value)
+            value = model_config.get(f"{name}_token_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            return value if isinstance(value, int) else None
+
+        eos = resolve("eos")
+        bos = resolve("bos")
+        eos = eos if eos is not None else bos
+        if eos is None:
+            raise UserError(f"{d}: the tokenizer names no eos (nor bos) token in {HF_TOKENIZER_CONFIG} or config.json")
+        bos = bos if bos is not None else eos
+        pad = resolve("pad")
+        unk = resolve("unk")
+        try:
+            return cls(tokenizer=tok, pad_id=eos if pad is None else pad, unk_id=eos if unk is None else unk, bos_id=bos, eos_id=eos)
+        except ValueError as exc:
+            raise UserError(f"{d}: {exc}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return self._ids["pad_id"]
+
+    @property
+    def unk_id(self) -> int:
+        return self._ids["unk_id"]
+
+    @property
+    def bos_id(self) -> int:
+        return self._ids["bos_id"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids["eos_id"]
+
+    def token(self, i: int) -> str:
+        return self._tok.id_to_token(i)
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return _wrap(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
+
+    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        bos, eos = (self.bos_id if add_bos else None), (self.eos_id if add_eos else None)
+        return [_wrap(e.ids, bos, eos) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` and ``special_tokens.json`` into ``directory``; returns it."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(d / BPE_FILE))
+        payload = {"kind": self.kind, **self._ids, **{k.replace("_id", "_token"): self.token(v) for k, v in self._ids.items()}}
+        (d / HF_SPECIAL_FILE).write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        return d
+
+    def save_hf(self, directory: str | Path) -> Path:
+        """Write the Hugging Face layout (``tokenizer.json`` + ``tokenizer_config.json``) into ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(d / BPE_FILE))
+        conf = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{k.replace("_id", "_token"): self.token(v) for k, v in self._ids.items()},
+            "model_max_length": 1_000_000_000,
+        }
+        (d / HF_TOKENIZER_CONFIG).write_text(json.dumps(conf, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "HFTokenizer":
+        from tokenizers import Tokenizer as _HF
+
+        d = Path(directory)
+        data = _read_json(d / HF_SPECIAL_FILE)
+        if not isinstance(data, dict) or data.get("kind") != cls.kind:
+            raise UserError(f"{d / HF_SPECIAL_FILE} is not an imported tokenizer's special_tokens.json (kind 'hf')")
+        _read_json(d / BPE_FILE)
+        try:
+            tok = _HF.from_file(str(d / BPE_FILE))
+            return cls(tokenizer=tok, **{k: data.get(k) for k in ("pad_id", "unk_id", "bos_id", "eos_id")})
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise UserError(f"{d}: not a usable imported tokenizer: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
 # --------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(directory: str | Path) -> CharTokenizer | BPETokenizer:
-    """Load a tokenizer saved by ``save(dir)``: ``tokenizer.json`` -> BPE, ``vocab.json`` -> char."""
+def load_tokenizer(directory: str | Path) -> CharTokenizer | BPETokenizer | HFTokenizer:
+    """Load a tokenizer saved by ``save(dir)``: ``special_tokens.json`` -> imported (HF),
+    ``tokenizer.json`` -> BPE, ``vocab.json`` -> char."""
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"tokenizer directory not found: {d}")
+    if (d / HF_SPECIAL_FILE).is_file():
+        return HFTokenizer.load(d)
     if (d / BPE_FILE).is_file():
         return BPETokenizer.load(d)
     if (d / CHAR_VOCAB_FILE).is_file():
