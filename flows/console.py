@@ -50,17 +50,11 @@ QUIET_WARNINGS: tuple[QuietWarning, ...] = (
 
 # INFO lines of libraries that repeat on every run ("Creating initial MLflow database tables",
 # "Started monitoring system metrics"); their warnings and errors still show
-QUIET_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics", "mlflow.tracking.fluent", "alembic", "optuna", "great_expectations")
+# (levels, set after the import: MLflow and Optuna configure their loggers when imported)
+QUIET_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models", "alembic", "great_expectations")
 
 # Prefect's logging.yml handler levels, overridable through the environment before import
 _PREFECT_CONSOLE_LEVEL = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"
-
-
-class _BelowWarning(logging.Filter):
-    """Drops records under WARNING (a filter, not a level: libraries reset their own levels)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
 
 
 class _Once(logging.Filter):
@@ -101,9 +95,16 @@ def install(verbose: bool = False) -> None:
     if verbose:
         return
     filter_warnings()
-    for name, kind in [*((n, _BelowWarning) for n in QUIET_LOGGERS), *((n, _Once) for n in ONCE_LOGGERS)]:
+    import mlflow  # noqa: F401 - configures its loggers on import; ours go on top
+    import optuna
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # per-trial lines; the stage line says when it is done
+    for name in ONCE_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, kind) for f in logger.filters):
-            logger.addFilter(kind())
+        if not any(isinstance(f, _Once) for f in logger.filters):
+            logger.addFilter(_Once())
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for three tiny files
     if "prefect" not in sys.modules:  # read once, when Prefect configures its logging
         os.environ.setdefault(_PREFECT_CONSOLE_LEVEL, "WARNING")

@@ -10,7 +10,9 @@ model object from the installed ``flows.serving`` module at load time, so nothin
 (``flows.recovery.load_classifier``).
 
 Input: a list of strings, one string, a one-column DataFrame (any column name, ``text``
-preferred), or bytes. Output: a DataFrame with ``label`` (the class value), ``label_index``,
+preferred), or bytes. Logged with an object-tensor input signature, so a loaded pyfunc takes a
+one-column DataFrame or a 1-D object array (not a bare list), and the scoring server hands the
+rows over as sent; :func:`validate_rows` refuses non-strings with a 400 naming the row. Output: a DataFrame with ``label`` (the class value), ``label_index``,
 ``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none).
 Empty strings, very long inputs (truncated to the model's context, with a warning) and invalid
 UTF-8 (replaced with U+FFFD, with a warning) never raise.
@@ -101,11 +103,14 @@ def validate_rows(model_input: Any) -> tuple[list[Any], list[str]]:
     longer than ``MAX_TEXT_CHARS`` are cut and noted, so a 10 MB string costs no more than a long
     sentence.
     """
+    import numpy as np
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame) and model_input.shape[1] > 1:
         cols = [str(c) for c in model_input.columns[:5]]
         raise _bad_request(f"expected one column of text, got {model_input.shape[1]} columns ({', '.join(cols)}); send {{\"inputs\": [\"a sentence\", ...]}}")
+    if isinstance(model_input, np.ndarray) and model_input.ndim > 1:
+        raise _bad_request(f"rows are nested lists (shape {list(model_input.shape)}); send one string per row: {{\"inputs\": [\"a sentence\", ...]}}")
     items = as_texts(model_input)
     if len(items) > MAX_ROWS:
         raise _bad_request(f"{len(items)} rows in one request, more than {MAX_ROWS}; split it into requests of at most {MAX_ROWS} rows")
@@ -223,13 +228,20 @@ class SelfattnClassifier(PythonModel):
 
 
 def signature_and_example(clf: SelfattnClassifier):
-    """Signature inferred from a real prediction on the input example."""
-    import pandas as pd
-    from mlflow.models import infer_signature
+    """Input: a 1-D tensor of objects; output: inferred from a real prediction.
 
-    # an unnamed string column: a list of str and a one-column DataFrame (any name) both fit
-    sig = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE))
-    return sig, pd.DataFrame({"text": INPUT_EXAMPLE})
+    Why not a string column: the scoring server casts the JSON to the input schema before
+    ``predict`` sees it, so ``[1, 2, null]`` would arrive as the sentences "1", "2", "None" and
+    ``[["a", "b"]]`` as strings too. An object tensor keeps every row as sent; ``validate_rows``
+    answers a 400 naming the bad row.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    outputs = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE)).outputs
+    sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=outputs)
+    return sig, np.array(INPUT_EXAMPLE, dtype=object)
 
 
 def log_model(model_dir: str, *, name: str = "model", registered_model_name: str | None = None, run_id: str | None = None):
@@ -275,5 +287,7 @@ def predict(model_uri: str, texts: Sequence[str]):
     """Load a pyfunc (``models:/NAME@champion``, ``runs:/...``) and predict ``texts``."""
     import mlflow
 
+    import pandas as pd
+
     model = mlflow.pyfunc.load_model(model_uri)
-    return model.predict(list(texts))
+    return model.predict(pd.DataFrame({"text": list(texts)}))  # a list does not fit the tensor signature
