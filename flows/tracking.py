@@ -299,8 +299,21 @@ def run_url(run_id: str, experiment_id: str) -> str:
 
     uri = mlflow.get_tracking_uri()
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return ui_url(uri, f"experiments/{experiment_id}/runs/{run_id}")
     return f"runs:/{run_id} (open with `selfattn ui`, experiment {experiment_id})"
+
+
+def ui_url(base: str, route: str, **query: str) -> str:
+    """A link into the MLflow UI that opens in its "Model training" layout.
+
+    MLflow 3.17's UI picks GenAI or Model training from a global toggle (saved in the browser),
+    default GenAI, whatever the experiment's kind tag says; the ``workflowType`` query parameter
+    sets that toggle, so links we print open on runs, models and charts, not traces.
+    """
+    from urllib.parse import urlencode
+
+    params = urlencode({**query, "workflowType": "machine_learning"})
+    return f"{base.rstrip('/')}/#/{route.lstrip('/')}?{params}"
 
 
 class TrialRuns:
