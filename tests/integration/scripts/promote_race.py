@@ -13,6 +13,10 @@ start_at, model, host, scores = float(sys.argv[1]), sys.argv[2], sys.argv[3], [f
 tracking.configure()
 client = MlflowClient()
 exp = tracking.ensure_experiment("promote-race")
+try:
+    client.create_registered_model(model)
+except Exception:  # the other host created it first
+    pass
 time.sleep(max(0.0, start_at - time.time()))
 for i, score in enumerate(scores):
     run = client.create_run(exp, run_name=f"{host}-{i}")
