@@ -126,7 +126,9 @@ def test_compare_view_shows_the_params_that_differ(ui):
     text = _page(url, ui["output"] / "mlflow_ui_compare.png", window="1600,2400")
     assert "Comparing 2 Runs" in text
     assert re.search(r"finetune\.train\.max_steps 16 24", text), "the differing param is not side by side"
-    for key in ("train_loss", "val_accuracy", "accuracy"):
+    # the metrics table (virtualised: its first rows are rendered) holds the fine-tune's keys
+    # mirrored on the parents, whose values differ between the two runs
+    for key in ("accuracy", "grad_norm", "lr"):
         assert key in text
 
 
