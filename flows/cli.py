@@ -136,8 +136,12 @@ def register(app: typer.Typer) -> None:
     def run(
         config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
         overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="show every library log line and warning"),
     ) -> None:
         """Run the pipeline: validate -> pretrain -> search -> fine-tune -> evaluate -> register -> promote."""
+        from flows import console
+
+        console.install(verbose=verbose)
         cfg = _load(config, overrides or [])  # refused before any work
         _start(cfg)
         from flows.pipeline import pipeline

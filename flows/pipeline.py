@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from selfattn.errors import UserError
 from selfattn.utils import atomic_write_text
+from selfattn.train.callbacks import ProgressBar
 
 from flows import behaviour_stage, init_from, prefect_ops, registry, stages, tracking
 from flows.config import PipelineConfig, load_pipeline_config
@@ -71,22 +72,6 @@ def _log(msg: str, *args: Any) -> None:
         logging.getLogger(__name__).info(msg, *args)
 
 
-@contextlib.contextmanager
-def _on_run(run_id: str) -> Iterator[None]:
-    """Make ``run_id`` the active MLflow run of this thread (for fluent-only APIs)."""
-    import mlflow
-
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield
-        return
-    mlflow.start_run(run_id=run_id, nested=active is not None)
-    try:
-        yield
-    finally:
-        mlflow.end_run()
-
-
 def _stage_tags(ctx: RunContext, out: StageOutput | None = None) -> dict[str, str]:
     tags = {tracking.TAG_PIPELINE_RUN_ID: ctx.pipeline_run_id}
     if out is not None:
@@ -124,7 +109,7 @@ def validate_task(cfg: PipelineConfig, data: StageOutput, home: str) -> StageOut
 def pretrain_task(cfg: PipelineConfig, data: StageOutput, home: str, run_id: str) -> StageOutput:
     """Causal-LM pretraining, metrics streamed to the stage's MLflow run."""
     cb = tracking.MlflowCallback(run_id=run_id, log_every=cfg.tracking.log_every)
-    return stages.pretrain_stage(cfg, data, Path(home), [cb])
+    return stages.pretrain_stage(cfg, data, Path(home), [cb, ProgressBar()])
 
 
 @task(name="optuna-search", cache_policy=NO_CACHE)
@@ -137,10 +122,12 @@ def search_task(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, ctx: R
 
 
 @task(name="finetune", cache_policy=NO_CACHE)
-def finetune_task(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, search: StageOutput, home: str, run_id: str) -> StageOutput:
-    """The final fine-tune with the best parameters."""
-    cb = tracking.MlflowCallback(run_id=run_id, log_every=cfg.tracking.log_every)
-    return stages.finetune_stage(cfg, data, pre, search, Path(home), [cb])
+def finetune_task(
+    cfg: PipelineConfig, data: StageOutput, pre: StageOutput, search: StageOutput, home: str, run_id: str, parent_run_id: str = ""
+) -> StageOutput:
+    """The final fine-tune with the best parameters (its curves also on the parent run)."""
+    cb = tracking.MlflowCallback(run_id=run_id, log_every=cfg.tracking.log_every, mirror_run_ids=[parent_run_id])
+    return stages.finetune_stage(cfg, data, pre, search, Path(home), [cb, ProgressBar()])
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -151,10 +138,8 @@ def evaluate_task(cfg: PipelineConfig, data: StageOutput, ft: StageOutput, home:
 
 @task(name="log-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_model_task(model_dir: str, run_id: str) -> str:
-    """Log the fine-tuned model as a pyfunc on the register stage's run; returns its URI."""
-    with _on_run(run_id):
-        info = log_model(model_dir, name="model")
-    return info.model_uri
+    """Log the fine-tuned model as a pyfunc on ``run_id`` (the parent run); returns its URI."""
+    return log_model(model_dir, name="model", run_id=run_id).model_uri
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -187,6 +172,7 @@ def validate_flow(cfg: PipelineConfig, ctx: RunContext) -> StageOutput:
                 tracking.log_dataset(
                     Path(data.result["files"][file]), name=name, context=ctx_name,
                     targets=cfg.data.label_column if file.endswith(".tsv") else None, digest=data.result["digests"][file],
+                    also_run_ids=[ctx.parent_run_id],
                 )
             except Exception as exc:  # an unreadable file is the data gate's to report, not a crash here
                 _log("could not log dataset %s: %s", name, exc)
@@ -243,7 +229,7 @@ def finetune_flow(cfg: PipelineConfig, data: StageOutput, pre: StageOutput, sear
     import mlflow
 
     with tracking.stage_run("finetune", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx)) as run:
-        out = finetune_task(cfg, data, pre, search, ctx.home, run.info.run_id)
+        out = finetune_task(cfg, data, pre, search, ctx.home, run.info.run_id, ctx.parent_run_id)
         tracking.log_params(run.info.run_id, out.result["config"])  # the engine config the stage built
         _finish_stage(run.info.run_id, ctx, out, {f"final_{k}": v for k, v in out.result["metrics"].items()})
         mlflow.log_artifact(out.result["history"], "history")
@@ -276,7 +262,8 @@ def register_flow(cfg: PipelineConfig, ft: StageOutput, ev: StageOutput, ctx: Ru
     with tracking.stage_run("register", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx)) as run:
         existing = registry.find_version(cfg.registry.model_name, run_key)
         if existing is None:
-            model_uri = log_model_task(ft.result["best_dir"], run.info.run_id)
+            # on the parent run: its page lists the logged model and the registered version
+            model_uri = log_model_task(ft.result["best_dir"], ctx.parent_run_id)
         else:
             model_uri = existing.source
         tags = {

@@ -6,17 +6,22 @@ champion), :func:`promote` (manual) or :func:`rollback`. The champion history li
 registered model's ``champion_history`` tag (comma-separated versions, oldest first) and the
 ``previous_champion`` alias, so a rollback always knows where to go back to.
 
-Race freedom: the read-compare-move of the gate, promote and rollback runs under an exclusive
-file lock in ``<home>/locks/`` (``fcntl.flock``), so two pipelines on the same machine cannot
-interleave, whatever the tracking store (SQLite or PostgreSQL). Different machines sharing a
-remote store are not serialised by this lock (see docs/pipeline.md).
+Race freedom: the read-compare-move of registration, the gate, promote and rollback runs under
+one exclusive lock per registered model that holds across hosts (:func:`registry_lock`): a
+PostgreSQL advisory lock when the store is a PostgreSQL database, a lease in the registry itself
+(creating a lock model is a compare-and-set: the store's unique name) against an MLflow server,
+and a file lock for SQLite, whose file lives on one machine anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
+import os
+import random
+import socket
+import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -60,15 +65,117 @@ def _client():
     return MlflowClient()
 
 
+LOCK_SUFFIX = ".selfattn-lock"
+TAG_LOCK_OWNER = "selfattn.lock.owner"
+TAG_LOCK_EXPIRES = "selfattn.lock.expires"
+LEASE_S = 600.0  # a gate takes seconds; a lease this old belongs to a process that died
+
+
 @contextlib.contextmanager
 def registry_lock(model_name: str, home: Path | None = None, timeout_s: float = 120.0) -> Iterator[None]:
-    """Exclusive lock for one registered model (same-machine processes)."""
-    from flows.paths import selfattn_home
-    from flows.reliability import file_lock
+    """Exclusive lock for one registered model, for every process that uses the same registry.
 
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
-    with file_lock((home or selfattn_home()) / "locks" / f"registry-{safe}.lock", timeout_s=timeout_s, poll_s=0.05):
+    PostgreSQL store: ``pg_try_advisory_lock`` in that database (released by the server when
+    the holder's connection dies). MLflow server (http): :func:`_registry_lease`. SQLite: a
+    file lock next to the home (a SQLite file is only shared on one machine).
+    """
+    import mlflow
+
+    uri = mlflow.get_registry_uri() or ""
+    if uri.startswith(("postgresql", "postgres")):
+        with _advisory_lock(uri, f"selfattn.registry:{model_name}", timeout_s):
+            yield
+    elif uri.startswith(("http://", "https://")):
+        with _registry_lease(model_name, timeout_s):
+            yield
+    else:
+        from flows.paths import selfattn_home
+        from flows.reliability import file_lock
+
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+        with file_lock((home or selfattn_home()) / "locks" / f"registry-{safe}.lock", timeout_s=timeout_s, poll_s=0.05):
+            yield
+
+
+@contextlib.contextmanager
+def _advisory_lock(db_uri: str, name: str, timeout_s: float) -> Iterator[None]:
+    """A session-level PostgreSQL advisory lock keyed by ``name`` (64-bit hash)."""
+    import hashlib
+
+    import sqlalchemy as sa
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    engine = sa.create_engine(db_uri, poolclass=sa.pool.NullPool)
+    deadline = time.monotonic() + timeout_s
+    try:
+        with engine.connect() as conn:
+            while not conn.execute(sa.text("select pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                conn.rollback()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"advisory lock {name!r} (key {key}) still held after {timeout_s:.0f}s")
+                time.sleep(0.05 + random.random() * 0.05)
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("select pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _registry_lease(model_name: str, timeout_s: float, client=None) -> Iterator[None]:
+    """A lock held as the registered model ``<name>.selfattn-lock``, for clients of one MLflow server.
+
+    Creating a registered model is a compare-and-set on the server's database (model names
+    are unique): exactly one of two hosts creating the lock model at once gets it, the other
+    waits. The owner token in its tags makes a retried create (its answer lost in an outage)
+    recognise its own lock. A lease older than ``LEASE_S`` (its holder died) is taken over by
+    renaming it aside first, so only one waiter can take it over.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = client or _client()
+    lock = f"{model_name}{LOCK_SUFFIX}"
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={TAG_LOCK_OWNER: token, TAG_LOCK_EXPIRES: f"{time.time() + LEASE_S:.0f}"},
+                description=f"lock of {model_name!r} held by {token}; deleted when released",
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        held = _lease_tags(client, lock)
+        if held.get(TAG_LOCK_OWNER) == token:
+            break
+        if held and float(held.get(TAG_LOCK_EXPIRES) or 0) < time.time():
+            with contextlib.suppress(MlflowException):  # another waiter renamed it first
+                aside = f"{lock}.stale-{uuid.uuid4().hex[:8]}"
+                client.rename_registered_model(lock, aside)
+                client.delete_registered_model(aside)
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"registry lock {lock!r} still held by {held.get(TAG_LOCK_OWNER)!r} after {timeout_s:.0f}s")
+        time.sleep(0.1 + random.random() * 0.2)
+    try:
         yield
+    finally:
+        if _lease_tags(client, lock).get(TAG_LOCK_OWNER) == token:
+            client.delete_registered_model(lock)
+
+
+def _lease_tags(client, lock: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_registered_model(lock).tags)
+    except MlflowException:  # released between our create and this read
+        return {}
 
 
 # --------------------------------------------------------------------------- registration

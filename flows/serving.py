@@ -10,7 +10,9 @@ model object from the installed ``flows.serving`` module at load time, so nothin
 (``flows.predict.load_classifier``).
 
 Input: a list of strings, one string, a one-column DataFrame (any column name, ``text``
-preferred), or bytes. Output: a DataFrame with ``label`` (the class value), ``label_index``,
+preferred), or bytes. Logged with an object-tensor input signature, so a loaded pyfunc takes a
+one-column DataFrame or a 1-D object array (not a bare list), and the scoring server hands the
+rows over as sent; :func:`validate_rows` refuses non-strings with a 400 naming the row. Output: a DataFrame with ``label`` (the class value), ``label_index``,
 ``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none). The
 probabilities are temperature-scaled when the checkpoint holds a fitted temperature
 (``extra.calibration``, written by the evaluate stage; see docs/evaluation.md).
@@ -35,6 +37,10 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 64
+# Served requests are bounded before any tokenizing: longer strings are cut (the ``warning``
+# column says so), larger batches are refused with a 400 that says how to split them.
+MAX_ROWS = 10_000
+MAX_TEXT_CHARS = 20_000
 INPUT_EXAMPLE = ["a gripping , beautifully acted film .", "a dull , lifeless mess ."]
 
 
@@ -86,8 +92,59 @@ def as_texts(model_input: Any) -> list[Any]:
     return list(model_input)
 
 
+def _bad_request(message: str) -> Exception:
+    """An error the scoring server answers with HTTP 400 and ``message``."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
+
+def validate_rows(model_input: Any) -> tuple[list[Any], list[str]]:
+    """The served input -> (texts, notes), or a 400 naming the problem (the row, for a bad row).
+
+    Accepted: strings (and bytes from Python callers), one text column. Refused: numbers, nulls,
+    booleans, lists or objects as rows, several columns, more than ``MAX_ROWS`` rows. Strings
+    longer than ``MAX_TEXT_CHARS`` are cut and noted, so a 10 MB string costs no more than a long
+    sentence.
+    """
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame) and model_input.shape[1] > 1:
+        cols = [str(c) for c in model_input.columns[:5]]
+        raise _bad_request(f"expected one column of text, got {model_input.shape[1]} columns ({', '.join(cols)}); send {{\"inputs\": [\"a sentence\", ...]}}")
+    if isinstance(model_input, np.ndarray) and model_input.ndim > 1:
+        raise _bad_request(f"rows are nested lists (shape {list(model_input.shape)}); send one string per row: {{\"inputs\": [\"a sentence\", ...]}}")
+    items = as_texts(model_input)
+    if len(items) > MAX_ROWS:
+        raise _bad_request(f"{len(items)} rows in one request, more than {MAX_ROWS}; split it into requests of at most {MAX_ROWS} rows")
+    texts, notes = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, (bytes, bytearray)):
+            texts.append(item)
+            notes.append("")
+            continue
+        if not isinstance(item, str):
+            shown = repr(item)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            kind = "null" if item is None or (isinstance(item, float) and item != item) else type(item).__name__
+            raise _bad_request(f"row {i} is {kind} ({shown}), expected a string; every row must be one sentence as a JSON string")
+        if len(item) > MAX_TEXT_CHARS:
+            texts.append(item[:MAX_TEXT_CHARS])
+            notes.append(f"cut from {len(item)} to {MAX_TEXT_CHARS} characters")
+        else:
+            texts.append(item)
+            notes.append("")
+    return texts, notes
+
+
 class SelfattnClassifier(PythonModel):
     """pyfunc wrapper around a ``save_pretrained`` classifier directory (artifact ``model_dir``)."""
+
+    # MLflow wraps ``predict`` for type-hint validation unless told not to (and advises adding
+    # hints on every import); the rows are validated by ``validate_rows`` and the signature
+    # comes from a real prediction, so neither the wrapping nor the advice applies
+    _skip_type_hint_validation = True
 
     def __init__(self) -> None:
         self._pre = None
@@ -114,10 +171,14 @@ class SelfattnClassifier(PythonModel):
         return list(labels) if labels and len(labels) == n else list(range(n))
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
-        return self.predict_texts(as_texts(model_input))
+        texts, notes = validate_rows(model_input)
+        return self.predict_texts(texts, notes=notes)
 
-    def predict_texts(self, items: Sequence[Any]):
-        """Items (str/bytes/None) -> DataFrame (label, label_index, score, prob_*, warning)."""
+    def predict_texts(self, items: Sequence[Any], notes: Sequence[str] | None = None):
+        """Items (str/bytes/None) -> DataFrame (label, label_index, score, prob_*, warning).
+
+        ``notes`` (one per item, from :func:`validate_rows`) go first in the ``warning`` column.
+        """
         import pandas as pd
         import torch
 
@@ -128,9 +189,11 @@ class SelfattnClassifier(PythonModel):
         labels = self.labels
         max_len = cfg.context_length
         fallback = tok.bos_id if getattr(tok, "bos_id", None) is not None else tok.pad_id
+        pre_notes = list(notes) if notes is not None else [""] * len(items)
         ids_list, notes = [], []
-        for item in items:
+        for item, pre_note in zip(items, pre_notes):
             text, note = _to_text(item)
+            note = "; ".join(n for n in (pre_note, note) if n)
             text = text.strip()
             try:
                 ids = tok.encode(text)
@@ -170,24 +233,39 @@ class SelfattnClassifier(PythonModel):
 
 
 def signature_and_example(clf: SelfattnClassifier):
-    """Signature inferred from a real prediction on the input example."""
-    import pandas as pd
-    from mlflow.models import infer_signature
+    """Input: a 1-D tensor of objects; output: inferred from a real prediction.
 
-    # an unnamed string column: a list of str and a one-column DataFrame (any name) both fit
-    sig = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE))
-    return sig, pd.DataFrame({"text": INPUT_EXAMPLE})
+    Why not a string column: the scoring server casts the JSON to the input schema before
+    ``predict`` sees it, so ``[1, 2, null]`` would arrive as the sentences "1", "2", "None" and
+    ``[["a", "b"]]`` as strings too. An object tensor keeps every row as sent; ``validate_rows``
+    answers a 400 naming the bad row.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    outputs = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE)).outputs
+    sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=outputs)
+    return sig, np.array(INPUT_EXAMPLE, dtype=object)
 
 
-def log_model(model_dir: str, *, name: str = "model", registered_model_name: str | None = None):
-    """Log ``model_dir`` as a pyfunc on the active run; returns the ``ModelInfo``."""
+def log_model(model_dir: str, *, name: str = "model", registered_model_name: str | None = None, run_id: str | None = None):
+    """Log ``model_dir`` as a pyfunc on ``run_id`` (default: the active run); returns the ``ModelInfo``.
+
+    ``Model.log(run_id=...)`` (what ``mlflow.pyfunc.log_model`` calls, minus the run argument) logs
+    onto a run that is not this thread's active one, without resuming or ending it.
+    """
     import mlflow
+    from mlflow.models import Model
 
     clf = SelfattnClassifier().load(model_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         signature, example = signature_and_example(clf)
-        return mlflow.pyfunc.log_model(
+        return Model.log(
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
             name=name,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models-from-code: no pickle
             artifacts={"model_dir": str(model_dir)},
@@ -214,5 +292,7 @@ def predict(model_uri: str, texts: Sequence[str]):
     """Load a pyfunc (``models:/NAME@champion``, ``runs:/...``) and predict ``texts``."""
     import mlflow
 
+    import pandas as pd
+
     model = mlflow.pyfunc.load_model(model_uri)
-    return model.predict(list(texts))
+    return model.predict(pd.DataFrame({"text": list(texts)}))  # a list does not fit the tensor signature

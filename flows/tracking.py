@@ -8,17 +8,19 @@ tags ``selfattn.host`` and ``selfattn.pid`` so the next start can mark runs whos
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from selfattn.train import Callback
 from selfattn.utils import flatten
 
 from flows.paths import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
+from flows.console import STAGE_LOGGER
 
 TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
 TAG_STAGE = "selfattn.stage"
@@ -26,6 +28,11 @@ TAG_HOST = "selfattn.host"
 TAG_PID = "selfattn.pid"
 TAG_GIT = "mlflow.source.git.commit"
 TAG_DATA_DIGEST = "selfattn.data_digest"
+# The MLflow 3 UI picks its layout from this experiment tag (values in its JS bundle:
+# genai_development, custom_model_development, finetuning, ...); without it an experiment
+# whose runs have no logged model yet opens in GenAI mode (traces, "Detect issues").
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def configure(home: Path | None = None) -> str:
@@ -57,6 +64,8 @@ def ensure_experiment(name: str, home: Path | None = None) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if TAG_EXPERIMENT_KIND not in exp.tags:  # a kind the user chose in the UI is kept
+            client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -64,7 +73,7 @@ def ensure_experiment(name: str, home: Path | None = None) -> str:
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:  # created concurrently by another pipeline
         return client.get_experiment_by_name(name).experiment_id
 
@@ -143,6 +152,9 @@ def stage_run(
     else:
         kwargs["parent_run_id"] = parent_run_id
     run = mlflow.start_run(**kwargs)
+    stages_log = logging.getLogger(STAGE_LOGGER)
+    stages_log.info("> %s", name)
+    t0 = time.monotonic()
     try:
         if params:
             log_params(run.info.run_id, params)
@@ -150,9 +162,11 @@ def stage_run(
     except BaseException as exc:
         mlflow.set_tag("selfattn.error", f"{type(exc).__name__}: {exc}"[:4000])
         mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        stages_log.info("x %s failed after %.1f s: %s", name, time.monotonic() - t0, type(exc).__name__)
         raise
     else:
         mlflow.end_run()
+        stages_log.info("  %s done in %.1f s", name, time.monotonic() - t0)
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -177,12 +191,15 @@ class MlflowCallback(Callback):
     engine already named them so.
     """
 
-    def __init__(self, *, run_id: str, log_every: int = 20, prefix: str = "") -> None:
+    def __init__(self, *, run_id: str, log_every: int = 20, prefix: str = "", mirror_run_ids: Sequence[str] = ()) -> None:
         from mlflow import MlflowClient
 
         if log_every <= 0:
             raise ValueError(f"log_every ({log_every}) must be > 0")
         self.run_id = run_id
+        # runs that get the same metric batches (not params or tags): the pipeline's parent run,
+        # so the compare view of two pipeline runs draws their learning curves on one chart
+        self.mirror_run_ids = [r for r in mirror_run_ids if r and r != run_id]
         self.log_every = log_every
         self.prefix = prefix
         self._client = MlflowClient()
@@ -200,8 +217,11 @@ class MlflowCallback(Callback):
                 self._buffer.append(self._metric(name(k), v, step))
 
     def flush(self) -> None:
-        for i in range(0, len(self._buffer), 1000):
-            self._client.log_batch(self.run_id, metrics=self._buffer[i : i + 1000], synchronous=True)
+        # a batch re-sent after a lost response is not doubled: the store skips identical
+        # (key, value, timestamp, step) rows
+        for run_id in (self.run_id, *self.mirror_run_ids):
+            for i in range(0, len(self._buffer), 1000):
+                self._client.log_batch(run_id, metrics=self._buffer[i : i + 1000], synchronous=True)
         self._buffer = []
         self._since_flush = 0
 
@@ -227,10 +247,17 @@ class MlflowCallback(Callback):
         self.flush()
 
 
-def log_dataset(path: Path, *, name: str, context: str, targets: str | None = None, digest: str | None = None) -> None:
-    """``mlflow.log_input`` for a TSV/text file on the active run (digest + source)."""
+def log_dataset(
+    path: Path, *, name: str, context: str, targets: str | None = None, digest: str | None = None,
+    also_run_ids: Sequence[str] = (),
+) -> None:
+    """``mlflow.log_input`` for a TSV/text file on the active run (digest + source), and on
+    ``also_run_ids`` (the parent run, whose page and compare view list the datasets)."""
     import mlflow
     import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.entities import InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     path = Path(path)
     if path.suffix == ".tsv":
@@ -240,6 +267,12 @@ def log_dataset(path: Path, *, name: str, context: str, targets: str | None = No
         targets = None
     ds = mlflow.data.from_pandas(df, source=str(path), name=name, targets=targets, digest=digest[:36] if digest else None)
     mlflow.log_input(ds, context=context)
+    active = mlflow.active_run()
+    for run_id in also_run_ids:
+        if active is None or run_id != active.info.run_id:
+            MlflowClient().log_inputs(
+                run_id, [mlflow.entities.DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+            )
 
 
 def run_url(run_id: str, experiment_id: str) -> str:
@@ -248,8 +281,21 @@ def run_url(run_id: str, experiment_id: str) -> str:
 
     uri = mlflow.get_tracking_uri()
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return ui_url(uri, f"experiments/{experiment_id}/runs/{run_id}")
     return f"runs:/{run_id} (open with `selfattn ui`, experiment {experiment_id})"
+
+
+def ui_url(base: str, route: str, **query: str) -> str:
+    """A link into the MLflow UI that opens in its "Model training" layout.
+
+    MLflow 3.17's UI picks GenAI or Model training from a global toggle (saved in the browser),
+    default GenAI, whatever the experiment's kind tag says; the ``workflowType`` query parameter
+    sets that toggle, so links we print open on runs, models and charts, not traces.
+    """
+    from urllib.parse import urlencode
+
+    params = urlencode({**query, "workflowType": "machine_learning"})
+    return f"{base.rstrip('/')}/#/{route.lstrip('/')}?{params}"
 
 
 class TrialRuns:

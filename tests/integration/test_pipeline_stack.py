@@ -268,8 +268,8 @@ def test_mlflow_models_serve_champion_answers_raw_sentences(stack, stack_env, sm
 
     # the same model loaded in this process (pyfunc from the registry) predicts the same
     code = (
-        "import json, sys, mlflow\n"
-        f"df = mlflow.pyfunc.load_model({model_uri!r}).predict({sentences!r})\n"
+        "import json, sys, mlflow, pandas as pd\n"
+        f"df = mlflow.pyfunc.load_model({model_uri!r}).predict(pd.DataFrame({{'text': {sentences!r}}}))\n"
         "print('PRED=' + json.dumps(df.to_dict(orient='records')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=stack_env, capture_output=True, text=True, timeout=300)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -69,10 +70,11 @@ def test_logged_pyfunc_roundtrip(tiny_classifier_dir, mlflow_home):
         info = log_model(str(tiny_classifier_dir), name="model")
     loaded = mlflow.pyfunc.load_model(info.model_uri)
     direct = SelfattnClassifier().load(str(tiny_classifier_dir)).predict_texts(["great fun", ""])
-    for model_input in (["great fun", ""], pd.DataFrame({"text": ["great fun", ""]})):
+    for model_input in (np.array(["great fun", ""], dtype=object), pd.DataFrame({"text": ["great fun", ""]})):
         out = loaded.predict(model_input)
         assert out["prob_1"].tolist() == pytest.approx(direct["prob_1"].tolist(), abs=1e-6)
-    assert info.signature is not None and info.signature.inputs.input_types()[0].name == "string"
+    # an object tensor: the scoring server passes rows as sent (no cast of 1 or null to "1", "None")
+    assert info.signature is not None and info.signature.inputs.inputs[0].type == np.dtype(object)
     # nothing but safetensors / JSON / tokenizer files travel as the model_dir artifact
     local = mlflow.artifacts.download_artifacts(info.model_uri)
     from pathlib import Path

@@ -1,0 +1,153 @@
+"""The MLflow 3.17 UI as a user sees it, in headless Chromium, after two real pipeline runs.
+
+Two ``selfattn run --config smoke`` runs (the second with a longer fine-tune) on an embedded
+home, then ``mlflow server`` on that home's SQLite store. Each check takes a screenshot (left in
+the test output folder) and reads the rendered page's text: the experiment opens as a training
+experiment, the parent run lists its datasets and registered version, the compare view shows the
+param that differs, and the chart view draws both runs' learning curves on one chart. The same
+runs check the quiet console (and ``--verbose``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.tracking import EXPERIMENT_KIND, ui_url
+
+from .conftest import REPO, _clean_env, mlflow_get, mlflow_post, selfattn_cmd, wait_for
+
+pytestmark = pytest.mark.integration
+
+QUIET = ("interpreted in multiple ways", "Inferred schema contains integer column", "Add type hints to the `predict` method")
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+def _page(url: str, png: Path, window: str = "1600,1400") -> str:
+    """Screenshot ``url`` to ``png`` and return the text of its rendered DOM."""
+    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-dev-shm-usage", "--hide-scrollbars", f"--window-size={window}", "--virtual-time-budget=40000"]  # fmt: skip
+    shot = subprocess.run([*base, f"--screenshot={png}", url], capture_output=True, timeout=240)
+    assert png.is_file() and png.stat().st_size > 10_000, shot.stderr[-2000:]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, timeout=240).stdout.decode(errors="replace")
+    dom = re.sub(r"<style[^>]*>.*?</style>|<script[^>]*>.*?</script>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, output_dir):
+    if _chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    home = tmp_path_factory.mktemp("ui_home")
+    env = _clean_env()
+    env.update(SELFATTN_HOME=str(home), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
+    env.setdefault("SELFATTN_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    logs = {}
+    for name, extra in (("first", []), ("longer", ["--set", "finetune.train.max_steps=24"]), ("verbose", ["--verbose"])):
+        proc = subprocess.run([*selfattn_cmd(), "run", "--config", "smoke", *extra], env=env, capture_output=True, text=True, timeout=1800)
+        (output_dir / f"ui_run_{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        logs[name] = proc.stdout + proc.stderr
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--default-artifact-root", (home / "mlartifacts").as_uri()]  # fmt: skip
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    info = {"mlflow_url": f"http://127.0.0.1:{port}", "logs": logs, "output": output_dir}
+
+    def healthy():
+        try:
+            with urllib.request.urlopen(f"{info['mlflow_url']}/health", timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=300, what="mlflow server")
+        exp = mlflow_get(info, "experiments/get-by-name", experiment_name="selfattn-smoke")["experiment"]
+        runs = mlflow_post(info, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 500})["runs"]
+        parents = [r for r in runs if not any(t["key"] in ("mlflow.parentRunId", "selfattn.stage") for t in r["data"].get("tags", []))]
+        parents.sort(key=lambda r: r["info"]["start_time"])
+        info.update(experiment=exp, parents=parents)
+        yield info
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_experiment_opens_as_a_training_experiment(ui):
+    exp = ui["experiment"]
+    assert {t["key"]: t["value"] for t in exp.get("tags", [])}.get("mlflow.experimentKind") == EXPERIMENT_KIND
+    text = _page(ui_url(ui["mlflow_url"], f"experiments/{exp['experiment_id']}/runs"), ui["output"] / "mlflow_ui_training_experiment.png")
+    for r in ui["parents"]:
+        assert r["info"]["run_name"] in text
+    assert "Model training" in text and "Model registry" in text
+    assert "Detect Issues" not in text and "Evaluation runs" not in text  # the GenAI overview is not what opens
+
+
+def test_parent_run_shows_datasets_model_and_registered_version(ui):
+    first = ui["parents"][0]
+    assert {d["dataset"]["name"] for d in first["inputs"]["dataset_inputs"]} == {"corpus", "sst2-train", "sst2-dev"}
+    assert first["outputs"]["model_outputs"], "no logged model on the parent run"
+    route = f"experiments/{ui['experiment']['experiment_id']}/runs/{first['info']['run_id']}"
+    text = _page(ui_url(ui["mlflow_url"], route), ui["output"] / "mlflow_ui_parent_run.png")
+    assert "Datasets" in text and "corpus" in text and "+2" in text  # three datasets, the first shown
+    assert "Registered models" in text and "selfattn-sst2-smoke" in text and "v1" in text
+    assert "validate" in text and "finetune" in text and "register" in text  # child runs listed
+
+
+def test_compare_view_shows_the_params_that_differ(ui):
+    first, longer = ui["parents"][0], ui["parents"][1]
+    ids = [first["info"]["run_id"], longer["info"]["run_id"]]
+    url = ui_url(ui["mlflow_url"], "compare-runs", runs=json.dumps(ids), experiments=json.dumps([ui["experiment"]["experiment_id"]]))
+    text = _page(url, ui["output"] / "mlflow_ui_compare.png", window="1600,2400")
+    assert "Comparing 2 Runs" in text
+    assert re.search(r"finetune\.train\.max_steps 16 24", text), "the differing param is not side by side"
+    # the metrics table (virtualised: its first rows are rendered) holds the fine-tune's keys
+    # mirrored on the parents, whose values differ between the two runs
+    for key in ("accuracy", "grad_norm", "lr"):
+        assert key in text
+
+
+def test_learning_curves_of_both_runs_on_one_chart(ui):
+    for r in ui["parents"][:2]:
+        hist = mlflow_get(ui, "metrics/get-history", run_id=r["info"]["run_id"], metric_key="train_loss")["metrics"]
+        assert len(hist) >= 4  # the fine-tune curve, on the parent run
+    url = ui_url(ui["mlflow_url"], f"experiments/{ui['experiment']['experiment_id']}/runs", compareRunsMode="CHART")
+    text = _page(url, ui["output"] / "mlflow_ui_learning_curves.png", window="1600,2400")
+    assert "train_loss" in text and "Step" in text
+    for r in ui["parents"][:2]:  # each line chart's legend names both runs: "<run> (train_loss)"
+        assert f"{r['info']['run_name']} (train_loss)" in text, r["info"]["run_name"]
+
+
+def test_console_is_quiet_and_verbose_shows_everything(ui):
+    quiet, verbose = ui["logs"]["first"], ui["logs"]["verbose"]
+    for stage in ("validate", "pretrain", "search", "finetune", "evaluate", "register"):
+        assert f"> {stage}" in quiet and f"{stage} done in" in quiet
+    assert "pipeline run" in quiet and "promoted to champion" in quiet
+    assert not [w for w in QUIET if w in quiet]
+    assert "Beginning subflow run" not in quiet  # Prefect's INFO stays in the Prefect UI
+    assert "interpreted in multiple ways" in verbose and "Beginning subflow run" in verbose
