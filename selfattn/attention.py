@@ -9,12 +9,10 @@ Variants (``attention=``):
 
 * ``"full"``: every query sees every (earlier, if causal) key.
 * ``"sliding_window"``: each query sees the last ``window`` keys, itself included (causal); with
-  ``is_causal=False`` a symmetric band ``|i - j| < window``. By default a banded boolean mask
-  ``[T, S]`` on the fused kernel: the right result, but no less work than full attention (O(T * S)
-  time; memory is the kernel's plus the T * S-byte mask). Setting ``attn.window_chunk = n``
-  (``n >= window - 1``) runs causal inputs longer than ``n`` blockwise
-  (:func:`selfattn.functional.sliding_window_attention`, O(T * window) work); on CPU it measured no
-  faster at T=2048, window=128 (see docs/attention.md), hence opt-in.
+  ``is_causal=False`` a symmetric band ``|i - j| < window`` (a banded mask on the fused kernel).
+  Causal inputs run :func:`selfattn.functional.sliding_window_attention`: block-local attention,
+  O(T * window) time and memory, which falls back to the dense kernel by a cost model where the
+  window does not pay. ``attn.window_block = n`` forces blocks of ``n`` queries (None = automatic).
 * ``"low_rank"``: Linformer. Learned projections ``E, F [low_rank_k, max_len]`` mix keys and values
   along the sequence axis (``K' = E[:, :T] K``), so the scores are ``[T, low_rank_k]``: O(T * k).
   Bidirectional only (a projected key mixes past and future tokens), meant for the classifier;
@@ -182,9 +180,8 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.attention = attention
         self.window = window
-        # sliding_window: None = banded mask (default, fastest measured on CPU); an int >= window - 1 opts
-        # into the blockwise path (O(T * window) work) for inputs longer than window_chunk
-        self.window_chunk: int | None = None
+        # sliding_window: query block size of the block-local path; None = chosen by its cost model
+        self.window_block: int | None = None
         self.low_rank_k = low_rank_k
         self.max_len = max_len
         self.position = position
@@ -253,10 +250,10 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.update(layer_idx, k, v)  # [B, H_kv, S, hd]
 
         dropout_p = self.dropout if self.training else 0.0
-        if self._use_chunked_window(T, is_causal, return_weights):
+        if self._use_local_window(is_causal, return_weights):
             assert self.window is not None
             out = sliding_window_attention(
-                q, k, v, self.window, key_mask=key_mask, dropout_p=dropout_p, chunk_size=self.window_chunk
+                q, k, v, self.window, key_mask=key_mask, dropout_p=dropout_p, block_size=self.window_block
             )  # [B, H, T, hd]
             return self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -292,15 +289,13 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
 
-    def _use_chunked_window(self, T: int, is_causal: bool, return_weights: bool) -> bool:
-        """Blockwise sliding window when opted into (``window_chunk``), applicable and worth it."""
+    def _use_local_window(self, is_causal: bool, return_weights: bool) -> bool:
+        """Block-local sliding window (it picks dense itself where that is cheaper) when applicable."""
         return (
             self.attention == "sliding_window"
             and is_causal
             and not return_weights  # the weights [B, H, T, S] are dense anyway
             and self.position != "alibi"  # ALiBi's bias is built densely
-            and self.window_chunk is not None
-            and T > self.window_chunk
         )
 
     def _key_mask(self, attention_mask: Tensor | None, B: int, T: int, S: int) -> Tensor | None:
