@@ -1,8 +1,8 @@
 """Scaled dot-product attention: a fused fast path, a readable reference path, mask helpers.
 
 Public: :func:`scaled_dot_product_attention`, :func:`naive_attention` (textbook reference),
-:func:`sliding_window_attention` (blockwise causal local attention), :func:`causal_mask`,
-:func:`sliding_window_mask`. User guide: docs/attention.md.
+:func:`sliding_window_attention` (block-local causal attention), :func:`flex_masked_attention`
+(FlexAttention block masks: causal, window, padding), :func:`causal_mask`, :func:`sliding_window_mask`. User guide: docs/attention.md.
 
 Conventions (the same as :func:`torch.nn.functional.scaled_dot_product_attention`):
 
@@ -25,7 +25,9 @@ Conventions (the same as :func:`torch.nn.functional.scaled_dot_product_attention
 
 from __future__ import annotations
 
+import functools
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,7 @@ __all__ = [
     "sliding_window_mask",
     "sliding_window_attention",
     "window_uses_blocks",
+    "flex_masked_attention",
 ]
 
 
@@ -478,3 +481,65 @@ def sliding_window_attention(
         # a padded query may see only padding: the wrapper zeroes such rows
         out = scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)
     return out.reshape(-1, nb * b, ev)[:, :lq].reshape(*batch, lq, ev)  # [..., Lq, Ev]
+
+
+def _flex_mask_mod(offset: int, window: int | None, causal: bool, key_mask: Tensor | None):
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = may attend), bottom-right aligned."""
+
+    def mask_mod(b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        dist = q_idx + offset - kv_idx  # > 0: the key is in the past
+        keep = dist >= 0 if causal else dist == dist
+        if window is not None:
+            keep = keep & (dist < window) if causal else keep & (dist.abs() < window)
+        if key_mask is not None:
+            keep = keep & key_mask[b, kv_idx]
+        return keep
+
+    return mask_mod
+
+
+def flex_masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_mask: Tensor | None = None,
+    compile: bool | None = None,
+) -> Tensor:
+    """Attention through ``torch.nn.attention.flex_attention`` with a block mask: skips empty tiles.
+
+    ``q [B, H, Lq, E]``, ``k, v [B, H_kv, Lk, E]`` (grouped-query allowed); ``causal`` and ``window``
+    are bottom-right aligned like :func:`sliding_window_mask`; ``key_mask [B, Lk]`` bool, True =
+    real key. Rows that see nothing give zeros. The mask is turned into a ``BlockMask`` once per
+    call, so fully masked tiles (above the diagonal, outside the window) cost nothing.
+
+    ``compile``: run a ``torch.compile``-d kernel (default on CUDA, where FlexAttention is fast).
+    On CPU torch 2.13 has no FlexAttention backward and, uncompiled, runs an unfused reference:
+    forward only (inference, tests); training on CPU uses :func:`sliding_window_attention`.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flex_masked_attention needs 4-D [B, H, L, E] inputs, got q {_shape(q)}, k {_shape(k)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window ({window}) must be >= 1 or None")
+    batch = _validate(q, k, v, None, 0.0, None)
+    b, h, lq, lk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, lk)):
+        raise ValueError(f"key_mask must be bool [B={b}, Lk={lk}] (True = real key), got {key_mask.dtype} {_shape(key_mask)}")
+    del batch
+    compile = q.is_cuda if compile is None else compile
+    mask_mod = _flex_mask_mod(lk - lq, window, causal, key_mask)
+    block_mask = create_block_mask(mask_mod, b if key_mask is not None else None, None, lq, lk, device=q.device)
+    fn = _compiled_flex() if compile else flex_attention
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != h)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():  # type: ignore[no-untyped-def]
+    """``torch.compile(flex_attention)``, built on first use and kept (compiling costs seconds)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
