@@ -9,12 +9,10 @@ Variants (``attention=``):
 
 * ``"full"``: every query sees every (earlier, if causal) key.
 * ``"sliding_window"``: each query sees the last ``window`` keys, itself included (causal); with
-  ``is_causal=False`` a symmetric band ``|i - j| < window``. By default a banded boolean mask
-  ``[T, S]`` on the fused kernel: the right result, but no less work than full attention (O(T * S)
-  time; memory is the kernel's plus the T * S-byte mask). Setting ``attn.window_chunk = n``
-  (``n >= window - 1``) runs causal inputs longer than ``n`` blockwise
-  (:func:`selfattn.functional.sliding_window_attention`, O(T * window) work); on CPU it measured no
-  faster at T=2048, window=128 (see docs/attention.md), hence opt-in.
+  ``is_causal=False`` a symmetric band ``|i - j| < window`` (a banded mask on the fused kernel).
+  Causal inputs run :func:`selfattn.functional.sliding_window_attention`: block-local attention,
+  O(T * window) time and memory, which falls back to the dense kernel by a cost model where the
+  window does not pay. ``attn.window_block = n`` forces blocks of ``n`` queries (None = automatic).
 * ``"low_rank"``: Linformer. Learned projections ``E, F [low_rank_k, max_len]`` mix keys and values
   along the sequence axis (``K' = E[:, :T] K``), so the scores are ``[T, low_rank_k]``: O(T * k).
   Bidirectional only (a projected key mixes past and future tokens), meant for the classifier;
@@ -40,7 +38,7 @@ from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_
 if TYPE_CHECKING:
     from selfattn.config import ModelConfig
 
-__all__ = ["KVCache", "MultiHeadAttention"]
+__all__ = ["KVCache", "MultiHeadAttention", "RollingKVCache"]
 
 _ATTENTION_KINDS = ("full", "sliding_window", "low_rank")
 _POSITION_KINDS = ("rope", "learned", "alibi", "none")
@@ -117,8 +115,103 @@ class KVCache:
         self._lengths[layer_idx] = start + t
         return self.k[layer_idx][:, :, : start + t], self.v[layer_idx][:, :, : start + t]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the preallocated keys and values of every layer."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
     def reset(self) -> None:
         """Forget every position (the memory is kept and overwritten)."""
+        self._lengths = [0] * self.n_layers
+
+
+class RollingKVCache:
+    """A KV cache that keeps only the last ``window - 1`` positions per layer (sliding-window models).
+
+    A causal sliding window of ``window`` keys means the next query sees itself and the ``window - 1``
+    keys before it, so nothing older is ever read again: memory stays ``2 * n_layers * batch_size *
+    n_kv_heads * (window - 1) * head_dim`` elements however long generation runs. Keys are cached
+    already rotated (RoPE at their absolute positions), so dropping old ones changes nothing.
+    ``length`` / ``layer_length(i)`` count every position seen (the next token's absolute position,
+    what RoPE and ``context_length`` need); ``held(i)`` is how many are kept. ``update`` returns the
+    kept keys followed by the new ones; the attention aligns them bottom-right.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        window: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        for name, value in (
+            ("n_layers", n_layers),
+            ("batch_size", batch_size),
+            ("n_kv_heads", n_kv_heads),
+            ("head_dim", head_dim),
+            ("window", window),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"RollingKVCache {name} ({value}) must be a positive int")
+        self.n_layers = n_layers
+        self.batch_size = batch_size
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.window = window
+        empty = (batch_size, n_kv_heads, 0, head_dim)
+        self.k = [torch.zeros(empty, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(empty, device=device, dtype=dtype) for _ in range(n_layers)]
+        self._lengths = [0] * n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions seen by every layer (the absolute position of the next token)."""
+        return min(self._lengths)
+
+    def layer_length(self, layer_idx: int) -> int:
+        self._check_layer(layer_idx)
+        return self._lengths[layer_idx]
+
+    def held(self, layer_idx: int) -> int:
+        """Positions actually kept for one layer (at most ``window - 1``)."""
+        self._check_layer(layer_idx)
+        return self.k[layer_idx].shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values of every layer."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def _check_layer(self, layer_idx: int) -> None:
+        if not 0 <= layer_idx < self.n_layers:
+            raise ValueError(f"layer_idx ({layer_idx}) must be in [0, {self.n_layers}) for this RollingKVCache")
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add ``k, v [B, n_kv_heads, t, head_dim]``; return the kept ones then the new ones ``[B, n_kv_heads, <= window - 1 + t, head_dim]``."""
+        self._check_layer(layer_idx)
+        expected = (self.batch_size, self.n_kv_heads, k.shape[-2] if k.dim() == 4 else -1, self.head_dim)
+        if k.dim() != 4 or tuple(k.shape) != expected or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(
+                f"RollingKVCache.update expects k and v of shape [batch={self.batch_size}, "
+                f"n_kv_heads={self.n_kv_heads}, t, head_dim={self.head_dim}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        k_all = torch.cat([self.k[layer_idx], k], dim=-2)  # [B, H_kv, held + t, hd]
+        v_all = torch.cat([self.v[layer_idx], v], dim=-2)
+        keep = min(self.window - 1, k_all.shape[-2])
+        # copies so the kept keys do not pin a long prefill tensor in memory
+        self.k[layer_idx] = k_all[:, :, k_all.shape[-2] - keep :].clone()
+        self.v[layer_idx] = v_all[:, :, v_all.shape[-2] - keep :].clone()
+        self._lengths[layer_idx] += k.shape[-2]
+        return k_all, v_all
+
+    def reset(self) -> None:
+        """Forget every position."""
+        self.k = [t[:, :, :0] for t in self.k]
+        self.v = [t[:, :, :0] for t in self.v]
         self._lengths = [0] * self.n_layers
 
 
@@ -182,9 +275,8 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.attention = attention
         self.window = window
-        # sliding_window: None = banded mask (default, fastest measured on CPU); an int >= window - 1 opts
-        # into the blockwise path (O(T * window) work) for inputs longer than window_chunk
-        self.window_chunk: int | None = None
+        # sliding_window: query block size of the block-local path; None = chosen by its cost model
+        self.window_block: int | None = None
         self.low_rank_k = low_rank_k
         self.max_len = max_len
         self.position = position
@@ -235,7 +327,7 @@ class MultiHeadAttention(nn.Module):
         x: Tensor,
         attention_mask: Tensor | None = None,
         is_causal: bool = True,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | RollingKVCache | None = None,
         layer_idx: int = 0,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -249,14 +341,25 @@ class MultiHeadAttention(nn.Module):
         key_mask = self._key_mask(attention_mask, B, T, S)  # [B, 1, 1, S] bool or None
 
         q, k, v = self._project(x, offset)  # [B, H, T, hd], [B, H_kv, T, hd] x 2
+        if isinstance(kv_cache, RollingKVCache) and (
+            self.attention != "sliding_window" or not is_causal or kv_cache.window < (self.window or 0)
+        ):
+            raise ValueError(
+                f"a RollingKVCache (window={kv_cache.window}) needs causal attention='sliding_window' with "
+                f"window <= {kv_cache.window}; this layer has attention={self.attention!r}, window={self.window}, "
+                f"is_causal={is_causal}"
+            )
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, H_kv, S, hd]
+            if k.shape[-2] < S:  # a rolling cache keeps only the last keys: align the mask to them
+                S = k.shape[-2]
+                key_mask = None if key_mask is None else key_mask[..., -S:]
 
         dropout_p = self.dropout if self.training else 0.0
-        if self._use_chunked_window(T, is_causal, return_weights):
+        if self._use_local_window(is_causal, return_weights):
             assert self.window is not None
             out = sliding_window_attention(
-                q, k, v, self.window, key_mask=key_mask, dropout_p=dropout_p, chunk_size=self.window_chunk
+                q, k, v, self.window, key_mask=key_mask, dropout_p=dropout_p, block_size=self.window_block
             )  # [B, H, T, hd]
             return self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -292,15 +395,13 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
 
-    def _use_chunked_window(self, T: int, is_causal: bool, return_weights: bool) -> bool:
-        """Blockwise sliding window when opted into (``window_chunk``), applicable and worth it."""
+    def _use_local_window(self, is_causal: bool, return_weights: bool) -> bool:
+        """Block-local sliding window (it picks dense itself where that is cheaper) when applicable."""
         return (
             self.attention == "sliding_window"
             and is_causal
             and not return_weights  # the weights [B, H, T, S] are dense anyway
             and self.position != "alibi"  # ALiBi's bias is built densely
-            and self.window_chunk is not None
-            and T > self.window_chunk
         )
 
     def _key_mask(self, attention_mask: Tensor | None, B: int, T: int, S: int) -> Tensor | None:

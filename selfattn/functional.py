@@ -1,8 +1,8 @@
 """Scaled dot-product attention: a fused fast path, a readable reference path, mask helpers.
 
 Public: :func:`scaled_dot_product_attention`, :func:`naive_attention` (textbook reference),
-:func:`sliding_window_attention` (blockwise causal local attention), :func:`causal_mask`,
-:func:`sliding_window_mask`. User guide: docs/attention.md.
+:func:`sliding_window_attention` (block-local causal attention), :func:`flex_masked_attention`
+(FlexAttention block masks: causal, window, padding), :func:`causal_mask`, :func:`sliding_window_mask`. User guide: docs/attention.md.
 
 Conventions (the same as :func:`torch.nn.functional.scaled_dot_product_attention`):
 
@@ -19,12 +19,15 @@ Conventions (the same as :func:`torch.nn.functional.scaled_dot_product_attention
   both).
 * A query row with nothing to attend to (fully masked) gives an output of zeros, never NaN, and
   finite (zero) gradients, in every dtype. A floating mask entry counts as "masked" when it is
-  ``-inf`` or at most the dtype's minimum (``torch.finfo(dtype).min``, the Hugging Face convention).
+  ``-inf`` or at most ``torch.finfo(torch.float16).min`` (-65504), so a mask filled with any dtype's
+  ``finfo.min`` (the Hugging Face convention) counts as masked whatever the input dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +38,8 @@ __all__ = [
     "causal_mask",
     "sliding_window_mask",
     "sliding_window_attention",
+    "window_uses_blocks",
+    "flex_masked_attention",
 ]
 
 
@@ -174,9 +179,15 @@ def _validate(
 # --------------------------------------------------------------------------- mask normalisation
 
 
+# A floating mask entry at or below this removes the key: float16's minimum, the largest of the float
+# dtypes' minimums, so a mask filled with ANY dtype's finfo.min (the Hugging Face convention) is seen
+# as masked whatever dtype the mask or the inputs have. exp(-65504 + score) is 0 in every dtype anyway.
+_MASKED_AT = torch.finfo(torch.float16).min
+
+
 def _masked_entries(mask: Tensor) -> Tensor:
-    """Bool tensor, True where a floating mask entry removes the key (-inf or <= dtype min)."""
-    return mask <= torch.finfo(mask.dtype).min
+    """Bool tensor, True where a floating mask entry removes the key (-inf or <= float16's min)."""
+    return mask <= _MASKED_AT
 
 
 def _prepare_mask(
@@ -195,8 +206,11 @@ def _prepare_mask(
     if is_causal and attn_mask is None and lq == lk:
         return None, None, True  # fast path: top-left == bottom-right when square
     mask = attn_mask
-    if mask is not None and mask.dtype != torch.bool and mask.dtype != dtype:
-        mask = mask.to(dtype)
+    removed = None  # [..., Lq, Lk] bool, True = key removed; from the mask as given, before any cast
+    if mask is not None and mask.dtype != torch.bool:
+        removed = _masked_entries(mask)
+        if mask.dtype != dtype:
+            mask = mask.to(dtype)
     if is_causal:
         causal = causal_mask(lq, lk, device)  # [Lq, Lk]
         if mask is None:
@@ -210,7 +224,11 @@ def _prepare_mask(
     if mask.dtype == torch.bool:
         alive = mask.any(dim=-1, keepdim=True)  # [..., Lq, 1]
     else:
-        alive = (~_masked_entries(mask)).any(dim=-1, keepdim=True)
+        if removed is None:
+            removed = _masked_entries(mask)
+        elif is_causal:
+            removed = removed | ~causal_mask(lq, lk, device)
+        alive = (~removed).any(dim=-1, keepdim=True)
     if mask.device.type == "cpu" and bool(alive.all()):
         return mask, None, False  # common case; the check is free on CPU (no device sync to avoid)
     # dead rows attend everything (no kernel sees a row of -inf); their output is zeroed afterwards
@@ -329,6 +347,56 @@ def naive_attention(
     return torch.softmax(scores, dim=-1) @ v
 
 
+def _window_block_size(lq: int, window: int) -> int:
+    """Query block size ``b`` for :func:`sliding_window_attention`, by a cost model.
+
+    A block of ``b`` queries attends ``c = (n + 1) * b`` keys, ``n = ceil((window - 1) / b)`` whole
+    previous blocks. The work is ``ceil(lq / b) * b * c`` scores plus a gather of ``n + 1`` key pieces
+    per block (weighted like 64 scores per key row, measured on CPU): small blocks waste less of the
+    band, large blocks gather fewer pieces. Ties go to the larger block (fewer, bigger kernel calls).
+    """
+    best, best_cost = _BLOCK_SIZES[0], float("inf")
+    for b in _BLOCK_SIZES:
+        n = -(-(window - 1) // b)
+        cost = -(-lq // b) * b * ((n + 1) * b + 64 * (n + 1))
+        if cost <= best_cost:
+            best, best_cost = b, cost
+    return best
+
+
+_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024)
+# the masked kernel visits every score of its [b, c] tiles; dense causal skips the upper triangle
+# but a band mask costs it the whole [Lq, Lk] rectangle. Local wins when its scores plus gather
+# cost less than the banded dense rectangle (the factor covers the gather and the per-block mask)
+_LOCAL_OVERHEAD = 1.25
+
+
+def window_uses_blocks(lq: int, lk: int, window: int, block_size: int | None = None) -> bool:
+    """True when :func:`sliding_window_attention` runs block-local, False when it falls back to dense.
+
+    Dense (the fused kernel with a band mask, or plain causal when the window covers every key) is
+    chosen when the window does not pay: ``window >= Lk`` or the blocks' work (times an overhead
+    factor) is not below the dense ``Lq * Lk`` scores.
+    """
+    if window >= lk:
+        return False
+    b = _window_block_size(lq, window) if block_size is None else block_size
+    n = -(-(window - 1) // b)
+    local = -(-lq // b) * b * (n + 1) * b * _LOCAL_OVERHEAD
+    return local < lq * lk
+
+
+def _key_blocks(x: Tensor, n_prev: int, n_blocks: int, block: int) -> Tensor:
+    """``x [N, (n_blocks + n_prev) * block, ...]`` -> ``[N, n_blocks, (n_prev + 1) * block, ...]``.
+
+    Block ``j`` of the result is padded blocks ``j .. j + n_prev`` side by side. Built from
+    ``n_prev + 1`` shifted views joined by ``cat`` so the backward pass is slices and adds (no
+    scatter into a zero-filled full-length gradient).
+    """
+    xb = x.view(x.shape[0], n_blocks + n_prev, block, *x.shape[2:])
+    return torch.cat([xb[:, i : i + n_blocks] for i in range(n_prev + 1)], dim=2)
+
+
 def sliding_window_attention(
     q: Tensor,
     k: Tensor,
@@ -336,18 +404,22 @@ def sliding_window_attention(
     window: int,
     key_mask: Tensor | None = None,
     dropout_p: float = 0.0,
-    chunk_size: int | None = None,
+    block_size: int | None = None,
 ) -> Tensor:
-    """Causal sliding-window attention computed block by block: O(T * window) time and memory.
+    """Causal sliding-window attention, block-local: O(Lq * window) time and memory.
 
     Same result as ``scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(Lq, Lk,
-    window) & key_mask)`` (bottom-right aligned, so ``Lk > Lq`` means a cached prefix), but the queries
-    are split into blocks of ``chunk_size`` (default ``max(window, 128)``; at least ``window - 1``) and
-    each block only sees its own keys plus the ``window - 1`` keys before them, so no ``[Lq, Lk]``
-    score or mask tensor is built. Blocks come from ``split`` (not overlapping slices of the whole
-    sequence), so the backward pass does not write a full-length gradient per block.
+    window) & key_mask)`` (bottom-right aligned, so ``Lk > Lq`` means a cached prefix). The queries
+    are cut into blocks of ``b`` (chosen by a cost model unless ``block_size`` is given); block ``j``
+    attends its own ``b`` keys and the ``n = ceil((window - 1) / b)`` blocks before it, all blocks in
+    ONE fused SDPA call on gathered keys ``[blocks, (n + 1) * b, E]`` with a small ``[b, (n + 1) * b]``
+    band mask, so the heavy work stays in the fused kernel and no ``[Lq, Lk]`` tensor is built.
+    Where that does not pay (``window >= Lk``, or short sequences: see :func:`window_uses_blocks`)
+    it runs the dense kernel with the band mask instead.
 
     ``key_mask``: bool, True = real key, broadcastable to ``[..., 1, Lk]`` (a key-padding mask).
+    ``block_size``: None = automatic (block size and dense fallback by the cost model); an int
+    forces the block-local path with that block size. Grouped-query k/v heads are expanded to q's heads.
     """
     if window < 1:
         raise ValueError(f"window ({window}) must be >= 1")
@@ -356,31 +428,118 @@ def sliding_window_attention(
             f"key_mask must be a bool key-padding mask broadcastable to [..., 1, Lk], got {key_mask.dtype} "
             f"of shape {_shape(key_mask)}"
         )
-    _validate(q, k, v, key_mask, dropout_p, None)
-    chunk = max(window, 128) if chunk_size is None else chunk_size
-    if chunk < max(1, window - 1):
-        raise ValueError(f"chunk_size ({chunk_size}) must be >= max(1, window - 1) ({max(1, window - 1)})")
+    batch = _validate(q, k, v, key_mask, dropout_p, None)
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size ({block_size}) must be a positive int or None (automatic)")
     lq, lk = q.shape[-2], k.shape[-2]
     if lk < lq:
         raise ValueError(f"sliding_window_attention needs Lk >= Lq (keys include the queries), got Lq={lq}, Lk={lk}")
-    offset = lk - lq  # cached keys before the first query
+    # only the last window - 1 cached keys can be seen by the first query
+    start = max(0, lk - lq - (window - 1))
+    if start:
+        k, v = k[..., start:, :], v[..., start:, :]
+        key_mask = None if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., start:]
+        lk -= start
+    if block_size is None and not window_uses_blocks(lq, lk, window):
+        if window >= lk:  # the band is plain causal
+            return scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=True, dropout_p=dropout_p)
+        band = sliding_window_mask(lq, lk, window, q.device)  # [Lq, Lk]
+        mask = band if key_mask is None else key_mask & band
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-    # keys [..., offset + j*chunk : offset + (j+1)*chunk] belong to query block j; before them, the prefix
-    prev_k, prev_v = k[..., :offset, :], v[..., :offset, :]  # [..., offset, E]
-    new_k, new_v = (k, v) if offset == 0 else (k[..., offset:, :], v[..., offset:, :])  # [..., Lq, E]
-    k_blocks, v_blocks = new_k.split(chunk, dim=-2), new_v.split(chunk, dim=-2)
-    outs = []
-    for j, q_blk in enumerate(q.split(chunk, dim=-2)):
-        k_blk, v_blk = k_blocks[j], v_blocks[j]
-        tail = min(window - 1, prev_k.shape[-2])  # earlier keys the block's first query can still see
-        if tail:
-            k_blk = torch.cat([prev_k[..., prev_k.shape[-2] - tail :, :], k_blk], dim=-2)  # [..., tail + c, E]
-            v_blk = torch.cat([prev_v[..., prev_v.shape[-2] - tail :, :], v_blk], dim=-2)
-        n_q, n_k = q_blk.shape[-2], k_blk.shape[-2]
-        mask = sliding_window_mask(n_q, n_k, window, q.device)  # [c, tail + c], bottom-right aligned
+    if q.dim() >= 4:
+        k, v = _expand_kv_heads(k, v, q.shape[-3])
+    prefix = lk - lq  # cached keys kept, <= window - 1
+    b = _window_block_size(lq, window) if block_size is None else block_size
+    n = -(-(window - 1) // b)  # whole previous blocks each block needs
+    nb = -(-lq // b)  # query blocks
+    lpad, rpad = n * b - prefix, nb * b - lq  # keys: [lpad zeros][prefix][Lq new][rpad zeros]
+
+    e, ev = q.shape[-1], v.shape[-1]
+    qf = q.expand(*batch, lq, e).reshape(-1, lq, e)  # [N, Lq, E], N = prod(batch)
+    kf = k.expand(*batch, k.shape[-2], e).reshape(-1, k.shape[-2], e)
+    vf = v.expand(*batch, v.shape[-2], ev).reshape(-1, v.shape[-2], ev)
+    qb = F.pad(qf, (0, 0, 0, rpad)).view(-1, nb, b, e)  # [N, nb, b, E]
+    kb = _key_blocks(F.pad(kf, (0, 0, lpad, rpad)), n, nb, b)  # [N, nb, c, E], c = (n + 1) * b
+    vb = _key_blocks(F.pad(vf, (0, 0, lpad, rpad)), n, nb, b)
+
+    c = (n + 1) * b
+    # band: local query i sits at padded position (j + n) * b + i, local key m at j * b + m
+    dist = torch.arange(b, device=q.device)[:, None] + n * b - torch.arange(c, device=q.device)[None, :]
+    band = (dist >= 0) & (dist < window)  # [b, c], the same for every block
+    pos = torch.arange(nb, device=q.device)[:, None] * b + torch.arange(c, device=q.device)[None, :]
+    if key_mask is None:
+        # left padding is the only invalid key; right padding is only seen by padded queries
+        mask = (band & (pos >= lpad)[:, None, :]).unsqueeze(0)  # [1, nb, b, c]: the kernel wants 4-D
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=float(dropout_p))
+    else:
+        real = key_mask.expand(*batch, 1, lk)[..., 0, :].reshape(-1, lk)  # [N, Lk]
+        real = F.pad(real, (lpad, 0), value=False)
+        real = F.pad(real, (0, rpad), value=True)  # [N, (nb + n) * b]
+        valid = _key_blocks(real, n, nb, b)  # [N, nb, c]
+        mask = band & valid[:, :, None, :]  # [N, nb, b, c]
+        # a padded query may see only padding: the wrapper zeroes such rows
+        out = scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)
+    return out.reshape(-1, nb * b, ev)[:, :lq].reshape(*batch, lq, ev)  # [..., Lq, Ev]
+
+
+def _flex_mask_mod(offset: int, window: int | None, causal: bool, key_mask: Tensor | None):
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = may attend), bottom-right aligned."""
+
+    def mask_mod(b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        dist = q_idx + offset - kv_idx  # > 0: the key is in the past
+        keep = dist >= 0 if causal else dist == dist
+        if window is not None:
+            keep = keep & (dist < window) if causal else keep & (dist.abs() < window)
         if key_mask is not None:
-            first = offset + j * chunk - tail  # absolute index of the block's first key
-            mask = mask & key_mask[..., first : first + n_k]
-        outs.append(scaled_dot_product_attention(q_blk, k_blk, v_blk, attn_mask=mask, dropout_p=dropout_p))
-        prev_k, prev_v = k_blocks[j], v_blocks[j]
-    return torch.cat(outs, dim=-2)  # [..., Lq, Ev]
+            keep = keep & key_mask[b, kv_idx]
+        return keep
+
+    return mask_mod
+
+
+def flex_masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_mask: Tensor | None = None,
+    compile: bool | None = None,
+) -> Tensor:
+    """Attention through ``torch.nn.attention.flex_attention`` with a block mask: skips empty tiles.
+
+    ``q [B, H, Lq, E]``, ``k, v [B, H_kv, Lk, E]`` (grouped-query allowed); ``causal`` and ``window``
+    are bottom-right aligned like :func:`sliding_window_mask`; ``key_mask [B, Lk]`` bool, True =
+    real key. Rows that see nothing give zeros. The mask is turned into a ``BlockMask`` once per
+    call, so fully masked tiles (above the diagonal, outside the window) cost nothing.
+
+    ``compile``: run a ``torch.compile``-d kernel (default on CUDA, where FlexAttention is fast).
+    On CPU torch 2.13 has no FlexAttention backward and, uncompiled, runs an unfused reference:
+    forward only (inference, tests); training on CPU uses :func:`sliding_window_attention`.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flex_masked_attention needs 4-D [B, H, L, E] inputs, got q {_shape(q)}, k {_shape(k)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window ({window}) must be >= 1 or None")
+    batch = _validate(q, k, v, None, 0.0, None)
+    b, h, lq, lk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, lk)):
+        raise ValueError(f"key_mask must be bool [B={b}, Lk={lk}] (True = real key), got {key_mask.dtype} {_shape(key_mask)}")
+    del batch
+    compile = q.is_cuda if compile is None else compile
+    mask_mod = _flex_mask_mod(lk - lq, window, causal, key_mask)
+    block_mask = create_block_mask(mask_mod, b if key_mask is not None else None, None, lq, lk, device=q.device)
+    fn = _compiled_flex() if compile else flex_attention
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != h)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():  # type: ignore[no-untyped-def]
+    """``torch.compile(flex_attention)``, built on first use and kept (compiling costs seconds)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfattn.attention import KVCache
+from selfattn.attention import KVCache, RollingKVCache
 from selfattn.config import ModelConfig
 from selfattn.layers import RMSNorm, TransformerBlock, make_norm
 from selfattn.lora import merged_state_dict
@@ -164,12 +164,33 @@ class DecoderLM(_Trunk):
             )
         return ModelOutput(logits=logits, loss=loss, attentions=attentions)
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default context_length) tokens."""
+    def new_kv_cache(
+        self, batch_size: int, max_len: int | None = None, rolling: bool | None = None
+    ) -> KVCache | RollingKVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default context_length) tokens.
+
+        ``rolling`` (default: True for sliding-window models) returns a
+        :class:`RollingKVCache` that keeps only the last ``window - 1`` positions per layer.
+        """
         max_len = self.cfg.context_length if max_len is None else max_len
         if max_len > self.cfg.context_length:
             raise ValueError(f"max_len ({max_len}) exceeds context_length ({self.cfg.context_length})")
         w = self.tok_emb.weight
+        windowed = self.cfg.attention == "sliding_window"  # a DecoderLM is always causal
+        if rolling is None:
+            rolling = windowed
+        if rolling:
+            if not windowed:
+                raise ValueError(f"rolling=True needs attention='sliding_window', got {self.cfg.attention!r}")
+            return RollingKVCache(
+                n_layers=self.cfg.n_layers,
+                batch_size=batch_size,
+                n_kv_heads=self.cfg.kv_heads,
+                head_dim=self.cfg.head_dim,
+                window=self.cfg.window,
+                device=w.device,
+                dtype=w.dtype,
+            )
         return KVCache(
             n_layers=self.cfg.n_layers,
             batch_size=batch_size,
@@ -190,6 +211,7 @@ class DecoderLM(_Trunk):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         eos_id: int | None = None,
+        rolling_cache: bool | None = None,
     ) -> Tensor:
         """Sample ``max_new_tokens`` tokens after the prompt; returns ``[B, T0 + n]`` (prompt included).
 
@@ -202,7 +224,9 @@ class DecoderLM(_Trunk):
         Refuses (``ValueError``) when ``T0 + max_new_tokens`` exceeds ``context_length`` rather than
         sliding the window: with a cache, sliding would silently change what the model conditions
         on. Crop the prompt to its last ``context_length - max_new_tokens`` tokens to fit.
-        The model is put in eval mode while generating and restored afterwards.
+        The model is put in eval mode while generating and restored afterwards. ``rolling_cache``
+        (default: on for causal sliding-window models) keeps only the last ``window - 1`` positions
+        per layer, so memory stays bounded by the window (see :meth:`new_kv_cache`).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be [B, T0] with T0 >= 1, got shape {tuple(input_ids.shape)}")
@@ -223,7 +247,7 @@ class DecoderLM(_Trunk):
         was_training = self.training
         self.eval()
         try:
-            cache = self.new_kv_cache(B, max_len=total)
+            cache = self.new_kv_cache(B, max_len=total, rolling=rolling_cache)
             logits = self(input_ids, kv_cache=cache).logits[:, -1]  # prefill -> [B, V]
             pieces = [input_ids]
             finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

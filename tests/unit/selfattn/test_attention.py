@@ -206,10 +206,9 @@ def test_sliding_window_blockwise_path_equals_banded_mask_path():
     m = _mha(attention="sliding_window", window=3, n_kv_heads=2)
     x = _x(t=11)
     real = torch.tensor([[True] * 11, [False] * 2 + [True] * 9])
-    banded = m(x, attention_mask=real)  # default: banded mask
-    assert m.window_chunk is None and not m._use_chunked_window(11, True, False)
-    m.window_chunk = 4  # opt into the blockwise path (3 blocks)
-    assert m._use_chunked_window(11, True, False)
+    banded = m(x, attention_mask=real, return_weights=True)[0]  # the weights path builds the band densely
+    assert m.window_block is None and m._use_local_window(True, False)
+    m.window_block = 4  # force the block-local path (3 blocks)
     torch.testing.assert_close(m(x, attention_mask=real), banded)
     torch.testing.assert_close(m(x), _reference(m, x, sliding_window_mask(11, 11, 3)))
     cache = _cache(m)  # prefill 9 (blockwise) then decode 2

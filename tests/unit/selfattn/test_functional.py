@@ -295,18 +295,18 @@ def test_bad_mask_dropout_scale_raise():
         sliding_window_mask(3, 3, 0)
 
 
-@pytest.mark.parametrize("chunk", [2, 3, 4, 128])
+@pytest.mark.parametrize("block", [2, 3, 4, 128])
 @pytest.mark.parametrize("lq, lk", [(11, 11), (5, 11), (1, 11)], ids=["square", "cached-prefix", "one-step"])
-def test_sliding_window_attention_blockwise_equals_banded_mask(chunk, lq, lk):
+def test_sliding_window_attention_blockwise_equals_banded_mask(block, lq, lk):
     q, k, v = _qkv(2, 4, lq=lq, lk=lk, kv_lead=(2, 2))  # GQA: 4 query heads, 2 kv heads
     real = torch.ones(2, 1, 1, lk, dtype=torch.bool)
     real[1, ..., :2] = False  # left padding in the second sequence
-    out = sliding_window_attention(q, k, v, 3, key_mask=real, chunk_size=chunk)
+    out = sliding_window_attention(q, k, v, 3, key_mask=real, block_size=block)
     expected = scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(lq, lk, 3) & real)
     torch.testing.assert_close(out, expected)
-    wide = sliding_window_attention(q, k, v, lk, chunk_size=max(chunk, lk - 1))  # window >= Lk: plain causal
+    wide = sliding_window_attention(q, k, v, lk, block_size=block)  # window >= Lk: plain causal
     torch.testing.assert_close(wide, naive_attention(q, k, v, is_causal=True))
     with pytest.raises(ValueError, match=r"key_mask must be a bool key-padding mask.*\(2, 1, 4, 11\)"):
         sliding_window_attention(q, k, v, 3, key_mask=torch.ones(2, 1, 4, lk, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"chunk_size \(1\) must be >= max\(1, window - 1\) \(2\)"):
-        sliding_window_attention(q, k, v, 3, chunk_size=1)
+    with pytest.raises(ValueError, match=r"block_size \(0\) must be a positive int"):
+        sliding_window_attention(q, k, v, 3, block_size=0)
