@@ -11,7 +11,8 @@ model object from the installed ``flows.serving`` module at load time, so nothin
 
 Input: a list of strings, one string, a one-column DataFrame (any column name, ``text``
 preferred), or bytes. Output: a DataFrame with ``label`` (the class value), ``label_index``,
-``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none).
+``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none); with
+``params={"explain": METHOD}`` also ``attributions`` (see :func:`add_attributions`).
 Empty strings, very long inputs (truncated to the model's context, with a warning) and invalid
 UTF-8 (replaced with U+FFFD, with a warning) never raise.
 """
@@ -110,7 +111,8 @@ class SelfattnClassifier(PythonModel):
         return list(labels) if labels and len(labels) == n else list(range(n))
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
-        return self.predict_texts(as_texts(model_input))
+        items = as_texts(model_input)
+        return add_attributions(self, self.predict_texts(items), items, params)
 
     def predict_texts(self, items: Sequence[Any]):
         """Items (str/bytes/None) -> DataFrame (label, label_index, score, prob_*, warning)."""
@@ -164,13 +166,46 @@ class SelfattnClassifier(PythonModel):
         return pd.DataFrame(rows, columns=columns)
 
 
+# request params (in the signature, so `mlflow models serve` passes them through); "none" = no explanation
+EXPLAIN_PARAMS = {"explain": "none", "explain_steps": 32, "explain_unit": "token"}
+
+
+def explain_items(clf: SelfattnClassifier, items: Sequence[Any], *, method: str, steps: int = 32, targets: Sequence[int] | None = None):
+    """``selfattn.interpret.Attribution`` per item, on the same cleaned text ``predict_texts`` scores."""
+    from selfattn.interpret import explain
+
+    if clf._pre is None:
+        raise RuntimeError("SelfattnClassifier has no model loaded (load_context was not called)")
+    texts = [_to_text(item)[0].strip() for item in items]
+    return explain(clf._pre.model, clf._pre.tokenizer, texts, method=method, steps=steps, targets=targets)
+
+
+def add_attributions(clf: SelfattnClassifier, frame, items: Sequence[Any], params: dict[str, Any] | None):
+    """``frame`` plus an ``attributions`` column (one ``[[token, score], ...]`` per row) when
+    ``params["explain"]`` names a method; a bad method or unit is a 400 for the server, not a 500."""
+    params = {**EXPLAIN_PARAMS, **(params or {})}
+    method = str(params["explain"] or "none")
+    if method == "none":
+        return frame
+    from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+    from selfattn.errors import UserError
+
+    try:
+        attrs = explain_items(clf, items, method=method, steps=int(params["explain_steps"]), targets=list(frame["label_index"]))
+        frame["attributions"] = [a.pairs(str(params["explain_unit"])) for a in attrs]
+    except UserError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+    return frame
+
+
 def signature_and_example(clf: SelfattnClassifier):
     """Signature inferred from a real prediction on the input example."""
     import pandas as pd
     from mlflow.models import infer_signature
 
     # an unnamed string column: a list of str and a one-column DataFrame (any name) both fit
-    sig = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE))
+    sig = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE), params=EXPLAIN_PARAMS)
     return sig, pd.DataFrame({"text": INPUT_EXAMPLE})
 
 

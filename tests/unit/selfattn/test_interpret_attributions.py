@@ -203,3 +203,15 @@ def test_char_tokens_group_into_words(tok):
 def test_score_colour():
     assert score_colour(1.0, 1.0) == "#00ff00" and score_colour(-2.0, 1.0) == "#ff0000"
     assert score_colour(0.0, 1.0) == "#ffffff" and score_colour(0.5, 0.0) == "#ffffff"
+
+
+def test_gradients_work_after_an_inference_mode_forward(tok):
+    """RoPE's cos/sin table built under inference_mode (a served prediction) must not break autograd."""
+    model = _classifier(tok.vocab_size, position="rope")
+    input_ids, mask = _batch(tok, TEXTS)
+    with torch.inference_mode():
+        before = model(input_ids, mask).logits
+    [a] = explain(model, tok, ["not good"], method="integrated_gradients", steps=8)
+    assert abs(a.delta) < 0.05 and len(a.scores) == 8
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids, mask).logits, before)
