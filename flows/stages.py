@@ -439,7 +439,8 @@ def finetune_stage(
 
 
 def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> StageOutput:
-    """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention)."""
+    """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention), explained examples."""
+    from selfattn.report_html import write_examples_page
     from selfattn.train import evaluate_checkpoint
 
     dev = data.result["files"]["dev.tsv"]
@@ -456,6 +457,8 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
         plots = sorted(str(p) for p in (out_dir / "eval" / "plots").rglob("*.png"))
         if not any(p.endswith("learning_curves.png") for p in plots):
             plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
+        page = write_examples_page(finetuned.result["best_dir"], out_dir / "eval" / "predictions.tsv", out_dir / "eval" / "plots" / "examples.html")
+        plots += [str(page)] if page else []  # explained dev examples, logged with the plots
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
         return stage.finish(
