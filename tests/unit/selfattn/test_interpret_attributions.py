@@ -111,8 +111,8 @@ def test_rollout_rows_are_distributions_and_match_a_hand_product(tok):
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_zero_on_padding_and_batched_equals_one_at_a_time(tok, method, pooling):
     model = _classifier(tok.vocab_size, pooling=pooling, position="learned")
-    batched = explain(model, tok, TEXTS, method=method, steps=16, batch_size=4)
-    single = [explain(model, tok, [t], method=method, steps=16)[0] for t in TEXTS]
+    batched = explain(model, tok, TEXTS, method=method, steps=6, batch_size=4)
+    single = [explain(model, tok, [t], method=method, steps=6)[0] for t in TEXTS]
     for b, s in zip(batched, single):
         assert b.target == s.target and len(b.scores) == len(s.text)
         assert b.scores == pytest.approx(s.scores, abs=1e-9)
