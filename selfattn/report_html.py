@@ -85,5 +85,5 @@ def write_examples_page(
         attrs = explain(pre.model, pre.tokenizer, [r["text"].strip() for r in picked], method=method, steps=steps, targets=targets)
         captions = [f"row {r['row']}: label {r['label']}, predicted {r['prediction']} ({float(r['confidence']):.3f})" for r in picked]
         sections.append((heading, list(zip(attrs, captions))))
-    page = attributions_html(sections, title=f"{Path(model_dir).name}: {method} on {Path(predictions_tsv).parent.name}")
+    page = attributions_html(sections, title=f"Explained predictions ({method}): {model_dir}")
     return atomic_write_text(Path(out_path), page)
