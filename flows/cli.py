@@ -1,6 +1,6 @@
 """CLI commands contributed by flows (registered through the selfattn.cli entry point).
 
-``run``, ``tune``, ``promote``, ``rollback``, ``predict``, ``deploy``, ``status``, ``ui``. Heavy libraries
+``run``, ``tune``, ``promote``, ``rollback``, ``predict``, ``explain``, ``deploy``, ``status``, ``ui``. Heavy libraries
 (prefect, mlflow, optuna, torch) are imported inside the commands; the embedded stores under
 ``SELFATTN_HOME`` are configured here, at command time, never on import.
 """
@@ -215,6 +215,33 @@ def register(app: typer.Typer) -> None:
                 probs = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("prob_"))
                 warn = f"  [{row['warning']}]" if row.get("warning") else ""
                 print(f"{row['label']}\t{probs}\t{text[:80]}{warn}")
+
+    @app.command()
+    def explain(
+        texts: List[str] = typer.Argument(..., help="texts to explain"),
+        model: str = typer.Option("models:/selfattn-sst2@champion", "--model", "-m", help="MLflow model URI or a model directory"),
+        method: str = typer.Option("integrated_gradients", "--method", help="integrated_gradients, gradient_x_input, attention_rollout, attention_last"),
+        steps: int = typer.Option(32, "--steps", help="integrated gradients quadrature nodes"),
+        tokens: bool = typer.Option(False, "--tokens", help="colour subword tokens, not words"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
+    ) -> None:
+        """Classify TEXT... and colour each word by how much it drove the prediction."""
+        from flows.explain_cli import load_explainable, render
+        from flows.serving import explain_items
+
+        if "://" in model or model.startswith(("models:/", "runs:/")):
+            from flows import tracking
+
+            tracking.configure(setup_home())
+        clf = load_explainable(model, method)
+        attrs = explain_items(clf, texts, method=method, steps=steps)
+        unit = "token" if tokens else "word"
+        if as_json:
+            for a in attrs:
+                label = clf.labels[a.target] if a.target is not None else None
+                print(json.dumps({"text": a.text, "label": label, "method": method, "attributions": a.pairs(unit), "note": a.note}, default=str))
+        else:
+            render(attrs, clf.labels, unit=unit)
 
     @app.command()
     def deploy(

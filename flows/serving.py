@@ -16,6 +16,7 @@ rows over as sent; :func:`validate_rows` refuses non-strings with a 400 naming t
 ``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none). The
 probabilities are temperature-scaled when the checkpoint holds a fitted temperature
 (``extra.calibration``, written by the evaluate stage; see docs/evaluation.md).
+With ``params={"explain": METHOD}`` the output also has ``attributions`` (see :func:`add_attributions`).
 Empty strings, very long inputs (truncated to the model's context, with a warning) and invalid
 UTF-8 (replaced with U+FFFD, with a warning) never raise.
 """
@@ -172,7 +173,7 @@ class SelfattnClassifier(PythonModel):
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
         texts, notes = validate_rows(model_input)
-        return self.predict_texts(texts, notes=notes)
+        return add_attributions(self, self.predict_texts(texts, notes=notes), texts, params)
 
     def predict_texts(self, items: Sequence[Any], notes: Sequence[str] | None = None):
         """Items (str/bytes/None) -> DataFrame (label, label_index, score, prob_*, warning).
@@ -232,6 +233,39 @@ class SelfattnClassifier(PythonModel):
         return pd.DataFrame(rows, columns=columns)
 
 
+# request params (in the signature, so `mlflow models serve` passes them through); "none" = no explanation
+EXPLAIN_PARAMS = {"explain": "none", "explain_steps": 32, "explain_unit": "token"}
+
+
+def explain_items(clf: SelfattnClassifier, items: Sequence[Any], *, method: str, steps: int = 32, targets: Sequence[int] | None = None):
+    """``selfattn.interpret.Attribution`` per item, on the same cleaned text ``predict_texts`` scores."""
+    from selfattn.interpret import explain
+
+    if clf._pre is None:
+        raise RuntimeError("SelfattnClassifier has no model loaded (load_context was not called)")
+    texts = [_to_text(item)[0].strip() for item in items]
+    return explain(clf._pre.model, clf._pre.tokenizer, texts, method=method, steps=steps, targets=targets)
+
+
+def add_attributions(clf: SelfattnClassifier, frame, items: Sequence[Any], params: dict[str, Any] | None):
+    """``frame`` plus an ``attributions`` column (one ``[[token, score], ...]`` per row) when
+    ``params["explain"]`` names a method; a bad method or unit is a 400 for the server, not a 500."""
+    params = {**EXPLAIN_PARAMS, **(params or {})}
+    method = str(params["explain"] or "none")
+    if method == "none":
+        return frame
+    from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+    from selfattn.errors import UserError
+
+    try:
+        attrs = explain_items(clf, items, method=method, steps=int(params["explain_steps"]), targets=list(frame["label_index"]))
+        frame["attributions"] = [a.pairs(str(params["explain_unit"])) for a in attrs]
+    except UserError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+    return frame
+
+
 def signature_and_example(clf: SelfattnClassifier):
     """Input: a 1-D tensor of objects; output: inferred from a real prediction.
 
@@ -244,8 +278,9 @@ def signature_and_example(clf: SelfattnClassifier):
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types.schema import Schema, TensorSpec
 
-    outputs = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE)).outputs
-    sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=outputs)
+    # the explain params are in the signature, so `mlflow models serve` passes them through
+    inferred = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE), params=EXPLAIN_PARAMS)
+    sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=inferred.outputs, params=inferred.params)
     return sig, np.array(INPUT_EXAMPLE, dtype=object)
 
 

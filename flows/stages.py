@@ -36,6 +36,7 @@ import selfattn
 from selfattn.config import override_model
 from selfattn.data import file_digest, load_table
 from selfattn.errors import UserError
+from selfattn.report_html import write_examples_page
 from selfattn.train import FinetuneConfig, PretrainConfig, evaluate_checkpoint, finetune, pretrain
 from selfattn.utils import atomic_write_text
 
@@ -430,7 +431,7 @@ def finetune_stage(
 
 
 def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> StageOutput:
-    """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention)."""
+    """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention), explained examples."""
     dev = data.result["files"]["dev.tsv"]
     stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump()})
     with stage.claim() as (out, out_dir):
@@ -443,6 +444,8 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
         if not any(p.endswith("learning_curves.png") for p in plots):
             plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
         metrics.update(extra, **behaviour_stage.behaviour(cfg, finetuned.result["best_dir"], dev, out_dir))
+        page = write_examples_page(finetuned.result["best_dir"], out_dir / "eval" / "predictions.tsv", out_dir / "eval" / "plots" / "examples.html")
+        plots += [str(page)] if page else []  # explained dev examples, logged with the plots
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
         return stage.finish(

@@ -40,7 +40,9 @@ class RotaryEmbedding(nn.Module):
         self._sin: Tensor | None = None
 
     def _table(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._cos is None or self._sin is None or self._cos.shape[0] < length or self._cos.device != device:
+        stale = self._cos is not None and self._cos.is_inference() and not torch.is_inference_mode_enabled()
+        # a table built under inference_mode cannot enter autograd (e.g. gradients after a served prediction)
+        if stale or self._cos is None or self._sin is None or self._cos.shape[0] < length or self._cos.device != device:
             cached = 0 if self._cos is None else self._cos.shape[0]
             length = max(length, 2 * cached)  # amortised growth
             exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim

@@ -125,6 +125,10 @@ class CharTokenizer:
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, spans)``: token ``i`` is character ``i``, so its span is ``(i, i + 1)``."""
+        return self.encode(text), [(i, i + 1) for i in range(len(text))]
+
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         n_special = len(SPECIAL_TOKENS)
         out = []
@@ -246,6 +250,12 @@ class BPETokenizer:
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
         bos, eos = (self.bos_id if add_bos else None), (self.eos_id if add_eos else None)
         return [_wrap(e.ids, bos, eos) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, spans)``: ``text[start:end]`` is what token ``i`` covers (HF offsets; the bytes of one
+        character split over two tokens give both tokens that character's span)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]

@@ -119,6 +119,7 @@ def test_artifacts(smoke, client):
     assert any(f.startswith("tokenizer/") for f in files(by_stage["pretrain"]))
     plots = {Path(f).name for f in files(by_stage["evaluate"])}
     assert {"confusion_matrix.png", "reliability.png"} <= plots and any("attention" in p for p in plots)
+    assert "examples.html" in plots  # explained dev examples (most confident right and wrong)
     assert "optuna_history.png" in {Path(f).name for f in files(by_stage["search"])}
     resolved = client.download_artifacts(parent.info.run_id, "config/resolved.yaml")
     assert "selfattn-smoke" in Path(resolved).read_text()
