@@ -19,7 +19,7 @@ def load_explainable(model_uri: str, method: str) -> Any:
     A local ``save_pretrained`` directory of another kind (a language model) is refused by the
     library's own check, which names the method and the model kind.
     """
-    from flows.recovery import load_classifier
+    from flows.predict import load_classifier
     from selfattn.interpret import check_explainable
 
     local = Path(model_uri).expanduser()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import pandas as pd
 import pytest
 
 from flows.serving import SelfattnClassifier, log_model
@@ -31,11 +32,12 @@ def test_logged_pyfunc_explains_on_request_and_the_command_resolves_it(tiny_clas
     params = {p.name: p.default for p in info.signature.params.params}
     assert params == {"explain": "none", "explain_steps": 32, "explain_unit": "token"}
     loaded = mlflow.pyfunc.load_model(info.model_uri)
+    frame = pd.DataFrame({"text": TEXTS})  # the signature takes a one-column frame or an object array
 
-    plain = loaded.predict(TEXTS)
+    plain = loaded.predict(frame)
     assert "attributions" not in plain.columns
     for method in ("integrated_gradients", "attention_rollout"):
-        out = loaded.predict(TEXTS, params={"explain": method})
+        out = loaded.predict(frame, params={"explain": method})
         assert out["prob_1"].tolist() == pytest.approx(plain["prob_1"].tolist(), abs=1e-6)
         direct = _direct(tiny_classifier_dir, TEXTS, method)
         for row, ref in zip(out["attributions"], direct):
@@ -43,10 +45,10 @@ def test_logged_pyfunc_explains_on_request_and_the_command_resolves_it(tiny_clas
             assert [s for _, s in row] == pytest.approx(ref.scores, abs=1e-6)
         assert out["attributions"][2] == []  # an empty text has nothing to explain
         assert len(out["attributions"][0]) == len("great fun")  # char tokenizer: one per character
-    words = loaded.predict(["a dull , lifeless mess ."], params={"explain": "gradient_x_input", "explain_unit": "word"})
+    words = loaded.predict(pd.DataFrame({"text": ["a dull , lifeless mess ."]}), params={"explain": "gradient_x_input", "explain_unit": "word"})
     assert [w for w, _ in words["attributions"][0]] == ["a", "dull", ",", "lifeless", "mess", "."]
     with pytest.raises(MlflowException, match="'shap' is unknown"):
-        loaded.predict(TEXTS, params={"explain": "shap"})
+        loaded.predict(frame, params={"explain": "shap"})
 
     capsys.readouterr()  # `selfattn explain` on the registered version, coloured for the terminal
     assert main(["explain", "--model", "models:/explain-test/1", "great fun"]) == 0
