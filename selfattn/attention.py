@@ -44,6 +44,13 @@ _ATTENTION_KINDS = ("full", "sliding_window", "low_rank")
 _POSITION_KINDS = ("rope", "learned", "alibi", "none")
 
 
+def _check_positive_ints(owner: str, **values: int) -> None:
+    """ValueError naming the first argument of ``owner`` that is not a positive int."""
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner} {name} ({value}) must be a positive int")
+
+
 class KVCache:
     """Preallocated keys/values for incremental decoding, one pair of tensors per layer.
 
@@ -64,15 +71,7 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        for name, value in (
-            ("n_layers", n_layers),
-            ("batch_size", batch_size),
-            ("n_kv_heads", n_kv_heads),
-            ("head_dim", head_dim),
-            ("max_len", max_len),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"KVCache {name} ({value}) must be a positive int")
+        _check_positive_ints("KVCache", n_layers=n_layers, batch_size=batch_size, n_kv_heads=n_kv_heads, head_dim=head_dim, max_len=max_len)
         self.n_layers = n_layers
         self.batch_size = batch_size
         self.n_kv_heads = n_kv_heads
@@ -148,15 +147,7 @@ class RollingKVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        for name, value in (
-            ("n_layers", n_layers),
-            ("batch_size", batch_size),
-            ("n_kv_heads", n_kv_heads),
-            ("head_dim", head_dim),
-            ("window", window),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"RollingKVCache {name} ({value}) must be a positive int")
+        _check_positive_ints("RollingKVCache", n_layers=n_layers, batch_size=batch_size, n_kv_heads=n_kv_heads, head_dim=head_dim, window=window)
         self.n_layers = n_layers
         self.batch_size = batch_size
         self.n_kv_heads = n_kv_heads

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from selfattn.errors import UserError
 
@@ -258,11 +258,7 @@ class BPETokenizer:
         return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return _hf_decode(self._tok, self.vocab_size, ids, skip_special_tokens)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``<directory>/tokenizer.json`` (HF format); returns the directory."""
@@ -383,11 +379,7 @@ class HFTokenizer:
         return [_wrap(e.ids, bos, eos) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return _hf_decode(self._tok, self.vocab_size, ids, skip_special_tokens)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` and ``special_tokens.json`` into ``directory``; returns it."""
@@ -460,3 +452,12 @@ def _read_json(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"tokenizer file {path} is not valid JSON: {exc}") from None
+
+
+def _hf_decode(tok: Any, vocab_size: int, ids: Iterable[int], skip_special_tokens: bool) -> str:
+    """Decode with an HF ``tokenizers.Tokenizer``; ids outside the vocabulary are a ValueError naming the first."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+    return tok.decode(ids, skip_special_tokens=skip_special_tokens)
