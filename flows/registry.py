@@ -204,12 +204,20 @@ def _lease_tags(client, lock: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- registration
 
 
+def _reraise_outage(exc: BaseException) -> None:
+    from flows.tracking import server_unreachable
+
+    if server_unreachable(exc):
+        raise exc
+
+
 def find_version(model_name: str, run_key: str, client=None):
     """The version registered earlier for ``run_key`` (idempotency), or None."""
     client = client or _client()
     try:
         found = client.search_model_versions(f"name = '{model_name}' and tags.`{TAG_RUN_KEY}` = '{run_key}'")
-    except Exception:  # the registered model does not exist yet
+    except Exception as exc:  # the registered model does not exist yet
+        _reraise_outage(exc)  # "not found" from a server that is down would register a second version
         return None
     found = sorted(found, key=lambda mv: int(mv.version))
     return found[0] if found else None
@@ -260,7 +268,8 @@ def champion_version(model_name: str, client=None):
     client = client or _client()
     try:
         return client.get_model_version_by_alias(model_name, CHAMPION)
-    except Exception:
+    except Exception as exc:
+        _reraise_outage(exc)  # "no champion" from a server that is down would promote anything
         return None
 
 
