@@ -189,7 +189,12 @@ def outage_error(exc: BaseException) -> UserError | None:
 
 
 def _short(exc: BaseException) -> str:
+    """``API request to <url> failed with exception <urllib3's 400 characters>`` -> the url and the cause."""
+    import re
+
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if m := re.match(r"API request to (\S+) failed with exception .*?(NewConnectionError|ConnectTimeout|ReadTimeout|ConnectionReset|RemoteDisconnected|Timeout)", text):
+        return f"{m.group(1)} failed ({m.group(2)})"
     return text if len(text) <= 300 else text[:300] + "..."
 
 
