@@ -205,7 +205,7 @@ def _lease_tags(client, lock: str) -> dict[str, str]:
 
 
 def _reraise_outage(exc: BaseException) -> None:
-    from flows.tracking import server_unreachable
+    from flows.reliability import server_unreachable
 
     if server_unreachable(exc):
         raise exc

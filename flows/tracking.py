@@ -22,6 +22,7 @@ from selfattn.utils import flatten
 
 from flows.paths import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
 from flows.console import STAGE_LOGGER
+from flows.reliability import server_unreachable
 
 TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
 TAG_STAGE = "selfattn.stage"
@@ -114,23 +115,6 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
         client.set_terminated(run.info.run_id, status="KILLED")
         killed.append(run.info.run_id)
     return killed
-
-
-def server_unreachable(exc: BaseException) -> bool:
-    """True when ``exc`` (or what it wraps) is the tracking server not answering after the
-    client's retries: a refused or reset connection or a timeout, not an error the server sent."""
-    import requests
-
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return True
-        if "Max retries exceeded" in str(e) and "API request to" in str(e):  # MlflowException drops the cause
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 @contextlib.contextmanager

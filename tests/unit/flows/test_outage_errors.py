@@ -68,3 +68,20 @@ def test_a_lease_of_a_dead_process_on_this_host_is_gone_a_live_or_remote_one_is_
         assert registry._owner_gone(token), "a lease this process failed to release is free to take"
     finally:
         registry._ABANDONED.discard(token)
+
+
+def test_prefect_failure_lines_drop_the_traceback_only_for_explained_errors():
+    import logging
+
+    from flows.console import _NoKnownTraceback
+    from selfattn.errors import UserError
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception", None, sys.exc_info())
+
+    explained, bug = record(UserError("the server did not answer")), record(KeyError("bug"))
+    assert _NoKnownTraceback().filter(explained) and explained.exc_info is None
+    assert _NoKnownTraceback().filter(bug) and bug.exc_info is not None, "a real bug keeps its traceback"
