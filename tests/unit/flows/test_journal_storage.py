@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from flows import tune, tuning
+from flows import tuning
 from flows.config import PipelineConfig, study_storage_url
 
-N_TRIALS = 12
+N_TRIALS = 8
 
 
 def _cfg(**search) -> PipelineConfig:
@@ -63,6 +63,8 @@ def test_default_storage_is_a_journal_under_the_home_and_an_old_sqlite_db_is_kep
 
 def test_four_workers_share_the_journal_study_without_lost_or_duplicate_trials(tmp_path):
     import optuna
+
+    from flows import tune  # here, not at the top: each spawned worker re-imports this module
 
     cfg = _cfg()
     split = tune.shares(N_TRIALS - tuning.n_finished(tuning.make_study(cfg, tmp_path)), 4)
