@@ -26,7 +26,7 @@ from selfattn.errors import UserError
 from selfattn.train.config import FinetuneConfig, PretrainConfig
 from selfattn.utils import deep_merge, flatten
 
-from flows.paths import check_within_roots, data_root, optuna_storage_url, resolve_local_path
+from flows.paths import JOURNAL_SCHEME, check_within_roots, data_root, optuna_storage_url, resolve_local_path
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 PRESETS = ("demo", "smoke", "gpt2")
@@ -93,7 +93,7 @@ class SearchSection(StrictModel):
 
     enabled: bool = True
     study_name: str = "selfattn-sst2"
-    storage: str | None = Field(default=None, description="Optuna RDB URL; None = sqlite:///<home>/optuna.db")
+    storage: str | None = Field(default=None, description="Optuna storage: an SQLAlchemy URL (RDB) or journal:///<file>; None = journal:///<home>/optuna.journal")
     n_trials: int = Field(default=8, ge=0, description="finished trials the study should hold (a re-run continues)")
     timeout_s: float | None = Field(default=None, gt=0)
     seed: int = 0
@@ -313,7 +313,7 @@ def check_config_paths(cfg: PipelineConfig, *, home: Path | None = None) -> dict
     """Check every local path of a ``PipelineConfig`` before any work starts.
 
     With ``SELFATTN_DATA_DIR`` set, ``data.corpus`` / ``data.train`` / ``data.dev`` must resolve
-    inside the allowed roots and exist; a ``sqlite:///`` Optuna storage must live inside them too.
+    inside the allowed roots and exist; a ``sqlite:///`` or ``journal:///`` Optuna storage must live inside them too.
     Returns ``{key: resolved path}``.
     """
     checked: dict[str, Path] = {}
@@ -321,8 +321,9 @@ def check_config_paths(cfg: PipelineConfig, *, home: Path | None = None) -> dict
         for key in ("corpus", "train", "dev"):
             checked[f"data.{key}"] = resolve_local_path(getattr(cfg.data, key), what=f"data.{key}", home=home)
     storage = cfg.search.storage
-    if storage and storage.startswith("sqlite:///"):
-        checked["search.storage"] = check_within_roots(storage.removeprefix("sqlite:///"), what="search.storage", home=home)
+    for scheme in ("sqlite:///", JOURNAL_SCHEME):
+        if storage and storage.startswith(scheme):
+            checked["search.storage"] = check_within_roots(storage.removeprefix(scheme), what="search.storage", home=home)
     return checked
 
 

@@ -72,6 +72,23 @@ class _Once(logging.Filter):
         return True
 
 
+class _NoKnownTraceback(logging.Filter):
+    """Prefect's "task/flow run failed" lines keep their message but drop the traceback when the
+    error is one the CLI explains in its closing paragraph: a ``UserError`` or a tracking server
+    that stayed down (each failed stage would otherwise print the client's retry chain again)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            from selfattn.errors import UserError
+
+            from flows.reliability import server_unreachable
+
+            if isinstance(exc, UserError) or server_unreachable(exc):
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
 # our own notes the user can act on, shown once per run instead of once per trial
 ONCE_LOGGERS = ("selfattn.data",)
 
@@ -105,6 +122,10 @@ def install(verbose: bool = False) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Once) for f in logger.filters):
             logger.addFilter(_Once())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoKnownTraceback) for f in logger.filters):
+            logger.addFilter(_NoKnownTraceback())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for three tiny files
     if "prefect" not in sys.modules:  # read once, when Prefect configures its logging
         os.environ.setdefault(_PREFECT_CONSOLE_LEVEL, "WARNING")

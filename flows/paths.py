@@ -16,6 +16,7 @@ from selfattn.data import selfattn_home as library_home
 from selfattn.errors import UserError
 
 __all__ = [
+    "JOURNAL_SCHEME",
     "allowed_roots",
     "check_within_roots",
     "data_root",
@@ -50,10 +51,26 @@ def mlflow_artifact_root(home: Path | None = None) -> str:
     return str((home or selfattn_home()) / "mlartifacts")
 
 
+JOURNAL_SCHEME = "journal:///"
+
+
 def optuna_storage_url(storage: str | None = None, home: Path | None = None) -> str:
-    """``storage`` (``search.storage``), else ``SELFATTN_OPTUNA_STORAGE``, else SQLite under home."""
+    """``storage`` (``search.storage``), else ``SELFATTN_OPTUNA_STORAGE``, else a journal file under home.
+
+    The embedded default is ``journal:///<home>/optuna.journal`` (Optuna's ``JournalFileBackend``:
+    an append-only log safe for several local worker processes, where SQLite locks). A home made
+    before the journal existed keeps its ``optuna.db`` (its studies continue there) until the
+    user removes it.
+    """
     # SELFATTN_OPTUNA_STORAGE: the team stack's database (infra/), set in the worker's environment
-    return storage or os.environ.get("SELFATTN_OPTUNA_STORAGE") or f"sqlite:///{(home or selfattn_home()) / 'optuna.db'}"
+    explicit = storage or os.environ.get("SELFATTN_OPTUNA_STORAGE")
+    if explicit:
+        return explicit
+    root = home or selfattn_home()
+    legacy = root / "optuna.db"
+    if legacy.is_file() and not (root / "optuna.journal").exists():
+        return f"sqlite:///{legacy}"
+    return f"{JOURNAL_SCHEME}{root / 'optuna.journal'}"
 
 
 def allowed_roots(home: Path | None = None) -> list[Path]:

@@ -335,10 +335,18 @@ def _parent_run(cfg: PipelineConfig, kind: str) -> Iterator[RunContext]:
     if commit := tracking.git_commit():
         tags[tracking.TAG_GIT] = commit
     name = f"{cfg.name}-{pipeline_run_id[:8]}" if kind == "pipeline" else f"tune-{cfg.search.study_name}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, log_system_metrics=cfg.tracking.system_metrics) as parent:
+    parent = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, log_system_metrics=cfg.tracking.system_metrics)
+    try:
         tracking.log_params(parent.info.run_id, cfg.model_dump(mode="json"))
         mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
         yield RunContext(home=str(home), experiment_id=experiment_id, parent_run_id=parent.info.run_id, pipeline_run_id=pipeline_run_id)
+    except BaseException as exc:
+        tracking.end_failed_run(exc)
+        if (clear := tracking.outage_error(exc)) is not None:
+            raise clear from None  # one paragraph, not the client's retry traceback
+        raise
+    else:
+        mlflow.end_run()
 
 
 def _resolve(config: str | PipelineConfig, overrides: list[str] | None) -> PipelineConfig:

@@ -153,7 +153,7 @@ def _registry_lease(model_name: str, timeout_s: float, client=None) -> Iterator[
         held = _lease_tags(client, lock)
         if held.get(TAG_LOCK_OWNER) == token:
             break
-        if held and float(held.get(TAG_LOCK_EXPIRES) or 0) < time.time():
+        if held and (float(held.get(TAG_LOCK_EXPIRES) or 0) < time.time() or _owner_gone(held.get(TAG_LOCK_OWNER, ""))):
             with contextlib.suppress(MlflowException):  # another waiter renamed it first
                 aside = f"{lock}.stale-{uuid.uuid4().hex[:8]}"
                 client.rename_registered_model(lock, aside)
@@ -165,8 +165,31 @@ def _registry_lease(model_name: str, timeout_s: float, client=None) -> Iterator[
     try:
         yield
     finally:
-        if _lease_tags(client, lock).get(TAG_LOCK_OWNER) == token:
-            client.delete_registered_model(lock)
+        try:
+            if _lease_tags(client, lock).get(TAG_LOCK_OWNER) == token:
+                client.delete_registered_model(lock)
+        except MlflowException:
+            # the server went away while we held the lease: whoever asks next (this process
+            # on a retry, or the next run on this host) may take it over at once
+            _ABANDONED.add(token)
+            raise
+
+
+_ABANDONED: set[str] = set()
+
+
+def _owner_gone(owner: str) -> bool:
+    """A lease whose holder cannot be holding it any more: a lease this process gave up on,
+    or one held by a process of this host that has died (``host:pid:uuid``)."""
+    if owner in _ABANDONED:
+        return True
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    from flows.tracking import _pid_alive
+
+    return not _pid_alive(int(pid))
 
 
 def _lease_tags(client, lock: str) -> dict[str, str]:
@@ -181,12 +204,20 @@ def _lease_tags(client, lock: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- registration
 
 
+def _reraise_outage(exc: BaseException) -> None:
+    from flows.reliability import server_unreachable
+
+    if server_unreachable(exc):
+        raise exc
+
+
 def find_version(model_name: str, run_key: str, client=None):
     """The version registered earlier for ``run_key`` (idempotency), or None."""
     client = client or _client()
     try:
         found = client.search_model_versions(f"name = '{model_name}' and tags.`{TAG_RUN_KEY}` = '{run_key}'")
-    except Exception:  # the registered model does not exist yet
+    except Exception as exc:  # the registered model does not exist yet
+        _reraise_outage(exc)  # "not found" from a server that is down would register a second version
         return None
     found = sorted(found, key=lambda mv: int(mv.version))
     return found[0] if found else None
@@ -214,6 +245,13 @@ def register(
         mv = find_version(model_name, run_key, client)
         if mv is None:
             mv = mlflow.register_model(model_uri, model_name, tags=all_tags)
+            # a create re-sent by the client after a lost answer (the server committed it, then
+            # went away) is a second version of the same run: keep the first, drop the others
+            first = find_version(model_name, run_key, client)
+            for extra in client.search_model_versions(f"name = '{model_name}' and tags.`{TAG_RUN_KEY}` = '{run_key}'"):
+                if first is not None and int(extra.version) > int(first.version) and not extra.aliases:
+                    client.delete_model_version(model_name, str(extra.version))
+            mv = first or mv
         else:
             for k, v in all_tags.items():
                 if mv.tags.get(k) != v:
@@ -230,7 +268,8 @@ def champion_version(model_name: str, client=None):
     client = client or _client()
     try:
         return client.get_model_version_by_alias(model_name, CHAMPION)
-    except Exception:
+    except Exception as exc:
+        _reraise_outage(exc)  # "no champion" from a server that is down would promote anything
         return None
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from selfattn.errors import UserError
 
-__all__ = ["file_lock", "retry_on_io"]
+__all__ = ["file_lock", "retry_on_io", "server_unreachable"]
 
 
 def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
@@ -54,3 +54,20 @@ def file_lock(path: Path, *, timeout_s: float = 3600.0, poll_s: float = 0.2) -> 
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def server_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) is the tracking server not answering after the
+    client's retries: a refused or reset connection or a timeout, not an error the server sent."""
+    import requests
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        if "Max retries exceeded" in str(e) and "API request to" in str(e):  # MlflowException drops the cause
+            return True
+        e = e.__cause__ or e.__context__
+    return False

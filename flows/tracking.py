@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from selfattn.errors import UserError
 from selfattn.train import Callback
 from selfattn.utils import flatten
 
 from flows.paths import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
 from flows.console import STAGE_LOGGER
+from flows.reliability import server_unreachable
 
 TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
 TAG_STAGE = "selfattn.stage"
@@ -115,6 +117,71 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
     return killed
 
 
+@contextlib.contextmanager
+def no_retries() -> Iterator[None]:
+    """MLflow requests in this block fail at once (no retry, 5 s timeout).
+
+    For the bookkeeping after the server is already known to be gone (tagging and ending the
+    runs of a failed pipeline): each such request would otherwise wait out the whole retry
+    budget again (about 2 minutes by default), and the next start marks those runs anyway.
+    MLflow reads these variables at each request.
+    """
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def end_failed_run(exc: BaseException) -> None:
+    """Tag and end the active run after ``exc``; without waiting when the server is gone."""
+    import mlflow
+
+    unreachable = server_unreachable(exc)
+    with no_retries() if unreachable else contextlib.nullcontext():
+        try:
+            mlflow.set_tag("selfattn.error", f"{type(exc).__name__}: {exc}"[:4000])
+        except Exception:
+            if not unreachable:
+                raise
+        try:
+            # end_run leaves the active-run stack first, then tells the server: a failed request
+            # leaves the run RUNNING on the server, and the next start marks it KILLED
+            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except Exception:
+            if not unreachable:
+                raise
+
+
+def outage_error(exc: BaseException) -> UserError | None:
+    """The one-paragraph error for a tracking server that stayed down past the retry budget."""
+    if not server_unreachable(exc):
+        return None
+    import mlflow
+
+    return UserError(
+        f"the MLflow tracking server at {mlflow.get_tracking_uri()} did not answer within the client's retry budget "
+        f"(MLFLOW_HTTP_REQUEST_MAX_RETRIES={os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '7')}): {_short(exc)}. "
+        "Finished stages are kept on disk and their runs in MLflow; the runs of this attempt are marked KILLED on "
+        "the next start. Run the same command again once the server answers: it resumes and registers at most one version."
+    )
+
+
+def _short(exc: BaseException) -> str:
+    """``API request to <url> failed with exception <urllib3's 400 characters>`` -> the url and the cause."""
+    import re
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if m := re.match(r"API request to (\S+) failed with exception .*?(NewConnectionError|ConnectTimeout|ReadTimeout|ConnectionReset|RemoteDisconnected|Timeout)", text):
+        return f"{m.group(1)} failed ({m.group(2)})"
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
 def git_commit(repo: Path | None = None) -> str | None:
     """HEAD commit of the source tree, when it is a git checkout."""
     repo = repo or Path(__file__).resolve().parents[1]
@@ -160,8 +227,7 @@ def stage_run(
             log_params(run.info.run_id, params)
         yield run
     except BaseException as exc:
-        mlflow.set_tag("selfattn.error", f"{type(exc).__name__}: {exc}"[:4000])
-        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        end_failed_run(exc)
         stages_log.info("x %s failed after %.1f s: %s", name, time.monotonic() - t0, type(exc).__name__)
         raise
     else:

@@ -1,8 +1,10 @@
 """Optuna search: trials fine-tune from the pretrained checkpoint with a short budget.
 
-The study lives in an RDB storage (SQLite under ``SELFATTN_HOME`` by default, any SQLAlchemy URL
-via ``search.storage``) with a heartbeat: a trial whose process died (SIGKILL, OOM) is failed on
-the next start and retried once with the same parameters (``RetryHeartbeatStaleTrialCallback``).
+The study lives in Optuna's journal file under ``SELFATTN_HOME`` by default (``optuna.journal``:
+an append-only log several local worker processes share without SQLite's locking), or in an RDB
+for an SQLAlchemy URL in ``search.storage``. Both carry a heartbeat: a trial whose process died
+(SIGKILL, OOM) is failed on the next start and retried once with the same parameters
+(``RetryHeartbeatStaleTrialCallback``).
 ``search.n_trials`` is the number of finished (complete or pruned) trials the study should hold,
 so a re-run continues the study and several workers (``selfattn tune --workers N``, see
 :mod:`flows.tune`) share it. Trials are logged as nested MLflow runs by us (not
@@ -12,6 +14,7 @@ optuna-integration's MLflowCallback).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from selfattn.errors import UserError
 from selfattn.train import Callback, TrainingDiverged
 
 from flows.config import PipelineConfig, study_storage_url
-from flows.paths import selfattn_home
+from flows.paths import JOURNAL_SCHEME, selfattn_home
 from flows.reliability import file_lock
 
 log = logging.getLogger(__name__)
@@ -61,12 +64,80 @@ class PruningCallback(Callback):
             raise optuna.TrialPruned(f"pruned at step {step} ({self.metric}={value:.4f})")
 
 
-def storage(cfg: PipelineConfig, home: Path | None = None):
-    """The study's RDB storage with heartbeat and retry of trials whose process died."""
+HEARTBEAT_ATTR = "selfattn:heartbeat"
+_WARNED: set[str] = set()
+
+
+def _journal_storage_class():
+    """``JournalStorage`` with Optuna's heartbeat protocol (``BaseHeartbeat``).
+
+    Optuna 5's journal storage has no heartbeat of its own, so a trial whose process was killed
+    would stay RUNNING forever. Here the heartbeat is a trial system attribute (a timestamp
+    appended to the journal every ``heartbeat_interval`` seconds); a RUNNING trial whose last
+    heartbeat (or start, for a trial not yet beaten) is older than ``grace_period`` is stale.
+    ``study.optimize`` then fails it and calls the stale-trial callback (the retry), exactly as
+    it does for ``RDBStorage``. Built lazily: nothing of Optuna is imported with this module.
+    """
+    import time
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+        def __init__(self, backend: Any, *, heartbeat_interval: int, grace_period: int, stale_trial_callback: Any) -> None:
+            super().__init__(backend)
+            self.heartbeat_interval = heartbeat_interval
+            self.grace_period = grace_period
+            self.stale_trial_callback = stale_trial_callback
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            try:
+                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker judged this trial stale and failed it already
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now = time.time()
+            stale = []
+            for t in self.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                # a retried trial inherits its predecessor's system attrs: its start counts too
+                started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+                beat = t.system_attrs.get(HEARTBEAT_ATTR, 0.0)
+                if now - max(started, float(beat)) > self.grace_period:
+                    stale.append(t._trial_id)
+            return stale
+
+        def get_heartbeat_interval(self) -> int | None:
+            return self.heartbeat_interval
+
+        def get_heartbeat_stale_trial_callback(self) -> Any:
+            return self.stale_trial_callback
+
+    return HeartbeatJournalStorage
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None, max_retry: int | None = 1, home: Path | None = None):
+    """The Optuna storage at ``url``: a journal file (``journal:///<path>``) or an RDB URL.
+
+    With ``heartbeat_interval`` set, a trial whose process died (SIGKILL, OOM) is failed by the
+    next worker to start a trial and retried up to ``max_retry`` times with the same parameters.
+    """
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    url = study_storage_url(cfg, home)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if heartbeat_interval else None
+    if url.startswith(JOURNAL_SCHEME):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix(JOURNAL_SCHEME))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the default symlink lock: a writer killed while holding it is broken after 30 s
+        return _journal_storage_class()(
+            JournalFileBackend(str(path)), heartbeat_interval=heartbeat_interval, grace_period=grace_period or 120, stale_trial_callback=retry
+        )
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -80,10 +151,25 @@ def storage(cfg: PipelineConfig, home: Path | None = None):
         return RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=cfg.search.heartbeat_interval_s,
-            grace_period=cfg.search.grace_period_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.search.max_retry),
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=retry,
         )
+
+
+def storage(cfg: PipelineConfig, home: Path | None = None):
+    """The study's storage (journal file by default, RDB for a database URL), with heartbeat and retry."""
+    s = cfg.search
+    url = study_storage_url(cfg, home)
+    if url.startswith("sqlite") and not s.storage and not os.environ.get("SELFATTN_OPTUNA_STORAGE") and url not in _WARNED:
+        _WARNED.add(url)
+        log.warning(
+            "Optuna study kept in the existing %s (SQLite locks under parallel workers); "
+            "remove or move it to use the journal file %s",
+            url.removeprefix("sqlite:///"),
+            (home or selfattn_home()) / "optuna.journal",
+        )
+    return open_storage(url, heartbeat_interval=s.heartbeat_interval_s, grace_period=s.grace_period_s, max_retry=s.max_retry, home=home)
 
 
 def make_study(cfg: PipelineConfig, home: Path | None = None, *, worker: int = 0):

@@ -122,8 +122,19 @@ def runs(home: Path) -> list[dict]:
     return out
 
 
-def trials(home: Path, db_name: str = "optuna.db") -> list[tuple[int, str]]:
-    return query(home / db_name, "select number, state from trials order by number")
+def study_trials(home: Path) -> list:
+    """Every trial (``FrozenTrial``) of the home's embedded Optuna journal, read with Optuna itself."""
+    from flows import tuning
+
+    path = home / "optuna.journal"
+    if not path.is_file():
+        return []
+    storage = tuning.open_storage(f"journal:///{path}")
+    return sorted((t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id, deepcopy=False)), key=lambda t: t.number)
+
+
+def trials(home: Path) -> list[tuple[int, str]]:
+    return [(t.number, t.state.name) for t in study_trials(home)]
 
 
 def model_versions(home: Path) -> list[tuple[str, int]]:

@@ -9,6 +9,7 @@ model, and race for the champion alias.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from contextlib import closing
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SMOKE_SETS, Pipeline, pipeline_env, query, stage_dirs
+from .conftest import SMOKE_SETS, Pipeline, pipeline_env, query, stage_dirs, trials
 
 MODEL = "selfattn-sst2-smoke"
 PG_URL = os.environ.get("SELFATTN_PG_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -84,13 +85,14 @@ def test_two_pipelines_at_once_on_sqlite(tmp_path, data_dir):
     _check_stage_dirs(home, pair)
     db = home / "mlflow.db"
     assert query(db, "pragma integrity_check") == [("ok",)]
-    assert query(home / "optuna.db", "pragma integrity_check") == [("ok",)]
+    journal = (home / "optuna.journal").read_bytes().splitlines()
+    assert journal and all(json.loads(line)["op_code"] is not None for line in journal), "every journal line is whole"
     parents = query(db, "select r.run_uuid, r.status from runs r where not exists (select 1 from tags t where t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId')")
     assert len(parents) == 2 and {s for _, s in parents} == {"FINISHED"}, parents
     assert not query(db, "select name from runs where status = 'RUNNING'")
     pipeline_ids = query(db, "select distinct value from tags where key = 'selfattn.pipeline_run_id'")
     assert len(pipeline_ids) == 2
-    states = [s for _, s in query(home / "optuna.db", "select number, state from trials")]
+    states = [s for _, s in trials(home)]
     _check_trials(states)
     versions = query(db, "select name, version from model_versions where name = ?", (MODEL,))
     tags = {v: dict(query(db, "select key, value from model_version_tags where name = ? and version = ?", (MODEL, v))) for _, v in versions}
@@ -143,7 +145,7 @@ def test_two_pipelines_at_once_on_postgresql(tmp_path, data_dir, pg_dbs):
     env = pipeline_env(home, data_dir, MLFLOW_TRACKING_URI=as_sa(mlflow_db))
     pair = _run_pair(home, tmp_path / "work", env, [f"search.storage={as_sa(optuna_db)}"])
     _check_stage_dirs(home, pair)
-    assert not (home / "mlflow.db").exists() and not (home / "optuna.db").exists(), "the PostgreSQL stores were not used"
+    assert not (home / "mlflow.db").exists() and not (home / "optuna.db").exists() and not (home / "optuna.journal").exists(), "the PostgreSQL stores were not used"
     parents = _pg(mlflow_db, "select r.run_uuid, r.status from runs r where not exists (select 1 from tags t where t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId')")
     assert len(parents) == 2 and {s for _, s in parents} == {"FINISHED"}, parents
     assert not _pg(mlflow_db, "select name from runs where status = 'RUNNING'")

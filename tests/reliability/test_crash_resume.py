@@ -23,10 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SMOKE_SETS, Pipeline, checkpoint_step, model_versions, pipeline_env, query, runs, stage_dirs, trials
+from .conftest import SMOKE_SETS, Pipeline, checkpoint_step, model_versions, pipeline_env, query, runs, stage_dirs, study_trials, trials
 
 MODEL = "selfattn-sst2-smoke"
 SECRET = f"s3cr3t-{uuid.uuid4().hex}"
+
+
+def _trial_value(home: Path, number: int) -> float | None:
+    return next((t.value for t in study_trials(home) if t.number == number), None)
 
 
 def _marker_mtimes(home: Path) -> dict[str, int]:
@@ -65,7 +69,7 @@ def crashed(tmp_path_factory, data_dir) -> dict:
     p.wait_for("Optuna trial 1 to start", lambda: any((d / "trial-1").is_dir() for d in stage_dirs(home, "search")))
     p.kill()
     obs["trials_at_kill"] = trials(home)
-    obs["trial0_value_at_kill"] = query(home / "optuna.db", "select v.value from trial_values v join trials t on t.trial_id = v.trial_id where t.number = 0")
+    obs["trial0_value_at_kill"] = _trial_value(home, 0)
     obs["markers"]["after_2"] = _marker_mtimes(home)
 
     # run 3: killed during fine-tuning, once a checkpoint is on disk
@@ -90,10 +94,7 @@ def crashed(tmp_path_factory, data_dir) -> dict:
     obs["markers"]["after_5"] = _marker_mtimes(home)
     obs["runs_before_nan"] = runs(home)
     obs["trials"] = trials(home)
-    obs["retried"] = query(
-        home / "optuna.db",
-        "select t.number, t.state, a.value_json from trials t join trial_system_attributes a on a.trial_id = t.trial_id where a.key = 'failed_trial'",
-    )
+    obs["retried"] = [(t.number, t.state.name, t.system_attrs["failed_trial"]) for t in study_trials(home) if "failed_trial" in t.system_attrs]
     obs["versions"] = model_versions(home)
     obs["aliases"] = query(home / "mlflow.db", "select alias, version from registered_model_aliases where name = ?", (MODEL,))
 
@@ -156,8 +157,9 @@ def test_optuna_study_keeps_completed_trials_and_retries_the_dead_one(crashed):
     final = dict(crashed["trials"])
     assert final[0] == "COMPLETE" and final[1] == "FAIL"
     value_at_kill = crashed["trial0_value_at_kill"]
-    assert value_at_kill and query(crashed["home"] / "optuna.db", "select v.value from trial_values v join trials t on t.trial_id = v.trial_id where t.number = 0") == value_at_kill
-    retried = {number: (state, json.loads(failed)) for number, state, failed in crashed["retried"]}
+    assert value_at_kill is not None and _trial_value(crashed["home"], 0) == value_at_kill
+    assert (crashed["home"] / "optuna.journal").is_file() and not (crashed["home"] / "optuna.db").exists()
+    retried = {number: (state, failed) for number, state, failed in crashed["retried"]}
     assert any(failed == 1 and state in ("COMPLETE", "PRUNED") for state, failed in retried.values()), retried
     finished = [s for s in final.values() if s in ("COMPLETE", "PRUNED")]
     assert len(finished) == 2, f"the study holds n_trials (2) finished trials, no more: {final}"

@@ -148,7 +148,7 @@ def test_stores_default_under_home_and_the_standard_variable_wins(selfattn_home,
     cfg = PipelineConfig()
     assert home_dir() == selfattn_home.resolve()
     assert mlflow_tracking_uri() == f"sqlite:///{selfattn_home / 'mlflow.db'}"
-    assert study_storage_url(cfg) == f"sqlite:///{selfattn_home / 'optuna.db'}"
+    assert study_storage_url(cfg) == f"journal:///{selfattn_home.resolve() / 'optuna.journal'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert mlflow_tracking_uri() == "http://mlflow.example:5000"
     cfg2 = PipelineConfig.model_validate({"search": {"storage": "postgresql://u@h/db"}})

@@ -142,11 +142,13 @@ def test_registry_champion_and_challenger(smoke, client):
 def test_second_run_reuses_finished_stages_and_continues_the_study(smoke):
     import optuna
 
+    from flows import tuning
+
     second = smoke["second"]
     assert second.stages["data"].cached and second.stages["pretrain"].cached
     assert second.stages["pretrain"].dir == smoke["first"].stages["pretrain"].dir
     assert not second.stages["search"].cached and not second.stages["finetune"].cached
-    study = optuna.load_study(study_name="selfattn-smoke", storage=f"sqlite:///{smoke['home'] / 'optuna.db'}")
+    study = optuna.load_study(study_name="selfattn-smoke", storage=tuning.open_storage(f"journal:///{smoke['home'] / 'optuna.journal'}"))
     states = [t.state.name for t in study.trials]
     assert len(states) == 3 and all(s in ("COMPLETE", "PRUNED") for s in states)
     assert second.stages["search"].result["n_trials"] == 3
