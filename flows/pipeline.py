@@ -39,6 +39,7 @@ from flows.tune import run_workers
 from flows.tuning import pick_metric
 
 FLOW_NAME = "selfattn-pipeline"
+DETAIL_METRIC_PREFIXES = ("behaviour.", "slice.", "calibration.", "ece_uncalibrated")
 
 
 class RunContext(BaseModel):
@@ -374,7 +375,9 @@ def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None 
         out["finetune"] = finetune_flow(cfg, data, out["pretrain"], out["search"], ctx)
         out["evaluate"] = evaluate_flow(cfg, data, out["finetune"], ctx)
         metrics = out["evaluate"].result["metrics"]
-        mlflow.log_metrics(metrics)
+        # the parent shows the headline figures; behaviour, slice and calibration details stay on the
+        # evaluate run, so the parent's charts and compare view are not buried under forty keys
+        mlflow.log_metrics({k: v for k, v in metrics.items() if not k.startswith(DETAIL_METRIC_PREFIXES)})
         result = PipelineResult(
             pipeline_run_id=ctx.pipeline_run_id, mlflow_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id,
             stages=out, metrics=metrics,

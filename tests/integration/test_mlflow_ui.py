@@ -123,7 +123,7 @@ def test_compare_view_shows_the_params_that_differ(ui):
     first, longer = ui["parents"][0], ui["parents"][1]
     ids = [first["info"]["run_id"], longer["info"]["run_id"]]
     url = ui_url(ui["mlflow_url"], "compare-runs", runs=json.dumps(ids), experiments=json.dumps([ui["experiment"]["experiment_id"]]))
-    text = _page(url, ui["output"] / "mlflow_ui_compare.png", window="1600,2400")
+    text = _page(url, ui["output"] / "mlflow_ui_compare.png", window="1600,6000")
     assert "Comparing 2 Runs" in text
     assert re.search(r"finetune\.train\.max_steps 16 24", text), "the differing param is not side by side"
     # the metrics table (virtualised: its first rows are rendered) holds the fine-tune's keys
@@ -137,7 +137,7 @@ def test_learning_curves_of_both_runs_on_one_chart(ui):
         hist = mlflow_get(ui, "metrics/get-history", run_id=r["info"]["run_id"], metric_key="train_loss")["metrics"]
         assert len(hist) >= 4  # the fine-tune curve, on the parent run
     url = ui_url(ui["mlflow_url"], f"experiments/{ui['experiment']['experiment_id']}/runs", compareRunsMode="CHART")
-    text = _page(url, ui["output"] / "mlflow_ui_learning_curves.png", window="1600,2400")
+    text = _page(url, ui["output"] / "mlflow_ui_learning_curves.png", window="1600,6000")
     assert "train_loss" in text and "Step" in text
     for r in ui["parents"][:2]:  # each line chart's legend names both runs: "<run> (train_loss)"
         assert f"{r['info']['run_name']} (train_loss)" in text, r["info"]["run_name"]
