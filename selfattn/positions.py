@@ -69,7 +69,18 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [..., T, head_dim]`` by the angles in ``cos``/``sin [T, head_dim]`` (broadcast)."""
+    """Rotate ``x [..., T, head_dim]`` by the angles in ``cos``/``sin [T, head_dim]`` (broadcast).
+
+    ``x [B, T, H, head_dim]`` with ``cos``/``sin [T, 1, head_dim]`` works too (heads-last layout,
+    before the transpose to ``[B, H, T, head_dim]``).
+    """
+    if cos.dim() == 3 and x.dim() >= 3:
+        if x.shape[-1] != cos.shape[-1] or x.shape[-3] != cos.shape[0] or cos.shape[1] != 1:
+            raise ValueError(
+                f"apply_rotary: x {tuple(x.shape)} needs cos/sin of shape [T={x.shape[-3]}, 1, head_dim={x.shape[-1]}], "
+                f"got {tuple(cos.shape)}"
+            )
+        return x * cos + _rotate_half(x) * sin
     if x.shape[-1] != cos.shape[-1] or x.shape[-2] != cos.shape[-2]:
         raise ValueError(
             f"apply_rotary: x {tuple(x.shape)} needs cos/sin of shape [T={x.shape[-2]}, head_dim={x.shape[-1]}], "
