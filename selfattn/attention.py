@@ -401,11 +401,12 @@ class MultiHeadAttention(nn.Module):
         # One matmul for q, k and v (as GPT-2's c_attn) and one rotation of q and k together: at small
         # widths the step is bound by the number of ops, not by FLOPs, and this halves them here.
         qkv = F.linear(x, *fused).view(B, T, H + 2 * H_kv, hd)  # [B, T, H + 2 H_kv, hd]
-        qk, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
+        # split, not slicing: a slice's backward fills a zero tensor per slice, split's is one cat
+        qk, v = qkv.split([H + H_kv, H_kv], dim=2)
         if self.rotary is not None:
             cos, sin = self.rotary(T, offset, device=x.device, dtype=qk.dtype)  # [T, hd]
             qk = apply_rotary(qk, cos[:, None], sin[:, None])  # [T, 1, hd] broadcast over the heads
-        q, k = qk[:, :, :H], qk[:, :, H:]
+        q, k = qk.split([H, H_kv], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _fused_qkv_weights(self) -> tuple[Tensor, Tensor | None] | None:
