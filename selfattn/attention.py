@@ -34,7 +34,7 @@ from selfattn.functional import (
     sliding_window_attention,
     sliding_window_mask,
 )
-from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary
+from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary, apply_rotary_rolled, signed_sin
 
 if TYPE_CHECKING:
     from selfattn.config import ModelConfig
@@ -404,10 +404,22 @@ class MultiHeadAttention(nn.Module):
         # split, not slicing: a slice's backward fills a zero tensor per slice, split's is one cat
         qk, v = qkv.split([H + H_kv, H_kv], dim=2)
         if self.rotary is not None:
-            cos, sin = self.rotary(T, offset, device=x.device, dtype=qk.dtype)  # [T, hd]
-            qk = apply_rotary(qk, cos[:, None], sin[:, None])  # [T, 1, hd] broadcast over the heads
+            cos, sin = self._rotary_tables(T, offset, x.device, qk.dtype)  # [T, 1, hd] each
+            qk = apply_rotary_rolled(qk, cos, sin)  # broadcast over the heads
         q, k = qk.split([H, H_kv], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _rotary_tables(self, T: int, offset: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(cos, signed sin) [T, 1, hd]``, kept for the last (T, offset, device, dtype) asked: a
+        training run asks for the same ones every step."""
+        key = (T, offset, device, dtype, torch.is_inference_mode_enabled())  # inference tensors cannot be saved for backward
+        cached = getattr(self, "_rotary_cache", None)
+        if cached is None or cached[0] != key:
+            assert self.rotary is not None
+            cos, sin = self.rotary(T, offset, device=device, dtype=dtype)  # [T, hd]
+            cached = (key, cos[:, None], signed_sin(sin)[:, None])
+            self._rotary_cache = cached
+        return cached[1], cached[2]
 
     def _fused_qkv_weights(self) -> tuple[Tensor, Tensor | None] | None:
         """``(W [(H + 2 H_kv) hd, D], b or None)``: q/k/v weights stacked, or None when they cannot be."""

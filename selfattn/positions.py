@@ -63,6 +63,18 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype=dtype), sin.to(dtype=dtype)
 
 
+def apply_rotary_rolled(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """:func:`apply_rotary` with ``signed_sin = cat([-sin_half, sin_half])``: the same result, bit for
+    bit (only a sign moves), in fewer ops: ``roll`` replaces rotate-half's chunk, neg and cat."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def signed_sin(sin: Tensor) -> Tensor:
+    """``sin [..., head_dim]`` -> ``cat([-sin[..., :hd/2], sin[..., hd/2:]])`` for :func:`apply_rotary_rolled`."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat([-s1, s2], dim=-1)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
