@@ -25,6 +25,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfattn.functional import (
@@ -33,7 +34,7 @@ from selfattn.functional import (
     sliding_window_attention,
     sliding_window_mask,
 )
-from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary
+from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary, apply_rotary_rolled, signed_sin
 
 if TYPE_CHECKING:
     from selfattn.config import ModelConfig
@@ -378,13 +379,49 @@ class MultiHeadAttention(nn.Module):
     def _project(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         """``x [B, T, D]`` -> q ``[B, H, T, hd]``, k, v ``[B, H_kv, T, hd]``; RoPE from position ``offset``."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        H, H_kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        fused = self._fused_qkv_weights()
+        if fused is None:  # adapters (LoRA) or mixed biases: one projection each
+            q = self.q_proj(x).view(B, T, H, hd)
+            k = self.k_proj(x).view(B, T, H_kv, hd)
+            v = self.v_proj(x).view(B, T, H_kv, hd)
+            if self.rotary is not None:
+                cos, sin = self.rotary(T, offset, device=x.device, dtype=q.dtype)  # [T, hd]
+                q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # One matmul for q, k and v (as GPT-2's c_attn) and one rotation of q and k together: at small
+        # widths the step is bound by the number of ops, not by FLOPs, and this halves them here.
+        qkv = F.linear(x, *fused).view(B, T, H + 2 * H_kv, hd)  # [B, T, H + 2 H_kv, hd]
+        # split, not slicing: a slice's backward fills a zero tensor per slice, split's is one cat
+        qk, v = qkv.split([H + H_kv, H_kv], dim=2)
         if self.rotary is not None:
-            cos, sin = self.rotary(T, offset, device=x.device, dtype=q.dtype)  # [T, hd]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v
+            cos, sin = self._rotary_tables(T, offset, x.device, qk.dtype)  # [T, 1, hd] each
+            qk = apply_rotary_rolled(qk, cos, sin)  # broadcast over the heads
+        q, k = qk.split([H, H_kv], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _rotary_tables(self, T: int, offset: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(cos, signed sin) [T, 1, hd]``, kept for the last (T, offset, device, dtype) asked: a
+        training run asks for the same ones every step."""
+        key = (T, offset, device, dtype, torch.is_inference_mode_enabled())  # inference tensors cannot be saved for backward
+        cached = getattr(self, "_rotary_cache", None)
+        if cached is None or cached[0] != key:
+            assert self.rotary is not None
+            cos, sin = self.rotary(T, offset, device=device, dtype=dtype)  # [T, hd]
+            cached = (key, cos[:, None], signed_sin(sin)[:, None])
+            self._rotary_cache = cached
+        return cached[1], cached[2]
+
+    def _fused_qkv_weights(self) -> tuple[Tensor, Tensor | None] | None:
+        """``(W [(H + 2 H_kv) hd, D], b or None)``: q/k/v weights stacked, or None when they cannot be."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if any(type(m) is not nn.Linear for m in projs):  # e.g. LoRA-wrapped: keep their own forward
+            return None
+        biases = [m.bias for m in projs]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            return None
+        weight = torch.cat([m.weight for m in projs])
+        return weight, (None if biases[0] is None else torch.cat(biases))
 
     def _use_local_window(self, is_causal: bool, return_weights: bool) -> bool:
         """Block-local sliding window (it picks dense itself where that is cheaper) when applicable."""

@@ -65,13 +65,36 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype=dtype), sin.to(dtype=dtype)
 
 
+def apply_rotary_rolled(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """:func:`apply_rotary` with ``signed_sin = cat([-sin_half, sin_half])``: the same result, bit for
+    bit (only a sign moves), in fewer ops: ``roll`` replaces rotate-half's chunk, neg and cat."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def signed_sin(sin: Tensor) -> Tensor:
+    """``sin [..., head_dim]`` -> ``cat([-sin[..., :hd/2], sin[..., hd/2:]])`` for :func:`apply_rotary_rolled`."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat([-s1, s2], dim=-1)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [..., T, head_dim]`` by the angles in ``cos``/``sin [T, head_dim]`` (broadcast)."""
+    """Rotate ``x [..., T, head_dim]`` by the angles in ``cos``/``sin [T, head_dim]`` (broadcast).
+
+    ``x [B, T, H, head_dim]`` with ``cos``/``sin [T, 1, head_dim]`` works too (heads-last layout,
+    before the transpose to ``[B, H, T, head_dim]``).
+    """
+    if cos.dim() == 3 and x.dim() >= 3:
+        if x.shape[-1] != cos.shape[-1] or x.shape[-3] != cos.shape[0] or cos.shape[1] != 1:
+            raise ValueError(
+                f"apply_rotary: x {tuple(x.shape)} needs cos/sin of shape [T={x.shape[-3]}, 1, head_dim={x.shape[-1]}], "
+                f"got {tuple(cos.shape)}"
+            )
+        return x * cos + _rotate_half(x) * sin
     if x.shape[-1] != cos.shape[-1] or x.shape[-2] != cos.shape[-2]:
         raise ValueError(
             f"apply_rotary: x {tuple(x.shape)} needs cos/sin of shape [T={x.shape[-2]}, head_dim={x.shape[-1]}], "

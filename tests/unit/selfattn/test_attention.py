@@ -333,3 +333,23 @@ def test_forward_errors_name_values():
         m(_x()[0])
     with pytest.raises(ValueError, match=r"attention_mask must be \[B=2, S=7\].*got shape \(2, 6\)"):
         m(_x(), attention_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+def test_fused_qkv_projection_matches_separate_projections():
+    import torch
+
+    from selfattn.attention import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(d_model=32, n_heads=4, n_kv_heads=2, position="rope").double()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    q, k, v = attn._project(x, 3)  # the fused path: one stacked matmul, q and k rotated together
+    ref_cos, ref_sin = attn.rotary(7, 3, dtype=torch.float64)  # [T, hd]
+    from selfattn.positions import apply_rotary
+
+    def heads(t, n):  # [B, T, n*hd] -> [B, n, T, hd]
+        return t.view(2, 7, n, 8).transpose(1, 2)
+
+    torch.testing.assert_close(q, apply_rotary(heads(attn.q_proj(x), 4), ref_cos, ref_sin), rtol=0, atol=1e-12)
+    torch.testing.assert_close(k, apply_rotary(heads(attn.k_proj(x), 2), ref_cos, ref_sin), rtol=0, atol=1e-12)
+    torch.testing.assert_close(v, heads(attn.v_proj(x), 2), rtol=0, atol=1e-12)

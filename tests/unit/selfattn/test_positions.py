@@ -92,3 +92,14 @@ def test_rope_table_stays_float32_after_half():
     expected, _ = RotaryEmbedding(8)(300)
     torch.testing.assert_close(cos, expected, rtol=0, atol=0)  # frequencies were not rounded to fp16
     assert rope(4, dtype=torch.float16)[0].dtype == torch.float16
+
+
+def test_apply_rotary_rolled_is_bit_identical_to_rotate_half():
+    import torch
+
+    from selfattn.positions import RotaryEmbedding, apply_rotary, apply_rotary_rolled, signed_sin
+
+    cos, sin = RotaryEmbedding(16)(10, 3)  # [T, hd]
+    x = torch.randn(2, 10, 3, 16, generator=torch.Generator().manual_seed(0))  # [B, T, H, hd]
+    ref = apply_rotary(x.transpose(1, 2), cos, sin).transpose(1, 2)  # the [B, H, T, hd] layout
+    assert torch.equal(apply_rotary_rolled(x, cos[:, None], signed_sin(sin)[:, None]), ref)
