@@ -414,8 +414,10 @@ def sliding_window_attention(
     attends its own ``b`` keys and the ``n = ceil((window - 1) / b)`` blocks before it, all blocks in
     ONE fused SDPA call on gathered keys ``[blocks, (n + 1) * b, E]`` with a small ``[b, (n + 1) * b]``
     band mask, so the heavy work stays in the fused kernel and no ``[Lq, Lk]`` tensor is built.
-    Where that does not pay (``window >= Lk``, or short sequences: see :func:`window_uses_blocks`)
-    it runs the dense kernel with the band mask instead.
+    With ``block_size=None`` the first ``window - prefix`` queries, whose band is plain causal, run
+    the causal kernel (which skips the upper triangle), so no length is slower than dense causal;
+    the remaining queries run block-local where that pays (see :func:`window_uses_blocks`), else the
+    dense kernel with the band mask.
 
     ``key_mask``: bool, True = real key, broadcastable to ``[..., 1, Lk]`` (a key-padding mask).
     ``block_size``: None = automatic (block size and dense fallback by the cost model); an int
@@ -440,13 +442,51 @@ def sliding_window_attention(
         k, v = k[..., start:, :], v[..., start:, :]
         key_mask = None if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., start:]
         lk -= start
-    if block_size is None and not window_uses_blocks(lq, lk, window):
+    if block_size is None:
         if window >= lk:  # the band is plain causal
             return scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=True, dropout_p=dropout_p)
-        band = sliding_window_mask(lq, lk, window, q.device)  # [Lq, Lk]
-        mask = band if key_mask is None else key_mask & band
-        return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        # the first h queries see every key before them (the band is causal there): the causal kernel,
+        # which skips the upper triangle, does them; the rest run block-local (or dense) below
+        prefix, h = lk - lq, window - (lk - lq)  # 1 <= h < lq: the trimmed prefix is <= window - 1
+        head_mask = key_mask if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., : prefix + h]
+        head = scaled_dot_product_attention(
+            q[..., :h, :], k[..., : prefix + h, :], v[..., : prefix + h, :],
+            attn_mask=head_mask, is_causal=True, dropout_p=dropout_p,
+        )  # fmt: skip
+        tail = _window_rest(q[..., h:, :], k, v, window, key_mask, dropout_p, batch)
+        return torch.cat([head, tail], dim=-2)
+    return _window_blocks(q, k, v, window, key_mask, dropout_p, block_size, batch)
 
+
+def _window_rest(
+    q: Tensor, k: Tensor, v: Tensor, window: int, key_mask: Tensor | None, dropout_p: float, batch: tuple[int, ...]
+) -> Tensor:
+    """The queries after the causal head: block-local where the cost model says it pays, else dense."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    start = max(0, lk - lq - (window - 1))  # keys no remaining query can see
+    if start:
+        k, v = k[..., start:, :], v[..., start:, :]
+        key_mask = None if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., start:]
+        lk -= start
+    if window_uses_blocks(lq, lk, window):
+        return _window_blocks(q, k, v, window, key_mask, dropout_p, None, batch)
+    band = sliding_window_mask(lq, lk, window, q.device)  # [Lq, Lk]
+    mask = band if key_mask is None else key_mask & band
+    return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def _window_blocks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    key_mask: Tensor | None,
+    dropout_p: float,
+    block_size: int | None,
+    batch: tuple[int, ...],
+) -> Tensor:
+    """The block-local kernel of :func:`sliding_window_attention` (keys already trimmed to the window)."""
+    lq, lk = q.shape[-2], k.shape[-2]
     if q.dim() >= 4:
         k, v = _expand_kv_heads(k, v, q.shape[-3])
     prefix = lk - lq  # cached keys kept, <= window - 1

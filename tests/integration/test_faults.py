@@ -99,7 +99,7 @@ def _host_env(server: MlflowServer, home: Path) -> dict[str, str]:
 
 
 def _version_tags(server, model: str) -> dict[str, dict[str, str]]:
-    versions = mlflow_get({"mlflow_url": server.url}, "model-versions/search", filter=f"name='{model}'", max_results=1000)["model_versions"]
+    versions = mlflow_get({"mlflow_url": server.url}, "model-versions/search", filter=f"name='{model}'", max_results=1000).get("model_versions", [])
     return {v["version"]: {t["key"]: t["value"] for t in v.get("tags", [])} for v in versions}
 
 

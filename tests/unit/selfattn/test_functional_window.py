@@ -96,3 +96,24 @@ def test_float_mask_from_a_lower_precision_minimum_is_masked(mask_dtype, dtype, 
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         rows = [0, 1, 3]
         torch.testing.assert_close(out[..., rows, :].double(), ref[..., rows, :], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("lq, lk", [(300, 300), (150, 320), (40, 300)], ids=["square", "cached-prefix", "short-tail"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_automatic_path_causal_head_and_blocks_equal_masked_dense(lq, lk, padded):
+    """block_size=None: the causal head plus the block-local (or dense) rest, long enough for blocks."""
+    window = 32
+    if lq >= 100:  # the rest after the head is long enough for the block-local kernel
+        assert window_uses_blocks(lq - window, lq - 1, window)
+    q, k, v = _qkv(2, 4, 2, lq, lk)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(2, 1, 1, lk, dtype=torch.bool)
+        key_mask[1, ..., : lk // 2] = False  # left padding past the head
+        key_mask[0, ..., 7] = False
+    out = sliding_window_attention(q, k, v, window, key_mask=key_mask)
+    ref = _dense(q, k, v, window, key_mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ref)
+    for g_got, g_want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
