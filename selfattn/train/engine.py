@@ -394,7 +394,7 @@ class _Run:
         cfg, t, task, dev = self.cfg, self.cfg.train, self.task, self.device
         self.raw_model = raw = task.model.to(dev)
         self.params = [p for p in raw.parameters() if p.requires_grad]
-        self.opt = build_optimizer(raw, cfg.optim, fused=dev.type == "cuda")
+        self.opt = build_optimizer(raw, cfg.optim, fused=dev.type in ("cuda", "cpu"))  # fused: one kernel per tensor
         self.sched = build_scheduler(self.opt, cfg.optim, t.max_steps)
         self.metric = t.early_stopping_metric or ("val_loss" if task.kind == "lm" else "val_accuracy")
         if self.metric not in task.metric_names:

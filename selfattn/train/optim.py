@@ -33,7 +33,12 @@ def lr_at(step: int, cfg: "OptimConfig", max_steps: int) -> float:
 
 
 def build_optimizer(model: "torch.nn.Module", cfg: "OptimConfig", *, fused: bool = False) -> "torch.optim.AdamW":
-    """AdamW over the trainable parameters, decayed and non-decayed groups from ``models.param_groups``."""
+    """AdamW over the trainable parameters, decayed and non-decayed groups from ``models.param_groups``.
+
+    ``fused``: torch's fused kernel (CUDA and CPU): one kernel per tensor and no host read of the
+    step count, where ``foreach`` still runs ~20 small ops and 2 ``.item()`` per tensor on CPU. At
+    the benchmark's 0.8M-parameter size that took a training step from 2,469 to 1,674 aten ops.
+    """
     import torch
 
     from selfattn.models import param_groups
