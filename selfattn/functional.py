@@ -397,6 +397,17 @@ def _key_blocks(x: Tensor, n_prev: int, n_blocks: int, block: int) -> Tensor:
     return torch.cat([xb[:, i : i + n_blocks] for i in range(n_prev + 1)], dim=2)
 
 
+def _trim_to_window(
+    lq: int, k: Tensor, v: Tensor, key_mask: Tensor | None, window: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Drop the cached keys no query can see: only the last ``window - 1`` before the first query."""
+    start = max(0, k.shape[-2] - lq - (window - 1))
+    if start:
+        k, v = k[..., start:, :], v[..., start:, :]
+        key_mask = None if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., start:]
+    return k, v, key_mask
+
+
 def sliding_window_attention(
     q: Tensor,
     k: Tensor,
@@ -415,7 +426,7 @@ def sliding_window_attention(
     ONE fused SDPA call on gathered keys ``[blocks, (n + 1) * b, E]`` with a small ``[b, (n + 1) * b]``
     band mask, so the heavy work stays in the fused kernel and no ``[Lq, Lk]`` tensor is built.
     With ``block_size=None`` the first ``window - prefix`` queries, whose band is plain causal, run
-    the causal kernel (which skips the upper triangle), so no length is slower than dense causal;
+    the causal kernel (which skips the upper triangle), so short inputs run at about dense causal's speed;
     the remaining queries run block-local where that pays (see :func:`window_uses_blocks`), else the
     dense kernel with the band mask.
 
@@ -436,12 +447,8 @@ def sliding_window_attention(
     lq, lk = q.shape[-2], k.shape[-2]
     if lk < lq:
         raise ValueError(f"sliding_window_attention needs Lk >= Lq (keys include the queries), got Lq={lq}, Lk={lk}")
-    # only the last window - 1 cached keys can be seen by the first query
-    start = max(0, lk - lq - (window - 1))
-    if start:
-        k, v = k[..., start:, :], v[..., start:, :]
-        key_mask = None if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., start:]
-        lk -= start
+    k, v, key_mask = _trim_to_window(lq, k, v, key_mask, window)
+    lk = k.shape[-2]
     if block_size is None:
         if window >= lk:  # the band is plain causal
             return scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=True, dropout_p=dropout_p)
@@ -462,12 +469,8 @@ def _window_rest(
     q: Tensor, k: Tensor, v: Tensor, window: int, key_mask: Tensor | None, dropout_p: float, batch: tuple[int, ...]
 ) -> Tensor:
     """The queries after the causal head: block-local where the cost model says it pays, else dense."""
+    k, v, key_mask = _trim_to_window(q.shape[-2], k, v, key_mask, window)
     lq, lk = q.shape[-2], k.shape[-2]
-    start = max(0, lk - lq - (window - 1))  # keys no remaining query can see
-    if start:
-        k, v = k[..., start:, :], v[..., start:, :]
-        key_mask = None if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., start:]
-        lk -= start
     if window_uses_blocks(lq, lk, window):
         return _window_blocks(q, k, v, window, key_mask, dropout_p, None, batch)
     band = sliding_window_mask(lq, lk, window, q.device)  # [Lq, Lk]
