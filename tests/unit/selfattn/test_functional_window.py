@@ -98,7 +98,10 @@ def test_float_mask_from_a_lower_precision_minimum_is_masked(mask_dtype, dtype, 
         torch.testing.assert_close(out[..., rows, :].double(), ref[..., rows, :], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("lq, lk", [(300, 300), (150, 320), (40, 300)], ids=["square", "cached-prefix", "short-tail"])
+@pytest.mark.parametrize(
+    "lq, lk", [(300, 300), (150, 320), (40, 300), (600, 600), (520, 700)],
+    ids=["square", "cached-prefix", "short-tail", "long-all-blocks", "long-cached-prefix"],
+)
 @pytest.mark.parametrize("padded", [False, True])
 def test_automatic_path_causal_head_and_blocks_equal_masked_dense(lq, lk, padded):
     """block_size=None: the causal head plus the block-local (or dense) rest, long enough for blocks."""
@@ -117,3 +120,50 @@ def test_automatic_path_causal_head_and_blocks_equal_masked_dense(lq, lk, padded
     grad = torch.randn_like(ref)
     for g_got, g_want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shift", [-7, -3, 0, 2, 5], ids=lambda s: f"shift{s}")
+def test_shifted_key_blocks_equals_pad_and_slices_with_gradients(shift):
+    """The gather's own backward against autograd through pad, slices and cat (float64)."""
+    from selfattn.functional import _key_blocks, _ShiftedKeyBlocks
+
+    n, nb, b, length = 2, 4, 3, 13  # 18 rows gathered; shift 5 crops the end, -7 pads past it
+    x = torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True)
+    rows = (nb + n) * b
+    idx = torch.arange(rows) + shift
+    inside = (idx >= 0) & (idx < length)
+    seq = torch.where(inside[None, :, None], x[:, idx.clamp(0, length - 1)], torch.zeros((), dtype=x.dtype))
+    want = _key_blocks(seq, n, nb, b)
+    got = _ShiftedKeyBlocks.apply(x, shift, n, nb, b)
+    assert torch.equal(got, want)
+    grad = torch.randn_like(want)
+    (g_got,), (g_want,) = torch.autograd.grad(got, x, grad), torch.autograd.grad(want, x, grad)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: _ShiftedKeyBlocks.apply(t, shift, n, nb, b), (x,))
+
+
+@pytest.mark.parametrize("block", [None, 4])
+def test_long_cached_prefix_with_a_broadcast_key_mask_keeps_the_mask(block):
+    """A key mask of one column (the same for every key) still masks once the prefix is trimmed."""
+    q, k, v = _qkv(2, 4, 2, 40, 300)  # 300 keys, 40 queries, window 32: 229 keys are trimmed
+    key_mask = torch.ones(2, 1, 1, 1, dtype=torch.bool)
+    key_mask[1] = False  # row 1 sees nothing at all: zeros
+    out = sliding_window_attention(q, k, v, 32, key_mask=key_mask, block_size=block)
+    ref = _dense(q, k, v, 32, key_mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize(
+    "lq, lk, window, path",
+    [(17, 17, 40, "causal"), (40, 40, 32, "head+dense"), (300, 300, 32, "head+blocks"), (150, 320, 32, "head+blocks"),
+     (600, 600, 32, "blocks"), (1, 5000, 32, "causal"), (512, 2000, 32, "blocks")],
+)
+def test_window_path_names_the_kernels_used(lq, lk, window, path):
+    """window_path is what the dispatch runs: each named path gives the masked dense result."""
+    from selfattn.functional import window_path
+
+    assert window_path(lq, lk, window) == path
+    q, k, v = _qkv(1, 2, 2, lq, lk, e=4)
+    out = sliding_window_attention(q, k, v, window)
+    torch.testing.assert_close(out, _dense(q, k, v, window, None), rtol=1e-10, atol=1e-10)
