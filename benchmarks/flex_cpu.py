@@ -20,13 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.sliding_window import _cpu_time
 from selfattn.functional import flex_masked_attention, sliding_window_attention
-
-
-def _cpu_time(fn) -> float:
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
 
 
 def main() -> None:
@@ -58,7 +53,7 @@ def main() -> None:
                 best = {name: float("inf") for name in peers}
                 for _ in range(args.repeats):
                     for name, fn in peers.items():
-                        best[name] = min(best[name], _cpu_time(fn))
+                        best[name] = min(best[name], _cpu_time(fn, 1))
             row = dict(dtype=dtype_name, T=t, window=w, **{f"{n}_ms": s * 1e3 for n, s in best.items()},
                        flex_vs_dense=best["dense"] / best["flex"], flex_vs_window=best["window"] / best["flex"],
                        compile_s=compile_s, max_abs_diff=err)

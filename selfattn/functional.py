@@ -504,7 +504,10 @@ def sliding_window_attention(
             q_head, k[..., : prefix + h, :], v[..., : prefix + h, :],
             attn_mask=head_mask, is_causal=True, dropout_p=dropout_p,
         )  # fmt: skip
-        tail = _window_rest(q_rest, k, v, window, key_mask, dropout_p, batch, dense=path == "head+dense")
+        if path == "head+dense":  # too few queries left for blocks to pay
+            tail = _window_dense(q_rest, k, v, window, key_mask, dropout_p)
+        else:
+            tail = _window_blocks(q_rest, k, v, window, key_mask, dropout_p, None, batch)
         return torch.cat([head, tail], dim=-2)
     return _window_blocks(q, k, v, window, key_mask, dropout_p, block_size, batch)
 
@@ -526,20 +529,8 @@ def window_path(lq: int, lk: int, window: int) -> str:
     return "head+blocks" if window_uses_blocks(lq - h, min(lk, lq - h + window - 1), window) else "head+dense"
 
 
-def _window_rest(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    window: int,
-    key_mask: Tensor | None,
-    dropout_p: float,
-    batch: tuple[int, ...],
-    *,
-    dense: bool,
-) -> Tensor:
-    """The queries after the causal head: block-local, or (``dense``) the dense kernel with the band."""
-    if not dense:
-        return _window_blocks(q, k, v, window, key_mask, dropout_p, None, batch)
+def _window_dense(q: Tensor, k: Tensor, v: Tensor, window: int, key_mask: Tensor | None, dropout_p: float) -> Tensor:
+    """The dense kernel with the band mask (keys trimmed to the window first)."""
     k, v, key_mask = _trim_to_window(q.shape[-2], k, v, key_mask, window)
     band = sliding_window_mask(q.shape[-2], k.shape[-2], window, q.device)  # [Lq, Lk]
     mask = band if key_mask is None else key_mask & band
