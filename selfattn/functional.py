@@ -391,33 +391,30 @@ def window_uses_blocks(lq: int, lk: int, window: int, block_size: int | None = N
 
 
 def _key_blocks(x: Tensor, n_prev: int, n_blocks: int, block: int) -> Tensor:
-    """``x [N, (n_blocks + n_prev) * block, ...]`` -> ``[N, n_blocks, (n_prev + 1) * block, ...]``.
+    """``x [N, (n_blocks + n_prev) * block, ...]`` (contiguous) -> ``[N, n_blocks, (n_prev + 1) * block, ...]``.
 
-    Block ``j`` of the result is padded blocks ``j .. j + n_prev`` side by side. Built from
-    ``n_prev + 1`` shifted views joined by ``cat`` so the backward pass is slices and adds (no
-    scatter into a zero-filled full-length gradient).
+    Block ``j`` of the result is rows ``j * block .. (j + n_prev + 1) * block`` of ``x``: a strided
+    view, so the overlapping blocks are never copied (the SDPA kernels read by strides). Not
+    differentiable on its own: :class:`_ShiftedKeyBlocks` gives keys and values their backward.
     """
-    xb = x.view(x.shape[0], n_blocks + n_prev, block, *x.shape[2:])
-    return torch.cat([xb[:, i : i + n_blocks] for i in range(n_prev + 1)], dim=2)
+    st = x.stride()
+    return x.as_strided((x.shape[0], n_blocks, (n_prev + 1) * block, *x.shape[2:]), (st[0], block * st[1], *st[1:]))
 
 
 class _ShiftedKeyBlocks(torch.autograd.Function):
     """``x [N, L, E]`` -> ``[N, nb, (n + 1) * b, E]``: block ``j`` is rows ``j * b .. (j + n + 1) * b``
     of the sequence ``r -> x[r + shift]`` (zeros where ``r + shift`` is outside ``0 .. L - 1``).
 
-    :func:`_key_blocks` of a padded, trimmed ``x``, without copying the ``n + 1`` overlapping blocks:
-    the result is a strided view of one padded copy (the CPU and CUDA SDPA kernels read by
-    strides). Autograd through pad, slices and cat would fill a zero tensor the size of ``x`` per
-    slice; this backward adds the overlapping blocks' gradients into one buffer and zero-fills only
-    the rows no block covers.
+    :func:`_key_blocks` (a strided view) of one padded, trimmed copy of ``x``. Autograd through pad,
+    slices and cat would fill a zero tensor the size of ``x`` per slice; this backward adds the
+    overlapping blocks' gradients into one buffer and zero-fills only the rows no block covers.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, shift: int, n: int, nb: int, b: int) -> Tensor:  # type: ignore[override]
         ctx.dims = (x.shape[1], shift, n, nb, b)
-        rows, e = (nb + n) * b, x.shape[-1]
-        padded = F.pad(x, (0, 0, -shift, rows + shift - x.shape[1])).contiguous()  # a negative pad crops
-        return padded.as_strided((x.shape[0], nb, (n + 1) * b, e), (rows * e, b * e, e, 1))
+        padded = F.pad(x, (0, 0, -shift, (nb + n) * b + shift - x.shape[1]))  # a negative pad crops
+        return _key_blocks(padded.contiguous(), n, nb, b)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
@@ -489,19 +486,22 @@ def sliding_window_attention(
     lq, lk = q.shape[-2], k.shape[-2]
     if lk < lq:
         raise ValueError(f"sliding_window_attention needs Lk >= Lq (keys include the queries), got Lq={lq}, Lk={lk}")
-    k, v, key_mask = _trim_to_window(lq, k, v, key_mask, window)
-    lk = k.shape[-2]
+    # each path drops the keys before the window itself: the block kernel skips them in its view
+    # (a slice's backward would fill a zero tensor the size of k)
     path = "blocks" if block_size is not None else window_path(lq, lk, window)
     if path == "causal":
+        k, v, key_mask = _trim_to_window(lq, k, v, key_mask, window)
         return scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=True, dropout_p=dropout_p)
     if path.startswith("head+"):
         # the first h queries see every key before them (the band is causal there): the causal kernel,
-        # which skips the upper triangle, does them; the rest run block-local (or dense) below
-        prefix, h = lk - lq, window - (lk - lq)  # 1 <= h < lq: the trimmed prefix is <= window - 1
-        head_mask = key_mask if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., : prefix + h]
+        # which skips the upper triangle, does them with the window's first `window` keys; the rest
+        # run block-local (or dense) below
+        start = max(0, lk - lq - (window - 1))  # keys before the window
+        h = window - (lk - start - lq)  # 1 <= h < lq: the kept prefix is <= window - 1
+        head_mask = key_mask if key_mask is None or key_mask.shape[-1] == 1 else key_mask[..., start : start + window]
         q_head, q_rest = q.split([h, lq - h], dim=-2)  # split: its backward is one cat, no zero fill
         head = scaled_dot_product_attention(
-            q_head, k[..., : prefix + h, :], v[..., : prefix + h, :],
+            q_head, k[..., start : start + window, :], v[..., start : start + window, :],
             attn_mask=head_mask, is_causal=True, dropout_p=dropout_p,
         )  # fmt: skip
         if path == "head+dense":  # too few queries left for blocks to pay

@@ -124,8 +124,8 @@ def test_automatic_path_causal_head_and_blocks_equal_masked_dense(lq, lk, padded
 
 @pytest.mark.parametrize("shift", [-7, -3, 0, 2, 5], ids=lambda s: f"shift{s}")
 def test_shifted_key_blocks_equals_pad_and_slices_with_gradients(shift):
-    """The gather's own backward against autograd through pad, slices and cat (float64)."""
-    from selfattn.functional import _key_blocks, _ShiftedKeyBlocks
+    """The strided gather and its own backward against an index gather and autograd (float64)."""
+    from selfattn.functional import _ShiftedKeyBlocks
 
     n, nb, b, length = 2, 4, 3, 13  # 18 rows gathered; shift 5 crops the end, -7 pads past it
     x = torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True)
@@ -133,7 +133,8 @@ def test_shifted_key_blocks_equals_pad_and_slices_with_gradients(shift):
     idx = torch.arange(rows) + shift
     inside = (idx >= 0) & (idx < length)
     seq = torch.where(inside[None, :, None], x[:, idx.clamp(0, length - 1)], torch.zeros((), dtype=x.dtype))
-    want = _key_blocks(seq, n, nb, b)
+    rows_of_block = torch.arange(nb)[:, None] * b + torch.arange((n + 1) * b)[None, :]  # [nb, c]
+    want = seq[:, rows_of_block]  # block j: padded rows j*b .. (j+n+1)*b, gathered by index
     got = _ShiftedKeyBlocks.apply(x, shift, n, nb, b)
     assert torch.equal(got, want)
     grad = torch.randn_like(want)
