@@ -14,6 +14,17 @@ from selfattn.errors import UserError
 from selfattn.train import FinetuneConfig, PretrainConfig
 
 
+@pytest.fixture(autouse=True)
+def _preset_data_files(tmp_path, monkeypatch):
+    """The files the presets name, empty, in a data dir of their own: loading a config checks that
+    they exist, not what they hold, so these tests need no real data (a clone away from shared/)."""
+    data = tmp_path / "preset_data"
+    for name in ("tinyshakespeare/input.txt", "sst2/train.tsv", "sst2/dev.tsv"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).touch()
+    monkeypatch.setenv("SELFATTN_DATA_DIR", str(data))
+
+
 @pytest.mark.parametrize("preset", ["smoke", "demo"])
 def test_presets_load_as_the_engine_configs(preset):
     cfg = load_pipeline_config(preset)
