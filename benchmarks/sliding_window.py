@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention import CpuPeakMemory
-from selfattn.functional import _window_block_size, sliding_window_attention, window_path
+from selfattn.functional import _window_block_size, _window_kernel, sliding_window_attention, window_path
 
 
 def _cpu_time(fn, repeats: int) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
     meter = CpuPeakMemory()
     rows = []
-    print(f"{'dtype':9} {'T':>6} {'path':11} {'b':>4} {'dense ms':>9} {'window ms':>9} {'speedup':>7} "
+    print(f"{'dtype':9} {'T':>6} {'path':11} {'kernel':6} {'b':>4} {'dense ms':>9} {'window ms':>9} {'speedup':>7} "
           f"{'ideal':>6} {'dense MiB':>9} {'window MiB':>10}")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -64,13 +64,14 @@ def main() -> None:
             ideal = max(1.0, (t / 2) / args.window)  # causal scores per query / window scores per query
             row = dict(
                 dtype=dtype_name, T=t, window=args.window,
-                path=window_path(t, t, args.window),  # the automatic path taken
+                path=window_path(t, t, args.window, _window_kernel(q, 0.0)),  # the automatic path taken
+                kernel=_window_kernel(q, 0.0),  # the automatic block kernel: flash, or bf16 matmuls on CPU
                 block=_window_block_size(t, args.window), dense_ms=t_dense * 1e3, window_ms=t_window * 1e3,
                 speedup=t_dense / t_window, ideal=ideal, dense_peak_bytes=m_dense, window_peak_bytes=m_window,
             )
             rows.append(row)
             mib = lambda x: f"{x / 2**20:.1f}" if x is not None else "n/a"  # noqa: E731
-            print(f"{dtype_name:9} {t:6d} {row['path']:11} {row['block']:4d} {row['dense_ms']:9.1f} "
+            print(f"{dtype_name:9} {t:6d} {row['path']:11} {row['kernel']:6} {row['block']:4d} {row['dense_ms']:9.1f} "
                   f"{row['window_ms']:9.1f} {row['speedup']:6.2f}x {ideal:5.1f}x {mib(m_dense):>9} {mib(m_window):>10}",
                   flush=True)
     print(json.dumps({"sliding_window_vs_sdpa_causal": rows}))

@@ -34,6 +34,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
+def real_data_dir() -> str:
+    """The real data sets for a pipeline run in a child process (SELFATTN_DATA_DIR, default
+    ../shared/data); skips the test when they are missing, like the top-level ``data_dir`` fixture."""
+    d = Path(os.environ.get("SELFATTN_DATA_DIR") or REPO.parent / "shared" / "data")
+    if not (d / "sst2" / "train.tsv").is_file():
+        pytest.skip(f"real data not found under {d}; set SELFATTN_DATA_DIR")
+    return str(d)
+
+
 def _pg_available() -> str | None:
     try:
         import psycopg2

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PG_URL, REPO, _clean_env, _pg_available, mlflow_get, mlflow_post, selfattn_cmd, wait_for
+from .conftest import PG_URL, REPO, _clean_env, _pg_available, mlflow_get, mlflow_post, real_data_dir, selfattn_cmd, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -91,10 +91,12 @@ def server(tmp_path_factory):
         srv.drop()
 
 
-def _host_env(server: MlflowServer, home: Path) -> dict[str, str]:
+def _host_env(server: MlflowServer, home: Path, *, data: bool = True) -> dict[str, str]:
+    """A client process' environment; ``data``: it runs the pipeline, so it needs the real data (else skip)."""
     env = _clean_env()
     env.update(MLFLOW_TRACKING_URI=server.url, SELFATTN_HOME=str(home), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    env.setdefault("SELFATTN_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    if data:
+        env["SELFATTN_DATA_DIR"] = real_data_dir()
     return env
 
 
@@ -112,7 +114,7 @@ def test_two_hosts_promote_at_once_the_better_version_wins(server, tmp_path):
     for host, part in (("host-a", scores[0::2]), ("host-b", scores[1::2])):
         home = tmp_path / host
         cmd = [sys.executable, str(REPO / "tests" / "integration" / "scripts" / "promote_race.py"), str(start_at), model, host, *map(str, part)]
-        procs.append(subprocess.Popen(cmd, env=_host_env(server, home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, env=_host_env(server, home, data=False), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

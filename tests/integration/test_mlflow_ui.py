@@ -24,7 +24,7 @@ import pytest
 
 from flows.tracking import EXPERIMENT_KIND, ui_url
 
-from .conftest import REPO, _clean_env, mlflow_get, mlflow_post, selfattn_cmd, wait_for
+from .conftest import REPO, _clean_env, mlflow_get, mlflow_post, real_data_dir, selfattn_cmd, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def ui(tmp_path_factory, output_dir):
     home = tmp_path_factory.mktemp("ui_home")
     env = _clean_env()
     env.update(SELFATTN_HOME=str(home), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
-    env.setdefault("SELFATTN_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    env["SELFATTN_DATA_DIR"] = real_data_dir()
     logs = {}
     for name, extra in (("first", []), ("longer", ["--set", "finetune.train.max_steps=24"]), ("verbose", ["--verbose"])):
         proc = subprocess.run([*selfattn_cmd(), "run", "--config", "smoke", *extra], env=env, capture_output=True, text=True, timeout=1800)

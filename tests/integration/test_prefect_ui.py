@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import REPO, http_json, wait_for
+from .conftest import REPO, http_json, real_data_dir, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,8 +40,7 @@ POOL = "selfattn-process"
 
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "SELFATTN_", "OPTUNA_"))}
-    data = os.environ.get("SELFATTN_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    return {**env, "SELFATTN_HOME": str(home), "SELFATTN_DATA_DIR": data, "PYTHONUNBUFFERED": "1"}
+    return {**env, "SELFATTN_HOME": str(home), "SELFATTN_DATA_DIR": real_data_dir(), "PYTHONUNBUFFERED": "1"}
 
 
 def _selfattn(*args: str) -> list[str]:
