@@ -233,3 +233,24 @@ def test_automatic_kernel_choice_and_errors(monkeypatch):
         sliding_window_attention(q, q, q, 2, kernel="cuda")
     with pytest.raises(ValueError, match="dropout_p=0.1"):
         sliding_window_attention(q, q, q, 2, kernel="matmul", dropout_p=0.1)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 8 * 24 * 8, 2 * 6 * 8 * 24 * 8, 1 << 30], ids=["per-block", "3-blocks", "2-rows", "one-pass"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_matmul_kernel_chunks_give_the_same_result(monkeypatch, chunk_bytes, padded):
+    """The matmul kernel runs in chunks of _CHUNK_BYTES of scores (pieces of one row of blocks, or
+    whole rows): every split gives the masked dense result, gradients included (float64)."""
+    from selfattn import functional
+
+    monkeypatch.setattr(functional, "_CHUNK_BYTES", chunk_bytes)
+    q, k, v = _qkv(2, 4, 2, 45, 45)  # block 8, window 16: 6 blocks of [8, 24] per head, 8 heads
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(2, 1, 1, 45, dtype=torch.bool)
+        key_mask[1, ..., :30] = False  # the first blocks of row 1 see nothing
+    out = sliding_window_attention(q, k, v, 16, key_mask=key_mask, block_size=8, kernel="matmul")
+    ref = _dense(q, k, v, 16, key_mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype)
+    for g_got, g_want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
