@@ -2,8 +2,12 @@
 
     python benchmarks/sliding_window.py                       # T = 512..8192, w = 256, fp32 and bf16
     python benchmarks/sliding_window.py --lengths 4096 8192 --dtypes float32
+    python benchmarks/sliding_window.py --padded --prefix 512   # batch 2, row 2 left-padded; 512 cached keys
 
-B=1, H=8, D=64. Time is the best of ``--repeats`` passes in process CPU time with ONE torch thread:
+B=1, H=8, D=64. ``--padded``: B=2 with a key-padding mask (row 2's first quarter of the keys is
+padding) and ``--prefix P``: P cached keys before the T queries; the dense peer is then
+``selfattn.functional.scaled_dot_product_attention`` with the same mask, ``is_causal=True``
+(bottom-right), i.e. what runs without the window. Time is the best of ``--repeats`` passes in process CPU time with ONE torch thread:
 on a shared, loaded machine wall-clock varies 2-3x between runs, CPU time of a single-threaded
 pass much less (both peers are measured the same way, interleaved). Memory: peak RSS above the
 starting RSS during one pass (see benchmarks/attention.py). Prints a table and one JSON line.
@@ -19,7 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention import CpuPeakMemory
-from selfattn.functional import _window_block_size, _window_kernel, sliding_window_attention, window_path
+from selfattn.functional import (
+    _window_block_size,
+    _window_kernel,
+    scaled_dot_product_attention,
+    sliding_window_attention,
+    window_path,
+)
 
 
 def _cpu_time(fn, repeats: int) -> float:
@@ -37,7 +47,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--padded", action="store_true", help="batch 2 with a key-padding mask")
+    parser.add_argument("--prefix", type=int, default=0, help="cached keys before the queries")
     args = parser.parse_args()
+    if args.prefix < 0:
+        parser.error(f"--prefix ({args.prefix}) must be >= 0")
     torch.set_num_threads(1)
     meter = CpuPeakMemory()
     rows = []
@@ -47,13 +61,22 @@ def main() -> None:
         dtype = getattr(torch, dtype_name)
         for t in args.lengths:
             g = torch.Generator().manual_seed(0)
-            q, k, v = (torch.randn(1, 8, t, 64, generator=g).to(dtype).requires_grad_() for _ in range(3))
+            batch, lk = (2 if args.padded else 1), t + args.prefix
+            q = torch.randn(batch, 8, t, 64, generator=g).to(dtype).requires_grad_()
+            k, v = (torch.randn(batch, 8, lk, 64, generator=g).to(dtype).requires_grad_() for _ in range(2))
+            key_mask = None
+            if args.padded:
+                key_mask = torch.ones(batch, 1, 1, lk, dtype=torch.bool)
+                key_mask[1, ..., : lk // 4] = False  # left padding
 
             def dense() -> None:
-                F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                if key_mask is None and not args.prefix:
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                else:  # what runs without the window: the mask (and bottom-right causal) on the fused kernel
+                    scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=True).sum().backward()
 
             def window() -> None:
-                sliding_window_attention(q, k, v, args.window).sum().backward()
+                sliding_window_attention(q, k, v, args.window, key_mask=key_mask).sum().backward()
 
             dense(), window()  # warm-up
             t_dense, t_window = float("inf"), float("inf")
@@ -61,10 +84,10 @@ def main() -> None:
                 t_dense = min(t_dense, _cpu_time(dense, 1))
                 t_window = min(t_window, _cpu_time(window, 1))
             m_dense, m_window = meter.measure(dense), meter.measure(window)
-            ideal = max(1.0, (t / 2) / args.window)  # causal scores per query / window scores per query
+            ideal = max(1.0, (args.prefix + t / 2) / args.window)  # causal scores per query / window's
             row = dict(
-                dtype=dtype_name, T=t, window=args.window,
-                path=window_path(t, t, args.window, _window_kernel(q, 0.0)),  # the automatic path taken
+                dtype=dtype_name, T=t, window=args.window, padded=args.padded, prefix=args.prefix,
+                path=window_path(t, lk, args.window, _window_kernel(q, 0.0)),  # the automatic path taken
                 kernel=_window_kernel(q, 0.0),  # the automatic block kernel: flash, or bf16 matmuls on CPU
                 block=_window_block_size(t, args.window), dense_ms=t_dense * 1e3, window_ms=t_window * 1e3,
                 speedup=t_dense / t_window, ideal=ideal, dense_peak_bytes=m_dense, window_peak_bytes=m_window,
