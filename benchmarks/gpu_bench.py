@@ -1,32 +1,63 @@
-"""One prepared CUDA run (an H200): attention TFLOP/s, GPT-2-124M pretraining MFU, the fine-tune stage.
+"""One prepared CUDA run (an H200): CUDA tests, attention TFLOP/s, GPT-2-124M pretraining MFU, the fine-tune.
 
-    python benchmarks/gpu_bench.py --output gpu.json      # on the GPU machine (benchmarks/gpu.sh wraps it)
-    python benchmarks/gpu_bench.py --dry-run              # on CPU: checks imports/arguments, prints the plan
+    bash benchmarks/gpu.sh                                  # on the GPU machine (wraps this script)
+    python benchmarks/gpu_bench.py --dry-run                # anywhere: preflight + the plan, in seconds
+    python benchmarks/gpu_bench.py --rehearse --output r.json   # on CPU: every section at toy sizes (~1 min)
 
-Sections (each timed, each failure recorded in the JSON instead of aborting the run):
+Sections, each in its own process under its own time budget (a hang or a crash in one leaves the
+others and the JSON intact; the JSON is rewritten after every section, rows as they come):
 
-1. ``tests``: ``pytest -m cuda`` (the CUDA-marked parity tests).
-2. ``attention``: causal fwd+bwd, bf16, B*T = 16k tokens, H=16, D=64 at T = 1k..16k: torch
-   SDPA with each backend it offers (flash / efficient / cudnn), our ``scaled_dot_product_attention``
-   (the backend torch picks) and ``flex_masked_attention`` (compiled), TFLOP/s and the fraction of
-   the H200's 989 TFLOP/s dense-bf16 peak (FLOPs: ``causal_flops``).
+1. ``tests``: the CUDA-marked tests (:data:`CUDA_TEST_FILES`: parity of the fused GPU kernels, bf16
+   autocast, ``torch.compile``, the engine and its checkpoints against float64 CPU references).
+2. ``attention``: causal fwd+bwd, bf16, ``--tokens`` (B*T) per call, H=16, D=128 (FlashAttention's
+   benchmark shape) at T = 1k..16k: torch SDPA with each backend (flash / efficient / cuDNN), our
+   ``scaled_dot_product_attention`` (the backend torch picks), our ``sliding_window_attention``
+   (w = ``--window``) and compiled FlexAttention (causal and window). TFLOP/s of the useful work
+   (:func:`causal_flops`, :func:`window_flops`), the fraction of the H200's 989 TFLOP/s dense bf16
+   peak, the window's speed-up over SDPA causal, and peak memory. FlexAttention rows come last (each
+   shape compiles) and stop when the section's budget runs short.
 3. ``pretrain``: a GPT-2-124M-shaped DecoderLM (12 x 768, 12 heads, context 1024, vocab 50304),
-   bf16 autocast + torch.compile, AdamW, random tokens; tokens/s and MFU = 6 * N * tokens/s
-   (+ attention 12 * L * T * d per token) / peak.
-4. ``finetune``: ``benchmarks/finetune_sst2.py --device cuda --stages finetune`` on a small scale.
+   bf16 autocast, fused AdamW, random tokens; eager, then ``torch.compile``: tokens/s and MFU =
+   (6 N + 12 L T d) tokens/s / peak (PaLM's count; N includes the tied embedding).
+4. ``finetune``: ``benchmarks/finetune_sst2.py --device cuda --stages pretrain,finetune`` at a
+   small scale: the engine's pretraining and fine-tuning on CUDA (bf16 autocast, fused AdamW) on SST-2.
+
+The device machine has no registry: what its image lacks travels as wheels, prepared here by
+``benchmarks/gpu_prepare.sh`` (see BENCHMARKS.md, "The prepared GPU run"). The preflight names
+anything still missing, and a section whose needs are missing is recorded as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 PEAK_BF16_TFLOPS = 989.0  # H200 SXM, dense bf16 (spec sheet)
 ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("tests", "attention", "pretrain", "finetune")
+# seconds each section may take on the GPU (the whole call stays under gpu.sh's 470 s limit)
+BUDGET = {"tests": 100, "attention": 130, "pretrain": 110, "finetune": 100}
+# the test files that hold CUDA-marked tests (a default-suite test keeps this list complete)
+CUDA_TEST_FILES = ("tests/unit/selfattn/test_devices.py", "tests/unit/selfattn/test_functional_flex.py")
+# what each section imports, by distribution name (the device image lacks pydantic and datasets)
+NEEDS = {
+    "tests": ("pytest", "pydantic", "yaml", "tokenizers", "safetensors", "datasets", "pandas"),
+    "attention": (),
+    "pretrain": ("pydantic", "yaml"),
+    "finetune": ("pydantic", "yaml", "tokenizers", "safetensors", "datasets", "pandas", "sklearn", "matplotlib"),
+}
+PREPARE_HINT = ("on a machine with PyPI, run `bash benchmarks/gpu_prepare.sh` and carry .whl and the data "
+                "(BENCHMARKS.md, 'The prepared GPU run')")
+
+
+# --------------------------------------------------------------------------- FLOP counts
 
 
 def causal_flops(b: int, h: int, t: int, d: int) -> float:
@@ -35,184 +66,357 @@ def causal_flops(b: int, h: int, t: int, d: int) -> float:
     return 3.5 * fwd
 
 
-def _timed_cuda(fn, warmup: int = 3, repeats: int = 10) -> float:
+def window_flops(b: int, h: int, t: int, d: int, window: int) -> float:
+    """fwd+bwd FLOPs of causal sliding-window attention: query i sees min(i + 1, w) keys."""
+    w = min(window, t)
+    pairs = w * t - w * (w - 1) / 2
+    return 3.5 * 2 * 2 * b * h * pairs * d
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class Rows:
+    """Rows of a section, written to ``path`` after each one (a killed section keeps what it did)."""
+
+    def __init__(self, path: Path, budget_s: float) -> None:
+        self.path, self.rows, self.deadline = path, [], time.monotonic() + budget_s
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.path.write_text(json.dumps({"rows": self.rows}, indent=1))
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _timed(fn: Callable[[], Any], device: str, warmup: int = 3, repeats: int = 10) -> float:
+    """Seconds per call of ``fn`` (device-synchronized, after ``warmup`` calls)."""
     import torch
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
-def bench_attention(lengths: list[int]) -> list[dict]:
+def bench_attention(args: argparse.Namespace, rows: Rows) -> dict:
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from selfattn.functional import flex_masked_attention, scaled_dot_product_attention
+    from selfattn.functional import flex_masked_attention, scaled_dot_product_attention, sliding_window_attention
 
-    rows = []
-    h, d, tokens = 16, 64, 16384
-    for t in lengths:
-        b = max(1, tokens // t)
-        q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    device, dtype = args.device, torch.bfloat16
+    h, d, w = args.heads, args.head_dim, args.window
+    repeats = 10 if device == "cuda" else 2
+    flex_jobs = []
+    for t in args.lengths:
+        b = max(1, args.tokens // t)
+        q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
-        flops = causal_flops(b, h, t, d)
-        impls = {
-            "sdpa_flash": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), SDPBackend.FLASH_ATTENTION),
-            "sdpa_efficient": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), SDPBackend.EFFICIENT_ATTENTION),
-            "sdpa_cudnn": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), SDPBackend.CUDNN_ATTENTION),
-            "selfattn": (lambda: scaled_dot_product_attention(q, k, v, is_causal=True), None),
-            "selfattn_flex": (lambda: flex_masked_attention(q, k, v, causal=True), None),
-        }
-        for name, (fn, backend) in impls.items():
-            row = {"T": t, "B": b, "H": h, "D": d, "impl": name}
-            try:
-                def step(fn=fn):
-                    fn().backward(grad)
-                    q.grad = k.grad = v.grad = None
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        impls = [
+            ("sdpa_flash", sdpa, SDPBackend.FLASH_ATTENTION, None),
+            ("sdpa_efficient", sdpa, SDPBackend.EFFICIENT_ATTENTION, None),
+            ("sdpa_cudnn", sdpa, SDPBackend.CUDNN_ATTENTION, None),
+            ("selfattn", lambda: scaled_dot_product_attention(q, k, v, is_causal=True), None, None),
+            ("selfattn_window", lambda: sliding_window_attention(q, k, v, w), None, w),
+        ]
+        dense_ms = None
+        for name, fn, backend, window in impls:
+            row = _attention_row(name, fn, backend, window, (q, k, v), grad, (b, h, t, d), device, repeats)
+            if name == "selfattn" and "ms" in row:
+                dense_ms = row["ms"]
+            if window is not None and dense_ms and "ms" in row:
+                row["speedup_vs_causal"] = round(dense_ms / row["ms"], 3)
+            rows.add(row)
+        flex_jobs.append((t, b, dense_ms))
+        del q, k, v, grad
+    # FlexAttention last: every shape compiles (seconds each); stop when the budget runs short
+    for t, b, dense_ms in flex_jobs:
+        for name, window in (("flex_causal", None), ("flex_window", w)):
+            if rows.left_s() < args.flex_reserve_s:
+                rows.add({"T": t, "impl": name, "skipped": f"budget: {rows.left_s():.0f} s left"})
+                continue
+            q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            fn = lambda q=q, k=k, v=v, window=window: flex_masked_attention(  # noqa: E731
+                q, k, v, causal=True, window=window, compile=device == "cuda")
+            row = _attention_row(name, fn, None, window, (q, k, v), torch.randn_like(q), (b, h, t, d), device, repeats)
+            if window is not None and dense_ms and "ms" in row:
+                row["speedup_vs_causal"] = round(dense_ms / row["ms"], 3)
+            rows.add(row)
+            del q, k, v
+    return {"rows": rows.rows}
 
-                if backend is not None:
-                    with sdpa_kernel(backend):
-                        sec = _timed_cuda(step)
-                else:
-                    sec = _timed_cuda(step)
-                row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, peak_fraction=flops / sec / 1e12 / PEAK_BF16_TFLOPS)
-            except Exception as exc:  # a backend torch does not offer for this shape: record it
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
+
+def _attention_row(name, fn, backend, window, leaves, grad, shape, device, repeats) -> dict:
+    import contextlib
+
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    b, h, t, d = shape
+    row: dict[str, Any] = {"T": t, "B": b, "H": h, "D": d, "impl": name, **({"window": window} if window else {})}
+    flops = causal_flops(b, h, t, d) if window is None else window_flops(b, h, t, d, window)
+
+    def step() -> None:
+        fn().backward(grad)
+        for leaf in leaves:
+            leaf.grad = None
+
+    try:
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step()  # first call: compiles where it compiles
+            row["first_call_s"] = round(time.perf_counter() - t0, 2)
+            sec = _timed(step, device, warmup=2, repeats=repeats)
+        row.update(ms=round(sec * 1e3, 4), tflops=round(flops / sec / 1e12, 2),
+                   peak_fraction=round(flops / sec / 1e12 / PEAK_BF16_TFLOPS, 4))
+        if device == "cuda":
+            row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except Exception as exc:  # a backend torch does not offer for this shape or device: record it
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
 
 
-def bench_pretrain(steps: int, batch: int) -> dict:
+def bench_pretrain(args: argparse.Namespace, rows: Rows) -> dict:
     import torch
 
     from selfattn.config import ModelConfig
     from selfattn.models import build_decoder_lm
     from selfattn.utils import autocast_context
 
-    cfg = ModelConfig(vocab_size=50304, context_length=1024, n_layers=12, d_model=768, n_heads=12,
-                      position="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
+    device = torch.device(args.device)
+    if args.rehearse:  # the same code path at a toy size
+        shape = dict(vocab_size=512, context_length=128, n_layers=2, d_model=64, n_heads=4)
+    else:
+        shape = dict(vocab_size=50304, context_length=1024, n_layers=12, d_model=768, n_heads=12)
+    cfg = ModelConfig(**shape, position="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
     torch.manual_seed(0)
-    model = build_decoder_lm(cfg).cuda()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_decoder_lm(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    compiled = torch.compile(model)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), device="cuda")
+    x = torch.randint(0, cfg.vocab_size, (args.pretrain_batch, cfg.context_length), device=device)
     y = torch.roll(x, -1, dims=1)
-
-    def step() -> float:
-        with autocast_context(torch.device("cuda"), torch.bfloat16):
-            loss = compiled(x, targets=y).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    t0 = time.perf_counter()
-    step()  # compile
-    compile_s = time.perf_counter() - t0
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    torch.cuda.synchronize()
-    sec = (time.perf_counter() - t0) / steps
-    tokens_per_s = batch * cfg.context_length / sec
     flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.context_length * cfg.d_model  # PaLM-style
-    mfu = flops_per_token * tokens_per_s / (PEAK_BF16_TFLOPS * 1e12)
-    return dict(params=n_params, batch=batch, context=cfg.context_length, steps=steps, compile_s=compile_s,
-                step_ms=sec * 1e3, tokens_per_s=tokens_per_s, mfu=mfu, loss=loss)
+    tokens = args.pretrain_batch * cfg.context_length
+    result: dict[str, Any] = {"params": n_params, "batch": args.pretrain_batch, "context": cfg.context_length}
+
+    def make_step(m):
+        def step() -> float:
+            with autocast_context(device, torch.bfloat16):
+                loss = m(x, targets=y).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+        return step
+
+    modes = [("eager", model)] + ([("compiled", torch.compile(model))] if args.compile else [])
+    for mode, m in modes:
+        step = make_step(m)
+        t0 = time.perf_counter()
+        step()  # warm-up (compiles the compiled one)
+        first_s = time.perf_counter() - t0
+        sec = _timed(step, device.type, warmup=2, repeats=args.pretrain_steps)
+        tokens_per_s = tokens / sec
+        row = dict(mode=mode, first_step_s=round(first_s, 2), step_ms=round(sec * 1e3, 2), tokens_per_s=round(tokens_per_s),
+                   mfu=round(flops_per_token * tokens_per_s / (PEAK_BF16_TFLOPS * 1e12), 4), loss=round(step(), 4))
+        if device.type == "cuda":
+            row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        rows.add(row)
+        result[mode] = row
+    return result
 
 
-def run_tests() -> dict:
+def run_tests(args: argparse.Namespace, rows: Rows) -> dict:
+    # on the GPU the CUDA cases only (CI ran the CPU ones); the rehearsal runs the CPU cases of the same files
+    marker = "cuda or not (integration or slow)" if args.rehearse else "cuda"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, *CUDA_TEST_FILES]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
-    return dict(returncode=proc.returncode, seconds=time.perf_counter() - t0, tail=proc.stdout[-1500:])
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10, rows.left_s() - 5))
+    summary = (proc.stdout.strip().splitlines() or [""])[-1]
+    out = dict(returncode=proc.returncode, seconds=round(time.perf_counter() - t0, 1), summary=summary,
+               command=" ".join(cmd[1:]), tail=(proc.stdout + proc.stderr)[-3000:])
+    if proc.returncode != 0:
+        out["error"] = f"pytest exit {proc.returncode}: {summary}"
+    return out
 
 
-def run_finetune(scale: float) -> dict:
+def run_finetune(args: argparse.Namespace, rows: Rows) -> dict:
+    budget_min = max(0.2, (rows.left_s() - 30) / 60)  # leave room for dev evaluation and start-up
+    cmd = [sys.executable, "benchmarks/finetune_sst2.py", "--device", args.device, "--stages", "pretrain,finetune",
+           "--scale", str(args.finetune_scale), "--budget-minutes", f"{budget_min:.2f}"]
     t0 = time.perf_counter()
-    cmd = [sys.executable, "benchmarks/finetune_sst2.py", "--device", "cuda", "--stages", "finetune",
-           "--scale", str(scale), "--budget-minutes", "1.5"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10, rows.left_s() - 3))
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     try:
         result = json.loads(last)
     except json.JSONDecodeError:
         result = {"tail": proc.stdout[-1500:] + proc.stderr[-1500:]}
-    return dict(returncode=proc.returncode, seconds=time.perf_counter() - t0, command=" ".join(cmd), result=result)
+    out = dict(returncode=proc.returncode, seconds=round(time.perf_counter() - t0, 1), command=" ".join(cmd[1:]), result=result)
+    if proc.returncode != 0:
+        out["error"] = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"[:500]
+    return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dry-run", action="store_true", help="check imports and arguments on CPU, print the plan")
-    ap.add_argument("--output", default="gpu_bench.json")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--pretrain-steps", type=int, default=20)
-    ap.add_argument("--pretrain-batch", type=int, default=16)
-    ap.add_argument("--finetune-scale", type=float, default=0.05)
-    ap.add_argument("--sections", default="tests,attention,pretrain,finetune")
-    args = ap.parse_args()
-    sections = [s for s in args.sections.split(",") if s]
-    unknown = set(sections) - {"tests", "attention", "pretrain", "finetune"}
-    if unknown:
-        print(f"unknown sections {sorted(unknown)}; choose from tests,attention,pretrain,finetune", file=sys.stderr)
-        return 2
+RUNNERS = {"tests": run_tests, "attention": bench_attention, "pretrain": bench_pretrain, "finetune": run_finetune}
 
-    import torch
-    import torch.nn.attention.flex_attention  # noqa: F401  (the flex path must import)
 
-    import selfattn.functional  # noqa: F401
-    import selfattn.models  # noqa: F401
-    from selfattn.utils import autocast_context  # noqa: F401
+# --------------------------------------------------------------------------- driver
 
-    for script in ("benchmarks/finetune_sst2.py",):
-        if not (ROOT / script).is_file():
-            print(f"missing {script}", file=sys.stderr)
-            return 2
-    cuda = torch.cuda.is_available()
-    plan = {
-        "tests": "pytest -m cuda tests/",
-        "attention": f"causal fwd+bwd bf16 T={args.lengths}: sdpa flash/efficient/cudnn, selfattn, flex (compiled)",
-        "pretrain": f"GPT-2-124M shape, bf16 autocast + torch.compile, batch {args.pretrain_batch} x 1024, "
-                    f"{args.pretrain_steps} timed steps",
-        "finetune": f"benchmarks/finetune_sst2.py --device cuda --stages finetune --scale {args.finetune_scale}",
-    }
-    print(f"torch {torch.__version__}; CUDA available: {cuda}"
-          + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+
+def missing_modules(section: str) -> list[str]:
+    return [m for m in NEEDS[section] if importlib.util.find_spec(m) is None]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("SELFATTN_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def preflight(sections: list[str]) -> dict[str, str]:
+    """Why a section cannot run here (missing packages or data); empty when all can."""
+    problems = {}
     for name in sections:
-        print(f"would run [{name}]: {plan[name]}")
-    if args.dry_run:
-        print(f"dry run: imports and arguments OK; would write {args.output}")
-        return 0
-    if not cuda:
-        print("no CUDA device: run with --dry-run on CPU", file=sys.stderr)
-        return 2
+        missing = missing_modules(name)
+        if missing:
+            problems[name] = f"missing Python packages {missing}: {PREPARE_HINT}"
+        elif name == "finetune" and not (data_dir() / "sst2" / "train.tsv").is_file():
+            problems[name] = f"SST-2 not found under {data_dir()} (set SELFATTN_DATA_DIR): {PREPARE_HINT}"
+    return problems
 
-    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "peak_bf16_tflops": PEAK_BF16_TFLOPS}
-    runners = {
-        "tests": run_tests,
-        "attention": lambda: bench_attention(args.lengths),
-        "pretrain": lambda: bench_pretrain(args.pretrain_steps, args.pretrain_batch),
-        "finetune": lambda: run_finetune(args.finetune_scale),
-    }
+
+def run_section(name: str, args: argparse.Namespace, part: Path) -> int:
+    """The child: one section in this process, its JSON to ``part``."""
+    rows = Rows(part, args.section_budget)
+    result = RUNNERS[name](args, rows)
+    part.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    out = ["--device", args.device, "--lengths", *map(str, args.lengths), "--tokens", str(args.tokens),
+           "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--window", str(args.window),
+           "--flex-reserve-s", str(args.flex_reserve_s), "--pretrain-steps", str(args.pretrain_steps),
+           "--pretrain-batch", str(args.pretrain_batch), "--finetune-scale", str(args.finetune_scale)]
+    return out + (["--rehearse"] if args.rehearse else []) + ([] if args.compile else ["--no-compile"])
+
+
+def drive(args: argparse.Namespace, sections: list[str], header: dict[str, Any]) -> dict:
+    """Run each section as a child process under its budget; rewrite the JSON after each."""
+    output = Path(args.output)
+    result: dict[str, Any] = dict(header)
+    problems = preflight(sections)
     for name in sections:
         t0 = time.perf_counter()
-        try:
-            result[name] = runners[name]()
-        except Exception as exc:  # keep going: one JSON with what worked and why the rest did not
-            result[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
-        Path(args.output).write_text(json.dumps(result, indent=1))  # after each section, in case of a timeout
+        if name in problems:
+            result[name] = {"skipped": problems[name]}
+        else:
+            budget = args.budgets[name]
+            part = output.with_name(f".{output.name}.{name}.part")
+            part.unlink(missing_ok=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--section-budget", str(budget),
+                   "--output", str(part), *child_args(args)]
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, timeout=budget + 15, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+                section = json.loads(part.read_text()) if part.is_file() else {}
+                if proc.returncode != 0:
+                    section["error"] = f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1][:500]
+                    section["stderr_tail"] = proc.stderr[-1500:]
+            except subprocess.TimeoutExpired:
+                section = json.loads(part.read_text()) if part.is_file() else {}
+                section["error"] = f"timed out after {budget + 15} s (rows so far kept)"
+            result[name] = section
+            part.unlink(missing_ok=True)
+        result[name]["section_s"] = round(time.perf_counter() - t0, 1)
+        print(f"[{name}] {result[name]['section_s']:.0f} s" + (f" ({result[name]['skipped']})" if "skipped" in result[name] else ""), flush=True)
+        output.write_text(json.dumps(result, indent=1))  # after each section, in case of a timeout
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="preflight and the plan; runs nothing, writes nothing")
+    ap.add_argument("--rehearse", action="store_true", help="every section on the CPU at toy sizes (checks the plumbing)")
+    ap.add_argument("--output", default="gpu_bench.json")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="attention T values (default 1k..16k)")
+    ap.add_argument("--tokens", type=int, default=None, help="B*T per attention call (default 16384)")
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--head-dim", type=int, default=None)
+    ap.add_argument("--window", type=int, default=None, help="sliding window for the window rows (default 256)")
+    ap.add_argument("--flex-reserve-s", type=float, default=25.0, help="start a FlexAttention shape only with this much budget left")
+    ap.add_argument("--pretrain-steps", type=int, default=None)
+    ap.add_argument("--pretrain-batch", type=int, default=None)
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="pretrain: eager only")
+    ap.add_argument("--finetune-scale", type=float, default=None)
+    ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--section", choices=SECTIONS, default=None, help=argparse.SUPPRESS)  # the child
+    ap.add_argument("--section-budget", type=float, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    # GPU sizes, or toy sizes for the CPU rehearsal
+    gpu = dict(lengths=[1024, 2048, 4096, 8192, 16384], tokens=16384, heads=16, head_dim=128, window=256,
+               pretrain_steps=20, pretrain_batch=16, finetune_scale=0.05, device="cuda")
+    toy = dict(lengths=[128, 256], tokens=512, heads=2, head_dim=32, window=32,
+               pretrain_steps=3, pretrain_batch=4, finetune_scale=0.004, device="cpu")
+    for key, value in (toy if args.rehearse else gpu).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.rehearse:
+        args.compile = False  # inductor on a 2-core CPU takes minutes; the GPU run compiles
+    args.budgets = {name: (sec if not args.rehearse else 120) for name, sec in BUDGET.items()}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        print(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    if args.section:
+        return run_section(args.section, args, Path(args.output))
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    plan = {
+        "tests": f"pytest -m cuda {' '.join(CUDA_TEST_FILES)}",
+        "attention": f"causal fwd+bwd bf16, B*T={args.tokens}, H={args.heads}, D={args.head_dim}, T={args.lengths}: "
+                     f"sdpa flash/efficient/cudnn, selfattn, selfattn window w={args.window}, flex causal/window",
+        "pretrain": f"{'toy' if args.rehearse else 'GPT-2-124M'} shape, bf16 autocast, eager"
+                    f"{' + torch.compile' if args.compile else ''}, batch {args.pretrain_batch}, {args.pretrain_steps} timed steps",
+        "finetune": f"benchmarks/finetune_sst2.py --device {args.device} --stages pretrain,finetune --scale {args.finetune_scale}",
+    }
+    print(f"torch {torch.__version__}; CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+    problems = preflight(sections)
+    for name in sections:
+        print(f"would run [{name}] (budget {args.budgets[name]} s): {plan[name]}")
+        if name in problems:
+            print(f"  cannot run here: {problems[name]}")
+    if args.dry_run:
+        print(f"dry run: arguments OK; {len(sections) - len(problems)} of {len(sections)} sections can run here; "
+              f"would write {args.output}")
+        return 0
+    if not cuda and not args.rehearse:
+        print("no CUDA device: run with --dry-run or --rehearse on CPU", file=sys.stderr)
+        return 2
+    header = {"device": torch.cuda.get_device_name() if cuda and not args.rehearse else "cpu (rehearsal)",
+              "torch": torch.__version__, "python": sys.version.split()[0], "peak_bf16_tflops": PEAK_BF16_TFLOPS,
+              "rehearsal": args.rehearse}
+    result = drive(args, sections, header)
     print(json.dumps(result))
     return 0
 
