@@ -330,6 +330,10 @@ def paired_bootstrap(correct_a: Sequence[int], correct_b: Sequence[int], *, n_re
 def evaluate_ensemble(model_dirs: Sequence[str | Path], data: "ClassificationDataConfig | str | Path", out_dir: str | Path, *, batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
     """Evaluate classifiers together: the mean of their class probabilities is the prediction.
 
+    Each member's probabilities are its served ones: scaled by the temperature stored in its
+    checkpoint (1 when none), as ``selfattn predict`` and the pyfunc serve it; when any member has
+    one, the mean of the raw probabilities gives ``ece_uncalibrated``.
+
     Each member reads ``data`` with its own tokenizer (members may differ in tokenizer, size and
     architecture), and all must score the same rows with the same labels. ``data`` is as for
     :func:`evaluate_checkpoint` (a file: every row, columns and labels as the first member was
@@ -345,8 +349,9 @@ def evaluate_ensemble(model_dirs: Sequence[str | Path], data: "ClassificationDat
         raise UserError("evaluate_ensemble needs at least one model directory, got none")
     dev = resolve_device(device)
     out = Path(out_dir)
-    total: np.ndarray | None = None
-    y_ref, members = None, []
+    total: np.ndarray | None = None  # the sum of the members' served (temperature-scaled) probabilities
+    total_raw: np.ndarray | None = None  # ... and of their raw ones
+    y_ref, members, any_scaled = None, [], False
     for model_dir in model_dirs:
         pre = load_pretrained(model_dir, map_location=dev)
         if pre.task != "classifier" or pre.tokenizer is None:
@@ -356,11 +361,15 @@ def evaluate_ensemble(model_dirs: Sequence[str | Path], data: "ClassificationDat
         val, probs, y, loss = _classifier_probs(pre, data, batch_size=batch_size, device=dev)
         if y_ref is not None and (len(y) != len(y_ref) or (y != y_ref).any()):
             raise UserError(f"ensemble member {model_dir} scored {len(y)} rows that differ from the first member's {len(y_ref)}")
-        y_ref, total = y, probs if total is None else total + probs
-        members.append({"model_dir": str(model_dir), "accuracy": float((probs.argmax(axis=1) == y).mean()), "loss": loss})
+        served, served_loss, raw = _calibrated(pre, probs, y, loss)  # each member as it is served
+        any_scaled |= raw is not None
+        y_ref, total = y, served if total is None else total + served
+        total_raw = probs if total_raw is None else total_raw + probs
+        members.append({"model_dir": str(model_dir), "accuracy": float((served.argmax(axis=1) == y).mean()), "loss": served_loss})
     mean = total / len(model_dirs)
     nll = float(-np.log(np.clip(mean[np.arange(len(y_ref)), y_ref], 1e-12, None)).mean())
-    metrics = _classifier_report(mean, y_ref, nll, data.labels, out / "plots", texts=val.texts)
+    raw_mean = total_raw / len(model_dirs) if any_scaled else None
+    metrics = _classifier_report(mean, y_ref, nll, data.labels, out / "plots", texts=val.texts, raw_probs=raw_mean)
     metrics.update(n_members=len(model_dirs), members=members, mean_member_accuracy=float(np.mean([m["accuracy"] for m in members])))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

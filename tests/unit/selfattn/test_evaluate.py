@@ -70,9 +70,11 @@ def test_perplexity():
     assert perplexity(1e4) == float("inf")
 
 
-def test_evaluate_ensemble_is_the_mean_of_member_probabilities(tmp_path, monkeypatch):
+@pytest.mark.parametrize("temperature", [None, 2.5])
+def test_evaluate_ensemble_is_the_mean_of_member_probabilities(tmp_path, monkeypatch, temperature):
     import torch
 
+    from selfattn.calibration import save_temperature
     from selfattn.checkpoint import save_pretrained
     from selfattn.config import ModelConfig
     from selfattn.evaluate import evaluate_ensemble
@@ -93,8 +95,17 @@ def test_evaluate_ensemble_is_the_mean_of_member_probabilities(tmp_path, monkeyp
         with torch.no_grad():
             probs.append(torch.cat([clf(torch.tensor([tok.encode(t)])).logits.softmax(-1) for t in texts]).double())
         dirs.append(save_pretrained(clf, tmp_path / f"m{seed}", tokenizer=tok, extra={"data": {"labels": [0, 1]}}))
+    raw_mean = torch.stack(probs).mean(0)
+    if temperature is not None:  # member 0 is served temperature-scaled: the ensemble averages that
+        save_temperature(dirs[0], temperature)
+        probs[0] = (probs[0].log() / temperature).softmax(-1)
     got = evaluate_ensemble(dirs, data, tmp_path / "out", device="cpu")
     mean = torch.stack(probs).mean(0)
+    if temperature is not None:
+        assert not torch.allclose(mean, raw_mean, atol=1e-3)  # the temperature moved the mean
+        assert "ece_uncalibrated" in got
+    else:
+        assert "ece_uncalibrated" not in got
     y = torch.tensor(labels)
     assert got["n_members"] == 3 and got["n"] == len(texts)
     assert got["accuracy"] == pytest.approx((mean.argmax(-1) == y).double().mean().item())
