@@ -749,8 +749,19 @@ def flex_masked_attention(
     compile = q.is_cuda if compile is None else compile
     mask_mod = _flex_mask_mod(lk - lq, window, causal, key_mask)
     block_mask = create_block_mask(mask_mod, b if key_mask is not None else None, None, lq, lk, device=q.device)
-    fn = _compiled_flex() if compile else flex_attention
+    # inside a compiled model the outer compile traces flex_attention itself
+    fn = _compiled_flex() if compile and not torch.compiler.is_compiling() else flex_attention
     return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != h)
+
+
+@functools.lru_cache(maxsize=1)
+def flex_attention_available() -> bool:
+    """True when this torch has ``torch.nn.attention.flex_attention`` (torch >= 2.5)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)

@@ -216,6 +216,49 @@ def test_sliding_window_blockwise_path_equals_banded_mask_path():
     torch.testing.assert_close(torch.cat(steps, dim=1), m(x))
 
 
+def test_window_kernel_choice():
+    from selfattn.attention import choose_window_kernel
+
+    train_shape = dict(cuda=True, training=True, cached=False, padded=False, dropout_p=0.0, flex_available=True, head_dim=64)
+    assert choose_window_kernel("auto", **train_shape) == "flex"  # CUDA training: FlexAttention
+    for flip in (dict(cuda=False), dict(training=False), dict(cached=True), dict(padded=True), dict(dropout_p=0.1),
+                 dict(flex_available=False), dict(head_dim=48), dict(head_dim=8)):
+        assert choose_window_kernel("auto", **{**train_shape, **flip}) == "blocks", flip
+    assert choose_window_kernel("blocks", **train_shape) == "blocks"
+    assert choose_window_kernel("flex", **{**train_shape, "cuda": False, "cached": True}) == "flex"
+    with pytest.raises(ValueError, match="no attention dropout, got dropout_p=0.1"):
+        choose_window_kernel("flex", **{**train_shape, "dropout_p": 0.1})
+    with pytest.raises(ValueError, match="flex_attention"):
+        choose_window_kernel("flex", **{**train_shape, "flex_available": False})
+    with pytest.raises(ValueError, match="window_kernel \\('fast'\\) must be one of"):
+        choose_window_kernel("fast", **train_shape)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_window_kernel_equals_the_blocks_in_the_layer():
+    """The layer's FlexAttention path (forward only on CPU: no FlexAttention backward there) gives
+    the blocks' result with padding and with a KV cache; CUDA runs it compiled with gradients
+    (tests/unit/selfattn/test_devices.py)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    m = _mha(attention="sliding_window", window=3, n_kv_heads=2)
+    x = _x(t=11)
+    real = torch.tensor([[True] * 11, [False] * 2 + [True] * 9])
+    with torch.no_grad():
+        blocks = m(x, attention_mask=real), m(x)
+        cache = _cache(m)
+        blocks_cached = torch.cat([m(x[:, :9], kv_cache=cache)] + [m(x[:, t : t + 1], kv_cache=cache) for t in (9, 10)], dim=1)
+        m.window_kernel = "flex"
+        flex = m(x, attention_mask=real), m(x)
+        cache = _cache(m)
+        flex_cached = torch.cat([m(x[:, :9], kv_cache=cache)] + [m(x[:, t : t + 1], kv_cache=cache) for t in (9, 10)], dim=1)
+    for a, b in zip(flex + (flex_cached,), blocks + (blocks_cached,)):
+        torch.testing.assert_close(a, b)
+    m.train()
+    m.dropout = 0.1
+    with pytest.raises(ValueError, match="no attention dropout"):
+        m(x)
+
+
 # --------------------------------------------------------------------------- low rank (Linformer)
 
 

@@ -149,9 +149,33 @@ def test_kv_cache_decoding_matches_the_full_forward(device, attention):
     assert out.shape == (2, 17) and out.device.type == device
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_windowed_lm_training_step_matches_float64(device, monkeypatch):
+    """Training mode, no dropout: the window layers run FlexAttention (compiled) on CUDA, the
+    blocks on the CPU (``window_kernel="auto"``); loss and gradients against the float64 CPU model."""
+    import selfattn.attention as attention
+
+    calls = []
+    real_flex = attention.flex_masked_attention
+    monkeypatch.setattr(attention, "flex_masked_attention", lambda *a, **kw: calls.append(1) or real_flex(*a, **kw))
+    lm = _lm(device, attention="sliding_window", window=8).train()
+    ref_lm = _lm("cpu", attention="sliding_window", window=8).double().train()
+    ids = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(7))
+    loss = lm(ids.to(device), targets=ids.to(device)).loss
+    grads = torch.autograd.grad(loss, list(lm.parameters()))
+    ref_loss = ref_lm(ids, targets=ids).loss
+    ref_grads = torch.autograd.grad(ref_loss, list(ref_lm.parameters()))
+    assert len(calls) == (2 if device == "cuda" else 0)  # one per layer on CUDA
+    assert rel_err(loss, ref_loss) < REL_TOL[torch.float32]
+    for (name, _), a, b in zip(lm.named_parameters(), grads, ref_grads):
+        assert rel_err(a, b) < 5 * REL_TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("device", CUDA_ONLY)
-def test_compiled_model_matches_eager_forward_and_backward(device):
-    lm = _lm(device).train()
+@pytest.mark.parametrize("attention", ["full", "sliding_window"])
+def test_compiled_model_matches_eager_forward_and_backward(device, attention):
+    extra = {"attention": attention, "window": 8} if attention == "sliding_window" else {}
+    lm = _lm(device, **extra).train()  # the window: FlexAttention traced inside the compiled model
     compiled = torch.compile(lm)
     ids = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(6)).to(device)
     eager = lm(ids, targets=ids).loss
