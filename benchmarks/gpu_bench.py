@@ -274,6 +274,75 @@ def run_finetune(args: argparse.Namespace, rows: Rows) -> dict:
 RUNNERS = {"tests": run_tests, "attention": bench_attention, "pretrain": bench_pretrain, "finetune": run_finetune}
 
 
+# --------------------------------------------------------------------------- report
+
+
+def report(result: dict[str, Any], plot_path: Path | None = None) -> str:
+    """Markdown tables of a ``gpu_bench.json`` (for BENCHMARKS.md) and, with ``plot_path``, a plot
+    of attention TFLOP/s against T per implementation."""
+    lines = [f"Device: {result.get('device')}, torch {result.get('torch')}, Python {result.get('python')}"
+             + (" (CPU rehearsal: toy sizes, not figures)" if result.get("rehearsal") else "")]
+    tests = result.get("tests", {})
+    if tests:
+        lines += ["", f"CUDA tests: {tests.get('summary') or tests.get('skipped') or tests.get('error')}"]
+    rows = result.get("attention", {}).get("rows", [])
+    if rows:
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        lengths = sorted({r["T"] for r in rows})
+        lines += ["", "Attention fwd+bwd, bf16: TFLOP/s (fraction of peak) [speed-up over SDPA causal]", "",
+                  "| impl | " + " | ".join(f"T={t}" for t in lengths) + " |", "| --- |" + " --- |" * len(lengths)]
+        for impl in impls:
+            cells = []
+            for t in lengths:
+                r = next((r for r in rows if r["impl"] == impl and r["T"] == t), {})
+                if "tflops" in r:
+                    cell = f"{r['tflops']:.1f} ({r['peak_fraction']:.0%})"
+                    cell += f" [{r['speedup_vs_causal']:.2f}x]" if "speedup_vs_causal" in r else ""
+                else:
+                    cell = "skipped" if "skipped" in r else ("error" if "error" in r else "")
+                cells.append(cell)
+            lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+    pre = result.get("pretrain", {})
+    modes = [m for m in ("eager", "compiled") if m in pre]
+    if modes:
+        lines += ["", f"Pretraining, {pre.get('params', 0) / 1e6:.1f} M parameters, batch {pre.get('batch')} x {pre.get('context')}:", "",
+                  "| mode | tokens/s | MFU | step ms | first step s | peak MiB |", "| --- | --- | --- | --- | --- | --- |"]
+        for m in modes:
+            r = pre[m]
+            lines.append(f"| {m} | {r['tokens_per_s']:,} | {r['mfu']:.1%} | {r['step_ms']} | {r['first_step_s']} | {r.get('peak_mib', '')} |")
+    ft = result.get("finetune", {}).get("result", {})
+    if "finetune" in ft:
+        a, b = ft.get("pretrain", {}), ft["finetune"]
+        lines += ["", f"Fine-tune on {ft.get('device')}: pretrain {a.get('steps')} steps at {a.get('tokens_per_s')} tokens/s; "
+                  f"fine-tune {b.get('steps')} steps at {b.get('tokens_per_s')} tokens/s, dev accuracy {b.get('dev_accuracy')}"]
+    for name in SECTIONS:
+        section = result.get(name, {})
+        if "error" in section or "skipped" in section:
+            lines.append(f"\n[{name}] {section.get('error') or section.get('skipped')}")
+    if plot_path is not None and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["T"], r["tflops"]) for r in rows if r["impl"] == impl and "tflops" in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("TFLOP/s (useful work)")
+        ax.set_title(f"attention fwd+bwd, bf16, {result.get('device')}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot_path, dpi=120)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -349,6 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="preflight and the plan; runs nothing, writes nothing")
     ap.add_argument("--rehearse", action="store_true", help="every section on the CPU at toy sizes (checks the plumbing)")
+    ap.add_argument("--report", metavar="JSON", default=None, help="print markdown tables of a finished run's JSON "
+                    "(and write a TFLOP/s plot beside it); runs nothing")
     ap.add_argument("--output", default="gpu_bench.json")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="attention T values (default 1k..16k)")
@@ -388,6 +459,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.section:
         return run_section(args.section, args, Path(args.output))
+    if args.report:
+        path = Path(args.report)
+        if not path.is_file():
+            print(f"--report: no such file {path}", file=sys.stderr)
+            return 2
+        plot = path.with_name(path.stem + "_attention.png")
+        print(report(json.loads(path.read_text()), plot))
+        print(f"\nplot: {plot}" if plot.is_file() else "")
+        return 0
 
     import torch
 

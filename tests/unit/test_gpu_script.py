@@ -74,6 +74,28 @@ def test_flop_counts_agree_with_a_count_of_the_mask():
     assert gpu_bench.causal_flops(b, h, t, d) == pytest.approx(per_pair * causal_pairs, rel=1.5 / t)
 
 
+def test_report_turns_a_run_into_tables_and_a_plot(tmp_path):
+    gpu_bench = _gpu_bench()
+    rows = [
+        {"T": 1024, "impl": "sdpa_flash", "ms": 1.0, "tflops": 400.0, "peak_fraction": 0.4044},
+        {"T": 1024, "impl": "selfattn_window", "ms": 0.5, "tflops": 100.0, "peak_fraction": 0.1011, "speedup_vs_causal": 2.0},
+        {"T": 2048, "impl": "sdpa_flash", "error": "RuntimeError: no kernel"},
+        {"T": 2048, "impl": "flex_window", "skipped": "budget: 10 s left"},
+    ]
+    result = {"device": "NVIDIA H200", "torch": "2.11.0", "python": "3.12.3", "tests": {"summary": "9 passed in 30s"},
+              "attention": {"rows": rows},
+              "pretrain": {"params": 124_000_000, "batch": 16, "context": 1024,
+                           "eager": {"tokens_per_s": 400000, "mfu": 0.31, "step_ms": 41.0, "first_step_s": 1.2, "peak_mib": 20000.0}},
+              "finetune": {"error": "exit 1: boom"}}
+    text = gpu_bench.report(result, tmp_path / "plot.png")
+    assert "| sdpa_flash | 400.0 (40%) | error |" in text
+    assert "| selfattn_window | 100.0 (10%) [2.00x] |  |" in text
+    assert "| flex_window |  | skipped |" in text
+    assert "| eager | 400,000 | 31.0% | 41.0 | 1.2 | 20000.0 |" in text
+    assert "9 passed in 30s" in text and "[finetune] exit 1: boom" in text
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
 @pytest.mark.slow  # ~80 s on 2 cores: the fine-tune section trains a BPE tokenizer on SST-2
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_script_rehearsal_runs_every_section_on_cpu(tmp_path, data_dir):
@@ -94,3 +116,7 @@ def test_gpu_script_rehearsal_runs_every_section_on_cpu(tmp_path, data_dir):
     assert result["pretrain"]["eager"]["tokens_per_s"] > 0
     finetune = result["finetune"]["result"]
     assert finetune["device"] == "cpu" and 0.0 <= finetune["finetune"]["dev_accuracy"] <= 1.0
+    shown = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--report", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "| selfattn_window |" in shown.stdout and "| eager |" in shown.stdout
+    assert (tmp_path / "gpu_attention.png").is_file()
