@@ -55,6 +55,18 @@ def _dense_reference(q, k, v, mask):
     return out, (q, k, v)
 
 
+def _check_against_float64(out, leaves, mask, what):
+    """``out`` and its gradients w.r.t. ``leaves`` (q, k, v) against the float64 CPU reference."""
+    dtype, device = out.dtype, out.device
+    ref, ref_leaves = _dense_reference(*leaves, mask)
+    assert rel_err(out, ref) < REL_TOL[dtype], (what, dtype)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=dtype))
+    want = torch.autograd.grad(ref, ref_leaves, grad)
+    for which, a, b in zip("qkv", got, want):
+        assert rel_err(a, b) < 2 * REL_TOL[dtype], (what, dtype, which)
+
+
 def _masks(b, lq, lk, device):
     """(name, attn_mask for the library, the same as a bool [B, 1, Lq, Lk] for the reference, is_causal)."""
     pad = torch.ones(b, 1, 1, lk, dtype=torch.bool)
@@ -78,14 +90,8 @@ def test_sdpa_forward_and_backward_match_float64(device):
             if mask is not None and mask.is_floating_point():
                 mask = mask.to(dtype)
             out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-            ref, leaves = _dense_reference(q, k, v, ref_mask)
             assert out.device.type == device and out.dtype == dtype
-            assert rel_err(out, ref) < REL_TOL[dtype], (name, dtype)
-            grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-            got = torch.autograd.grad(out, (q, k, v), grad.to(device=device, dtype=dtype))
-            want = torch.autograd.grad(ref, leaves, grad)
-            for which, a, b in zip("qkv", got, want):
-                assert rel_err(a, b) < 2 * REL_TOL[dtype], (name, dtype, which)
+            _check_against_float64(out, (q, k, v), ref_mask, name)
             if name == "bool_padding+causal":  # row 1's first queries see nothing: zeros, no NaN
                 assert torch.count_nonzero(out[1, :, :5].float()) == 0
 
@@ -100,13 +106,7 @@ def test_sliding_window_matches_masked_dense_with_padding_and_a_cached_prefix(de
         band = sliding_window_mask(lq, lk, window)
         for path, block in (("auto", None), ("blocks", 16)):
             out = sliding_window_attention(q, k, v, window, key_mask=key_mask.to(device), block_size=block)
-            ref, leaves = _dense_reference(q, k, v, band & key_mask)
-            assert rel_err(out, ref) < REL_TOL[dtype], (path, dtype)
-            grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-            got = torch.autograd.grad(out, (q, k, v), grad.to(device=device, dtype=dtype))
-            want = torch.autograd.grad(ref, leaves, grad)
-            for which, a, b in zip("qkv", got, want):
-                assert rel_err(a, b) < 2 * REL_TOL[dtype], (path, dtype, which)
+            _check_against_float64(out, (q, k, v), band & key_mask, path)
 
 
 def _lm(device: str, **overrides) -> DecoderLM:
