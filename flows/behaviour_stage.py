@@ -1,12 +1,13 @@
 """The evaluate stage's calibration and behavioural evaluation (called from ``flows.stages``).
 
 :func:`calibrate` fits the temperature on the fine-tune's own held-out rows (never dev) and
-stores it in the model directory before dev is scored, so the dev metrics, the registered pyfunc
-and ``selfattn predict`` all use the calibrated probabilities. :func:`behaviour` runs the
-CheckList-style suite (``selfattn.behaviour``) on templates and perturbed dev sentences, and the
-accuracy slices on dev; it writes ``behaviour/cases.tsv`` and ``behaviour/summary.json`` and
-returns the ``behaviour.*`` / ``slice.*`` / ``calibration.*`` metrics. :func:`log_results` logs
-them to the active MLflow run (a table artifact plus the files).
+stores it in the model directory it is given (the evaluate stage's own copy of the fine-tuned
+model, never the fine-tune stage's directory) before dev is scored, so the dev metrics, the
+registered pyfunc and ``selfattn predict`` all use the calibrated probabilities.
+:func:`behaviour` runs the CheckList-style suite (``selfattn.behaviour``) on templates and
+perturbed dev sentences, and the accuracy slices on dev; it writes ``behaviour/cases.tsv`` and
+``behaviour/summary.json`` and returns the ``behaviour.*`` / ``slice.*`` / ``calibration.*``
+metrics. :func:`log_results` logs them to the active MLflow run (a table artifact plus the files).
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def evaluate_task(cfg: PipelineConfig, data: StageOutput, ft: StageOutput, home:
 
 @task(name="log-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_model_task(model_dir: str, run_id: str) -> str:
-    """Log the fine-tuned model as a pyfunc on ``run_id`` (the parent run); returns its URI."""
+    """Log the evaluated model (``model_dir``) as a pyfunc on ``run_id`` (the parent run); returns its URI."""
     return log_model(model_dir, name="model", run_id=run_id).model_uri
 
 
@@ -263,8 +263,10 @@ def register_flow(cfg: PipelineConfig, ft: StageOutput, ev: StageOutput, ctx: Ru
     with tracking.stage_run("register", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx)) as run:
         existing = registry.find_version(cfg.registry.model_name, run_key)
         if existing is None:
-            # on the parent run: its page lists the logged model and the registered version
-            model_uri = log_model_task(ft.result["best_dir"], ctx.parent_run_id)
+            # on the parent run: its page lists the logged model and the registered version. The
+            # evaluate stage's copy, with the temperature its metrics were computed with (the
+            # fine-tune's own directory is never calibrated)
+            model_uri = log_model_task(ev.result["model_dir"], ctx.parent_run_id)
         else:
             model_uri = existing.source
         tags = {

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 import selfattn
 
+from selfattn.checkpoint import copy_pretrained
 from selfattn.config import override_model
 from selfattn.data import file_digest, load_table
 from selfattn.errors import UserError
@@ -430,21 +431,37 @@ def finetune_stage(
         return stage.finish({**_train_result(result, out_dir), "config": engine_cfg.model_dump(mode="json"), "params": params})
 
 
+# 2: the stage scores and returns its own calibrated copy of the model (``model_dir``). The code
+# digest in every key already re-keys on a change to this file; the number states that results
+# from before (no ``model_dir``; the temperature was written into the fine-tune's directory) are
+# never reused, so no consumer has to handle a result without ``model_dir``.
+EVALUATE_LAYOUT = 2
+MODEL_DIR = "model"
+
+
 def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> StageOutput:
-    """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention), explained examples."""
+    """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention), explained examples.
+
+    The fine-tune's checkpoint is copied to ``<stage dir>/model`` and only that copy is
+    calibrated, scored and returned (``result["model_dir"]``: the model to serve and register).
+    The fine-tune stage's directory is never written: another evaluate stage (e.g. with
+    ``evaluation.calibrate: false``) reads the same checkpoint and gets its own copy.
+    """
     dev = data.result["files"]["dev.tsv"]
-    stage = Stage(home, "evaluate", {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump()})
+    inputs = {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump(), "layout": EVALUATE_LAYOUT}
+    stage = Stage(home, "evaluate", inputs)
     with stage.claim() as (out, out_dir):
         if out is not None:
             return out
-        # the temperature goes into the model dir before dev is scored, so dev metrics use it
-        extra = behaviour_stage.calibrate(cfg, finetuned.result["best_dir"], finetuned.result["config"]["data"], dev)
-        metrics = evaluate_checkpoint(Path(finetuned.result["best_dir"]), dev, out_dir / "eval")
+        model_dir = copy_pretrained(finetuned.result["best_dir"], out_dir / MODEL_DIR)
+        # the temperature goes into the copy before dev is scored, so dev metrics use it
+        extra = behaviour_stage.calibrate(cfg, model_dir, finetuned.result["config"]["data"], dev)
+        metrics = evaluate_checkpoint(model_dir, dev, out_dir / "eval")
         plots = sorted(str(p) for p in (out_dir / "eval" / "plots").rglob("*.png"))
         if not any(p.endswith("learning_curves.png") for p in plots):
             plots += _learning_curves(finetuned, out_dir / "eval" / "plots")
-        metrics.update(extra, **behaviour_stage.behaviour(cfg, finetuned.result["best_dir"], dev, out_dir))
-        page = write_examples_page(finetuned.result["best_dir"], out_dir / "eval" / "predictions.tsv", out_dir / "eval" / "plots" / "examples.html")
+        metrics.update(extra, **behaviour_stage.behaviour(cfg, model_dir, dev, out_dir))
+        page = write_examples_page(model_dir, out_dir / "eval" / "predictions.tsv", out_dir / "eval" / "plots" / "examples.html")
         plots += [str(page)] if page else []  # explained dev examples, logged with the plots
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
@@ -456,6 +473,7 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
                 "dataset_digest": data.result["digests"]["dev.tsv"][:16],
                 "eval_dir": str(out_dir / "eval"),
                 "behaviour_dir": str(out_dir / behaviour_stage.BEHAVIOUR_DIR),
+                "model_dir": str(model_dir),
             }
         )
 

@@ -19,13 +19,14 @@ match the config, with a :class:`~selfattn.errors.UserError` naming the file or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from pydantic import ValidationError
@@ -118,8 +119,7 @@ def save_pretrained(
 
     task = _task_of(model)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
-        raise UserError(f"refusing to overwrite {out}: it exists and is not a checkpoint directory")
+    _check_replaceable(out)
     try:
         extra_json = json.loads(json.dumps(extra or {}))
     except (TypeError, ValueError) as exc:
@@ -137,20 +137,49 @@ def save_pretrained(
     }
     tensors = _tensors_to_save(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with _staged_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "task": task, **config_metadata(cfg)})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
+    return out
+
+
+def copy_pretrained(src: str | Path, dst: str | Path) -> Path:
+    """Copy the checkpoint directory ``src`` to ``dst`` atomically (an existing ``dst`` is replaced).
+
+    ``src`` must have the layout :func:`load_pretrained` accepts; the copy is byte-identical, so a
+    caller can change the copy (e.g. store a temperature in its ``config.json``) and leave ``src``
+    as it was. As for :func:`save_pretrained`, ``dst`` may only be a checkpoint or empty. Returns
+    ``dst``.
+    """
+    src, out = Path(src), Path(dst)
+    _check_layout(src)
+    _check_replaceable(out)
+    with _staged_dir(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
+        raise UserError(f"refusing to overwrite {out}: it exists and is not a checkpoint directory")
+
+
+@contextlib.contextmanager
+def _staged_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling of ``out`` to fill; on success it is fsynced and replaces
+    ``out``, on an error it is removed and ``out`` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         _fsync_dir(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _task_of(model: nn.Module) -> str:

@@ -139,6 +139,23 @@ def test_registry_champion_and_challenger(smoke, client):
     assert v2["selfattn.pipeline_run_id"] == second.pipeline_run_id
 
 
+def test_the_registered_model_is_the_evaluate_stage_calibrated_copy(smoke, client):
+    import mlflow
+
+    from selfattn.calibration import temperature_of
+    from selfattn.checkpoint import load_pretrained
+
+    first = smoke["first"]
+    reported = first.metrics["calibration.temperature"]
+    registered = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}/1"))
+    [config] = [p for p in registered.rglob("config.json") if (p.parent / "model.safetensors").is_file()]
+    assert temperature_of(load_pretrained(config.parent).extra) == pytest.approx(reported)
+    evaluated = Path(first.stages["evaluate"].result["model_dir"])
+    assert evaluated.parent == Path(first.stages["evaluate"].dir)
+    assert temperature_of(load_pretrained(evaluated).extra) == pytest.approx(reported)
+    assert temperature_of(load_pretrained(first.stages["finetune"].result["best_dir"]).extra) == 1.0  # never written
+
+
 def test_second_run_reuses_finished_stages_and_continues_the_study(smoke):
     import optuna
 

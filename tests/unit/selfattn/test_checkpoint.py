@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from selfattn.checkpoint import load_pretrained, save_pretrained
+from selfattn.checkpoint import copy_pretrained, load_pretrained, save_pretrained
 from selfattn.config import ModelConfig
 from selfattn.errors import UserError
 from selfattn.lora import LoRAConfig, apply_lora
@@ -176,3 +176,24 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path, char_tok):
     assert (foreign / "important.csv").exists()
     with pytest.raises(ValueError, match="JSON-serializable"):
         save_pretrained(_lm(char_tok), tmp_path / "x", extra={"bad": object()})
+
+
+def test_copy_is_byte_identical_replaces_a_checkpoint_and_refuses_foreign_directories(tmp_path, char_tok):
+    src = save_pretrained(_lm(char_tok), tmp_path / "src", tokenizer=char_tok, extra={"version": 1})
+    files = {p.relative_to(src): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    dst = save_pretrained(_lm(char_tok, n_layers=1), tmp_path / "out" / "copy", extra={"version": 0})
+
+    assert copy_pretrained(src, dst) == dst  # an older checkpoint at dst is replaced
+    assert {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["copy"]  # no temp directories left
+    (dst / "config.json").write_text("{}")  # changing the copy leaves the source as it was
+    assert {p.relative_to(src): p.read_bytes() for p in src.rglob("*") if p.is_file()} == files
+
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "important.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        copy_pretrained(src, foreign)
+    with pytest.raises(UserError, match="unexpected file"):
+        copy_pretrained(foreign, tmp_path / "y")
+    assert (foreign / "important.csv").exists() and not (tmp_path / "y").exists()
