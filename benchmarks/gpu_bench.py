@@ -139,7 +139,14 @@ def bench_attention(args: argparse.Namespace, rows: Rows) -> dict:
             rows.add(row)
         flex_jobs.append((t, b, dense_ms))
         del q, k, v, grad
-    # FlexAttention last: every shape compiles (seconds each); stop when the budget runs short
+    # FlexAttention last: every shape compiles (seconds each); stop when the budget runs short.
+    # Up to 10 shapes x masks: above dynamo's default limit of 8 recompiles it would silently fall
+    # back to the unfused kernel (every score materialised), so the limit is raised here
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     for t, b, dense_ms in flex_jobs:
         for name, window in (("flex_causal", None), ("flex_window", w)):
             if rows.left_s() < args.flex_reserve_s:
