@@ -41,6 +41,10 @@ from typing import Any, Callable
 
 PEAK_BF16_TFLOPS = 989.0  # H200 SXM, dense bf16 (spec sheet)
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is importable from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.attention import causal_flops  # noqa: E402  (the one FLOP count of causal attention)
 SECTIONS = ("tests", "attention", "pretrain", "finetune")
 # seconds each section may take on the GPU (the whole call stays under gpu.sh's 470 s limit)
 BUDGET = {"tests": 100, "attention": 130, "pretrain": 110, "finetune": 100}
@@ -58,12 +62,6 @@ PREPARE_HINT = ("on a machine with PyPI, run `bash benchmarks/gpu_prepare.sh` an
 
 
 # --------------------------------------------------------------------------- FLOP counts
-
-
-def causal_flops(b: int, h: int, t: int, d: int) -> float:
-    """fwd+bwd FLOPs of causal attention: fwd 2 matmuls x 2*T*T*D, halved by causality; bwd = 2.5 x fwd."""
-    fwd = 2 * 2 * b * h * t * t * d / 2
-    return 3.5 * fwd
 
 
 def window_flops(b: int, h: int, t: int, d: int, window: int) -> float:
@@ -406,14 +404,13 @@ def drive(args: argparse.Namespace, sections: list[str], header: dict[str, Any])
                    "--output", str(part), *child_args(args)]
             try:
                 proc = subprocess.run(cmd, cwd=ROOT, timeout=budget + 15, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
-                section = json.loads(part.read_text()) if part.is_file() else {}
-                if proc.returncode != 0:
-                    section["error"] = f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1][:500]
-                    section["stderr_tail"] = proc.stderr[-1500:]
+                failure = None if proc.returncode == 0 else {
+                    "error": f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1][:500],
+                    "stderr_tail": proc.stderr[-1500:]}
             except subprocess.TimeoutExpired:
-                section = json.loads(part.read_text()) if part.is_file() else {}
-                section["error"] = f"timed out after {budget + 15} s (rows so far kept)"
-            result[name] = section
+                failure = {"error": f"timed out after {budget + 15} s (rows so far kept)"}
+            section = json.loads(part.read_text()) if part.is_file() else {}  # what the child wrote, partial or whole
+            result[name] = {**section, **(failure or {})}
             part.unlink(missing_ok=True)
         result[name]["section_s"] = round(time.perf_counter() - t0, 1)
         print(f"[{name}] {result[name]['section_s']:.0f} s" + (f" ({result[name]['skipped']})" if "skipped" in result[name] else ""), flush=True)

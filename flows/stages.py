@@ -431,11 +431,6 @@ def finetune_stage(
         return stage.finish({**_train_result(result, out_dir), "config": engine_cfg.model_dump(mode="json"), "params": params})
 
 
-# 2: the stage scores and returns its own calibrated copy of the model (``model_dir``). The code
-# digest in every key already re-keys on a change to this file; the number states that results
-# from before (no ``model_dir``; the temperature was written into the fine-tune's directory) are
-# never reused, so no consumer has to handle a result without ``model_dir``.
-EVALUATE_LAYOUT = 2
 MODEL_DIR = "model"
 
 
@@ -445,10 +440,11 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
     The fine-tune's checkpoint is copied to ``<stage dir>/model`` and only that copy is
     calibrated, scored and returned (``result["model_dir"]``: the model to serve and register).
     The fine-tune stage's directory is never written: another evaluate stage (e.g. with
-    ``evaluation.calibrate: false``) reads the same checkpoint and gets its own copy.
+    ``evaluation.calibrate: false``) reads the same checkpoint and gets its own copy. (Results
+    cached by older code, without ``model_dir``, are never reused: the key holds the code digest.)
     """
     dev = data.result["files"]["dev.tsv"]
-    inputs = {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump(), "layout": EVALUATE_LAYOUT}
+    inputs = {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump()}
     stage = Stage(home, "evaluate", inputs)
     with stage.claim() as (out, out_dir):
         if out is not None:

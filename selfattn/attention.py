@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["KVCache", "MultiHeadAttention", "RollingKVCache"]
 
 _ATTENTION_KINDS = ("full", "sliding_window", "low_rank")
+_POSITION_KINDS = ("rope", "learned", "alibi", "none")
 WINDOW_KERNELS = ("auto", "blocks", "flex")
 
 
@@ -74,7 +75,6 @@ def choose_window_kernel(
     if setting == "auto" and cuda and training and not cached and not padded and not dropout_p and flex_available and pow2_head:
         return "flex"
     return "blocks"
-_POSITION_KINDS = ("rope", "learned", "alibi", "none")
 
 
 def _check_positive_ints(owner: str, **values: int) -> None:
@@ -390,7 +390,7 @@ class MultiHeadAttention(nn.Module):
                 head_dim=self.head_dim,
             )
             if kernel == "flex":
-                flex_mask = None if key_mask is None else key_mask[:, 0, 0, :].expand(B, S)  # [B, S]
+                flex_mask = None if key_mask is None else key_mask[:, 0, 0, :]  # [B, S]
                 out = flex_masked_attention(q, k, v, causal=True, window=self.window, key_mask=flex_mask)
             else:
                 out = sliding_window_attention(
