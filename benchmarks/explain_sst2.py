@@ -50,8 +50,9 @@ def train_small(data_dir: Path, out: Path, steps: int) -> Path:
     return Path(finetune(cfg, out).best_dir)
 
 
-def _probs(model, seqs, target, *, fallback, pad_id, batch=256):
-    """p(target[i]) for each id list in ``seqs`` (an empty one becomes ``[fallback]``)."""
+def _probs(model, seqs, target, *, fallback, pad_id, temperature=1.0, batch=256):
+    """p(target[i]) for each id list in ``seqs`` (an empty one becomes ``[fallback]``), with the
+    checkpoint's ``temperature`` as the served model applies it."""
     import torch
 
     out = []
@@ -64,12 +65,12 @@ def _probs(model, seqs, target, *, fallback, pad_id, batch=256):
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, : len(s)] = True
         with torch.no_grad():
-            p = model(ids, mask).logits.float().softmax(-1)
+            p = (model(ids, mask).logits.float() / temperature).softmax(-1)
         out.extend(p[torch.arange(len(chunk)), torch.tensor(target[i : i + len(chunk)])].tolist())
     return out
 
 
-def deletion_scores(model, tok, ids_list, target, p_full, rankings):
+def deletion_scores(model, tok, ids_list, target, p_full, rankings, temperature=1.0):
     """``{"comprehensiveness": {k: mean}, "sufficiency": {k: mean}, "aopc_*": ...}`` for one set of rankings."""
     remove, keep, tgt = [], [], []
     for ids, order, t in zip(ids_list, rankings, target):
@@ -80,8 +81,8 @@ def deletion_scores(model, tok, ids_list, target, p_full, rankings):
             keep.append([x for i, x in enumerate(ids) if i in top])
             tgt.append(t)
     fallback = tok.bos_id
-    p_remove = _probs(model, remove, tgt, fallback=fallback, pad_id=tok.pad_id)
-    p_keep = _probs(model, keep, tgt, fallback=fallback, pad_id=tok.pad_id)
+    p_remove = _probs(model, remove, tgt, fallback=fallback, pad_id=tok.pad_id, temperature=temperature)
+    p_keep = _probs(model, keep, tgt, fallback=fallback, pad_id=tok.pad_id, temperature=temperature)
     nk = len(KS)
     comp = {k: 0.0 for k in KS}
     suff = {k: 0.0 for k in KS}
@@ -99,7 +100,7 @@ def deletion_scores(model, tok, ids_list, target, p_full, rankings):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="a save_pretrained classifier directory; omitted = train a smoke-size one")
-    ap.add_argument("--data-dir", default=os.environ.get("SELFATTN_DATA_DIR", "shared/data"))
+    ap.add_argument("--data-dir", default=os.environ.get("SELFATTN_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
     ap.add_argument("--n", type=int, default=None, help="first N dev sentences (default all 872)")
     ap.add_argument("--steps", type=int, default=32, help="integrated gradients quadrature nodes")
     ap.add_argument("--random-seeds", type=int, default=5)
@@ -111,6 +112,7 @@ def main(argv=None) -> dict:
 
     import torch
 
+    from selfattn.calibration import temperature_of
     from selfattn.checkpoint import load_pretrained
     from selfattn.data import read_labelled
     from selfattn.interpret import explain
@@ -123,28 +125,31 @@ def main(argv=None) -> dict:
     model_dir = Path(args.model) if args.model else train_small(data_dir, Path(tmp.name) / "clf", args.train_steps)
     pre = load_pretrained(model_dir)
     model, tok = pre.model.eval(), pre.tokenizer
+    temperature = temperature_of(pre.extra)  # a calibrated checkpoint: probabilities as served
     texts, labels = read_labelled(str(data_dir / "sst2" / "dev.tsv"), split="validation", text_column="sentence",
                                   label_column="label", labels=[0, 1], max_rows=args.n)  # fmt: skip
     texts = [t.strip() for t in texts]
     report: dict = {"benchmark": "explain_sst2", "model_dir": str(model_dir), "trained_here": not args.model,
-                    "n": len(texts), "ig_steps": args.steps, "threads": torch.get_num_threads(), "methods": {}}  # fmt: skip
+                    "n": len(texts), "ig_steps": args.steps, "threads": torch.get_num_threads(),
+              "temperature": temperature, "methods": {}}  # fmt: skip
 
     # the reference forward: predicted class and its probability on the (cut) full text
     t0 = time.perf_counter()
-    base = explain(model, tok, texts, method="attention_last", batch_size=64)
+    base = explain(model, tok, texts, method="attention_last", batch_size=64, temperature=temperature)
     report["forward_s_per_sentence"] = (time.perf_counter() - t0) / len(texts)
     ids_list = [tok.encode(t)[: model.cfg.context_length] for t in texts]
     target = [a.target for a in base]
-    p_full = _probs(model, ids_list, target, fallback=tok.bos_id, pad_id=tok.pad_id)
+    p_full = _probs(model, ids_list, target, fallback=tok.bos_id, pad_id=tok.pad_id, temperature=temperature)
     report["dev_accuracy"] = sum(int(t == y) for t, y in zip(target, labels)) / len(texts)
     report["mean_tokens"] = sum(map(len, ids_list)) / len(ids_list)
 
     for method in METHODS:
         t0 = time.perf_counter()
-        attrs = explain(model, tok, texts, method=method, steps=args.steps, targets=target, batch_size=16)
+        attrs = explain(model, tok, texts, method=method, steps=args.steps, targets=target, batch_size=16,
+                        temperature=temperature)
         secs = (time.perf_counter() - t0) / len(texts)
         rankings = [sorted(range(len(a.scores)), key=lambda i, s=a.scores: (-s[i], i)) for a in attrs]
-        row = deletion_scores(model, tok, ids_list, target, p_full, rankings)
+        row = deletion_scores(model, tok, ids_list, target, p_full, rankings, temperature)
         row["s_per_sentence"] = secs
         if method == "integrated_gradients":
             rel = [abs(a.delta) / max(abs(sum(a.scores) + a.delta), 1e-6) for a in attrs]
@@ -155,7 +160,7 @@ def main(argv=None) -> dict:
     rows = []
     for seed in range(args.random_seeds):
         rng = random.Random(seed)
-        rows.append(deletion_scores(model, tok, ids_list, target, p_full, [rng.sample(range(len(x)), len(x)) for x in ids_list]))
+        rows.append(deletion_scores(model, tok, ids_list, target, p_full, [rng.sample(range(len(x)), len(x)) for x in ids_list], temperature))
     rand = {key: {k: sum(r[key][k] for r in rows) / len(rows) for k in rows[0][key]} for key in ("comprehensiveness", "sufficiency")}
     rand["aopc_comprehensiveness"] = sum(r["aopc_comprehensiveness"] for r in rows) / len(rows)
     rand["aopc_sufficiency"] = sum(r["aopc_sufficiency"] for r in rows) / len(rows)

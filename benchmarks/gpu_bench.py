@@ -107,7 +107,7 @@ def _timed(fn: Callable[[], Any], device: str, warmup: int = 3, repeats: int = 1
 def bench_attention(args: argparse.Namespace, rows: Rows) -> dict:
     import torch
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     from selfattn.functional import flex_masked_attention, scaled_dot_product_attention, sliding_window_attention
 

@@ -129,210 +129,207 @@ def _print_result(result) -> None:
         print(f"model {result.model_name} v{result.model_version}: {verdict} ({d['reason']})")
 
 
-def register(app: typer.Typer) -> None:
-    """Add this layer's commands to the selfattn CLI."""
+def run(
+    config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show every library log line and warning"),
+) -> None:
+    """Run the pipeline: validate -> pretrain -> search -> fine-tune -> evaluate -> register -> promote."""
+    from flows import console
 
-    @app.command()
-    def run(
-        config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
-        overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="show every library log line and warning"),
-    ) -> None:
-        """Run the pipeline: validate -> pretrain -> search -> fine-tune -> evaluate -> register -> promote."""
-        from flows import console
+    console.install(verbose=verbose)
+    cfg = _load(config, overrides or [])  # refused before any work
+    _start(cfg)
+    from flows.pipeline import pipeline
 
-        console.install(verbose=verbose)
-        cfg = _load(config, overrides or [])  # refused before any work
-        _start(cfg)
-        from flows.pipeline import pipeline
+    with _embedded_settings():
+        result = pipeline(cfg)
+    _print_result(result)
 
-        with _embedded_settings():
-            result = pipeline(cfg)
-        _print_result(result)
+def tune(
+    config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="processes sharing the Optuna study"),
+) -> None:
+    """Run the Optuna search only (the pipeline's data gate + pretraining first, cached), with N worker processes."""
+    cfg = _load(config, overrides or [])
+    _start(cfg)
+    from flows.pipeline import tune_flow
 
-    @app.command()
-    def tune(
-        config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
-        overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
-        workers: int = typer.Option(1, "--workers", "-w", min=1, help="processes sharing the Optuna study"),
-    ) -> None:
-        """Run the Optuna search only (the pipeline's data gate + pretraining first, cached), with N worker processes."""
-        cfg = _load(config, overrides or [])
-        _start(cfg)
-        from flows.pipeline import tune_flow
+    with _embedded_settings():
+        summary = tune_flow(cfg, workers=workers)
+    print(json.dumps(summary, indent=2, default=str))
 
-        with _embedded_settings():
-            summary = tune_flow(cfg, workers=workers)
-        print(json.dumps(summary, indent=2, default=str))
+def promote(
+    name: str = typer.Argument(..., help="registered model name"),
+    version: str = typer.Argument(..., help="version to make champion"),
+) -> None:
+    """Make VERSION the champion of model NAME (the old champion is remembered for rollback)."""
+    from flows import registry, tracking
 
-    @app.command()
-    def promote(
-        name: str = typer.Argument(..., help="registered model name"),
-        version: str = typer.Argument(..., help="version to make champion"),
-    ) -> None:
-        """Make VERSION the champion of model NAME (the old champion is remembered for rollback)."""
-        from flows import registry, tracking
+    home = setup_home()
+    tracking.configure(home)
+    old = registry.promote(name, version, home=home)
+    print(f"{name}: champion -> v{version}" + (f" (was v{old})" if old else ""))
 
-        home = setup_home()
-        tracking.configure(home)
-        old = registry.promote(name, version, home=home)
-        print(f"{name}: champion -> v{version}" + (f" (was v{old})" if old else ""))
+def rollback(name: str = typer.Argument(..., help="registered model name")) -> None:
+    """Move the champion of NAME back to the previous champion."""
+    from flows import registry, tracking
 
-    @app.command()
-    def rollback(name: str = typer.Argument(..., help="registered model name")) -> None:
-        """Move the champion of NAME back to the previous champion."""
-        from flows import registry, tracking
+    home = setup_home()
+    tracking.configure(home)
+    target = registry.rollback(name, home=home)
+    print(f"{name}: champion -> v{target}")
 
-        home = setup_home()
-        tracking.configure(home)
-        target = registry.rollback(name, home=home)
-        print(f"{name}: champion -> v{target}")
+def predict(
+    texts: List[str] = typer.Argument(..., help="texts to classify"),
+    model: str = typer.Option("models:/selfattn-sst2@champion", "--model", "-m", help="MLflow model URI"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
+) -> None:
+    """Classify TEXT... with a registered model (default: the champion)."""
+    from flows import tracking
 
-    @app.command()
-    def predict(
-        texts: List[str] = typer.Argument(..., help="texts to classify"),
-        model: str = typer.Option("models:/selfattn-sst2@champion", "--model", "-m", help="MLflow model URI"),
-        as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
-    ) -> None:
-        """Classify TEXT... with a registered model (default: the champion)."""
+    home = setup_home()
+    tracking.configure(home)
+    from flows.predict import clean_texts, load_classifier, merge_notes
+
+    texts, notes = clean_texts(texts)  # invalid UTF-8 from argv -> U+FFFD, noted in 'warning'
+    try:
+        frame = merge_notes(load_classifier(model).predict_texts(texts), notes)  # never unpickles
+    except Exception as exc:
+        if type(exc).__name__ in ("MlflowException", "RestException", "OSError", "FileNotFoundError"):
+            raise UserError(f"could not load model {model!r}: {exc}") from None
+        raise
+    for text, row in zip(texts, frame.to_dict(orient="records")):
+        if as_json:
+            print(json.dumps({"text": text, **row}, default=str))
+        else:
+            probs = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("prob_"))
+            warn = f"  [{row['warning']}]" if row.get("warning") else ""
+            print(f"{row['label']}\t{probs}\t{text[:80]}{warn}")
+
+def explain(
+    texts: List[str] = typer.Argument(..., help="texts to explain"),
+    model: str = typer.Option("models:/selfattn-sst2@champion", "--model", "-m", help="MLflow model URI or a model directory"),
+    method: str = typer.Option("integrated_gradients", "--method", help="integrated_gradients, gradient_x_input, attention_rollout, attention_last"),
+    steps: int = typer.Option(32, "--steps", help="integrated gradients quadrature nodes"),
+    tokens: bool = typer.Option(False, "--tokens", help="colour subword tokens, not words"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
+) -> None:
+    """Classify TEXT... and colour each word by how much it drove the prediction."""
+    from flows.explain_cli import load_explainable, render
+    from flows.serving import explain_items
+
+    if "://" in model or model.startswith(("models:/", "runs:/")):
         from flows import tracking
 
-        home = setup_home()
-        tracking.configure(home)
-        from flows.predict import clean_texts, load_classifier, merge_notes
+        tracking.configure(setup_home())
+    clf = load_explainable(model, method)
+    attrs = explain_items(clf, texts, method=method, steps=steps)
+    unit = "token" if tokens else "word"
+    if as_json:
+        for a in attrs:
+            label = clf.labels[a.target] if a.target is not None else None
+            print(json.dumps({"text": a.text, "label": label, "method": method, "attributions": a.pairs(unit), "note": a.note}, default=str))
+    else:
+        render(attrs, clf.labels, unit=unit)
 
-        texts, notes = clean_texts(texts)  # invalid UTF-8 from argv -> U+FFFD, noted in 'warning'
-        try:
-            frame = merge_notes(load_classifier(model).predict_texts(texts), notes)  # never unpickles
-        except Exception as exc:
-            if type(exc).__name__ in ("MlflowException", "RestException", "OSError", "FileNotFoundError"):
-                raise UserError(f"could not load model {model!r}: {exc}") from None
-            raise
-        for text, row in zip(texts, frame.to_dict(orient="records")):
-            if as_json:
-                print(json.dumps({"text": text, **row}, default=str))
-            else:
-                probs = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("prob_"))
-                warn = f"  [{row['warning']}]" if row.get("warning") else ""
-                print(f"{row['label']}\t{probs}\t{text[:80]}{warn}")
+def deploy(
+    cron: str = typer.Option("0 3 * * *", "--cron", help="cron schedule (UTC)"),
+    config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    name: str = typer.Option("nightly", "--name", help="deployment name"),
+    pool: Optional[str] = typer.Option(
+        None, "--pool", help="register on this work pool of a Prefect server and return (a worker runs it); "
+        "default: serve the schedule from this process"),
+) -> None:
+    """Schedule the pipeline on cron: on a work pool (--pool), or served by this process (blocks; Ctrl-C to stop)."""
+    _load(config, overrides or [])  # refuse a bad config now, not at 3 am
+    setup_home()
+    from flows.pipeline import build_deployment
 
-    @app.command()
-    def explain(
-        texts: List[str] = typer.Argument(..., help="texts to explain"),
-        model: str = typer.Option("models:/selfattn-sst2@champion", "--model", "-m", help="MLflow model URI or a model directory"),
-        method: str = typer.Option("integrated_gradients", "--method", help="integrated_gradients, gradient_x_input, attention_rollout, attention_last"),
-        steps: int = typer.Option(32, "--steps", help="integrated gradients quadrature nodes"),
-        tokens: bool = typer.Option(False, "--tokens", help="colour subword tokens, not words"),
-        as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
-    ) -> None:
-        """Classify TEXT... and colour each word by how much it drove the prediction."""
-        from flows.explain_cli import load_explainable, render
-        from flows.serving import explain_items
+    deployment = build_deployment(cron=cron, config=config, overrides=overrides or [], name=name)
+    if pool is None:
+        from prefect import serve
 
-        if "://" in model or model.startswith(("models:/", "runs:/")):
-            from flows import tracking
+        print(f"serving deployment {deployment.flow_name}/{name} on cron {cron!r} (UTC); runs start only while this process runs")
+        serve(deployment)
+        return
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError(
+            "--pool needs a Prefect server (PREFECT_API_URL): the embedded API stops with this process, so "
+            "nothing would run the schedule. Start one with `infra/local.sh up` or `selfattn ui`, or drop --pool."
+        )
+    from prefect import get_client
 
-            tracking.configure(setup_home())
-        clf = load_explainable(model, method)
-        attrs = explain_items(clf, texts, method=method, steps=steps)
-        unit = "token" if tokens else "word"
-        if as_json:
-            for a in attrs:
-                label = clf.labels[a.target] if a.target is not None else None
-                print(json.dumps({"text": a.text, "label": label, "method": method, "attributions": a.pairs(unit), "note": a.note}, default=str))
-        else:
-            render(attrs, clf.labels, unit=unit)
+    from flows.prefect_ops import pool_report
 
-    @app.command()
-    def deploy(
-        cron: str = typer.Option("0 3 * * *", "--cron", help="cron schedule (UTC)"),
-        config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
-        overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
-        name: str = typer.Option("nightly", "--name", help="deployment name"),
-        pool: Optional[str] = typer.Option(
-            None, "--pool", help="register on this work pool of a Prefect server and return (a worker runs it); "
-            "default: serve the schedule from this process"),
-    ) -> None:
-        """Schedule the pipeline on cron: on a work pool (--pool), or served by this process (blocks; Ctrl-C to stop)."""
-        _load(config, overrides or [])  # refuse a bad config now, not at 3 am
-        setup_home()
-        from flows.pipeline import build_deployment
+    with get_client(sync_client=True) as client:
+        report = pool_report(client, pool)
+    if not report.exists:
+        raise UserError(report.message)
+    deployment_id = deployment.apply(work_pool_name=pool)
+    print(f"deployment {deployment.flow_name}/{name} ({deployment_id}) on work pool {pool!r}, cron {cron!r} (UTC)")
+    print(("" if report.online_workers else "warning: ") + report.message)
 
-        deployment = build_deployment(cron=cron, config=config, overrides=overrides or [], name=name)
-        if pool is None:
-            from prefect import serve
+def status(
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="how many flow runs"),
+    state: Optional[List[str]] = typer.Option(None, "--state", help="only these state names (Late, Crashed, Running, ...)"),
+    pool: Optional[str] = typer.Option(None, "--pool", help="also report this work pool's workers"),
+) -> None:
+    """Recent flow runs (Late and Crashed ones included) and, with --pool, whether a worker is online."""
+    setup_home()
+    from prefect import get_client
+    from rich.console import Console
+    from rich.table import Table
 
-            print(f"serving deployment {deployment.flow_name}/{name} on cron {cron!r} (UTC); runs start only while this process runs")
-            serve(deployment)
-            return
-        if not os.environ.get("PREFECT_API_URL"):
-            raise UserError(
-                "--pool needs a Prefect server (PREFECT_API_URL): the embedded API stops with this process, so "
-                "nothing would run the schedule. Start one with `infra/local.sh up` or `selfattn ui`, or drop --pool."
-            )
-        from prefect import get_client
+    from flows.prefect_ops import pool_report, recent_runs, worker_command
 
-        from flows.prefect_ops import pool_report
+    with get_client(sync_client=True) as client:
+        runs = recent_runs(client, limit=limit, states=state)
+        report = pool_report(client, pool) if pool else None
+    table = Table("flow run", "state", "expected start (UTC)", "work pool", title="recent flow runs")
+    for r in runs:
+        table.add_row(r["name"], r["state"], r["expected_start"], r["work_pool"])
+    console = Console(width=120)
+    console.print(table)
+    late = [r for r in runs if r["state"] == "Late"]
+    if late:
+        pools = sorted({r["work_pool"] for r in late if r["work_pool"]})
+        hint = "; ".join(worker_command(p) for p in pools) or "start the process that serves the deployment"
+        console.print(f"{len(late)} Late run(s): scheduled, but no worker picked them up. {hint}", soft_wrap=True)
+    if report is not None:
+        console.print(report.message, soft_wrap=True)
 
-        with get_client(sync_client=True) as client:
-            report = pool_report(client, pool)
-        if not report.exists:
-            raise UserError(report.message)
-        deployment_id = deployment.apply(work_pool_name=pool)
-        print(f"deployment {deployment.flow_name}/{name} ({deployment_id}) on work pool {pool!r}, cron {cron!r} (UTC)")
-        print(("" if report.online_workers else "warning: ") + report.message)
+def ui(
+    port: int = typer.Option(5000, "--port", "-p", help="MLflow UI port"),
+    prefect_port: int = typer.Option(4200, "--prefect-port", help="Prefect UI/API port"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+) -> None:
+    """The MLflow UI and the Prefect UI on the configured stores (Ctrl-C stops both)."""
+    from flows.paths import mlflow_artifact_root, mlflow_tracking_uri
+    from flows.prefect_ops import prefect_server_env, serve_uis
 
-    @app.command()
-    def status(
-        limit: int = typer.Option(20, "--limit", "-n", min=1, help="how many flow runs"),
-        state: Optional[List[str]] = typer.Option(None, "--state", help="only these state names (Late, Crashed, Running, ...)"),
-        pool: Optional[str] = typer.Option(None, "--pool", help="also report this work pool's workers"),
-    ) -> None:
-        """Recent flow runs (Late and Crashed ones included) and, with --pool, whether a worker is online."""
-        setup_home()
-        from prefect import get_client
-        from rich.console import Console
-        from rich.table import Table
+    home = setup_home()
+    uri = mlflow_tracking_uri(home)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        cmd += ["--default-artifact-root", Path(mlflow_artifact_root(home)).as_uri()]
+    # MLflow's GenAI job runner adds ~8 processes that a local UI does not need
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    server_env = None
+    if os.environ.get("PREFECT_API_URL"):  # a team server already has its UI
+        print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')} (configured server)")
+    else:
+        server_env = prefect_server_env(prefect_env(home), host, prefect_port)
+    print(" ".join(cmd))
+    raise typer.Exit(serve_uis(cmd, f"http://{host}:{port}", server_env, host, prefect_port))
 
-        from flows.prefect_ops import pool_report, recent_runs, worker_command
 
-        with get_client(sync_client=True) as client:
-            runs = recent_runs(client, limit=limit, states=state)
-            report = pool_report(client, pool) if pool else None
-        table = Table("flow run", "state", "expected start (UTC)", "work pool", title="recent flow runs")
-        for r in runs:
-            table.add_row(r["name"], r["state"], r["expected_start"], r["work_pool"])
-        console = Console(width=120)
-        console.print(table)
-        late = [r for r in runs if r["state"] == "Late"]
-        if late:
-            pools = sorted({r["work_pool"] for r in late if r["work_pool"]})
-            hint = "; ".join(worker_command(p) for p in pools) or "start the process that serves the deployment"
-            console.print(f"{len(late)} Late run(s): scheduled, but no worker picked them up. {hint}", soft_wrap=True)
-        if report is not None:
-            console.print(report.message, soft_wrap=True)
+COMMANDS = (run, tune, promote, rollback, predict, explain, deploy, status, ui)
 
-    @app.command()
-    def ui(
-        port: int = typer.Option(5000, "--port", "-p", help="MLflow UI port"),
-        prefect_port: int = typer.Option(4200, "--prefect-port", help="Prefect UI/API port"),
-        host: str = typer.Option("127.0.0.1", "--host"),
-    ) -> None:
-        """The MLflow UI and the Prefect UI on the configured stores (Ctrl-C stops both)."""
-        from flows.paths import mlflow_artifact_root, mlflow_tracking_uri
-        from flows.prefect_ops import prefect_server_env, serve_uis
 
-        home = setup_home()
-        uri = mlflow_tracking_uri(home)
-        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            cmd += ["--default-artifact-root", Path(mlflow_artifact_root(home)).as_uri()]
-        # MLflow's GenAI job runner adds ~8 processes that a local UI does not need
-        os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        server_env = None
-        if os.environ.get("PREFECT_API_URL"):  # a team server already has its UI
-            print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')} (configured server)")
-        else:
-            server_env = prefect_server_env(prefect_env(home), host, prefect_port)
-        print(" ".join(cmd))
-        raise typer.Exit(serve_uis(cmd, f"http://{host}:{port}", server_env, host, prefect_port))
+def register(app: typer.Typer) -> None:
+    """Add this layer's commands to the selfattn CLI."""
+    for command in COMMANDS:
+        app.command()(command)

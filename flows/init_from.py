@@ -68,7 +68,7 @@ def init_from_flow(cfg: Any, ctx: Any) -> StageOutput:
     from flows import tracking
 
     params = {"init_from": str(cfg.init_from)}
-    with tracking.stage_run("init_from", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags={tracking.TAG_PIPELINE_RUN_ID: ctx.pipeline_run_id}, params=params) as run:
+    with tracking.stage_run("init_from", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags={tracking.TAG_PIPELINE_RUN_ID: ctx.pipeline_run_id}, params=params):
         out = init_from_stage(cfg, Path(ctx.home))
         mlflow.log_metric("n_params", float(out.result["n_params"]))
         mlflow.set_tag("selfattn.init_from", str(cfg.init_from))

@@ -260,7 +260,7 @@ def register_flow(cfg: PipelineConfig, ft: StageOutput, ev: StageOutput, ctx: Ru
     metric = cfg.promotion.metric
     score = pick_metric(ev.result["metrics"], metric)
     run_key = stages.digest({"finetune": ft.key, "evaluate": ev.key, "model": cfg.registry.model_name})[:24]
-    with tracking.stage_run("register", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx)) as run:
+    with tracking.stage_run("register", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags=_stage_tags(ctx)):
         existing = registry.find_version(cfg.registry.model_name, run_key)
         if existing is None:
             # on the parent run: its page lists the logged model and the registered version. The

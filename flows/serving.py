@@ -244,7 +244,9 @@ def explain_items(clf: SelfattnClassifier, items: Sequence[Any], *, method: str,
     if clf._pre is None:
         raise RuntimeError("SelfattnClassifier has no model loaded (load_context was not called)")
     texts = [_to_text(item)[0].strip() for item in items]
-    return explain(clf._pre.model, clf._pre.tokenizer, texts, method=method, steps=steps, targets=targets)
+    # the served probabilities are temperature-scaled: explain those, not the raw softmax
+    temperature = temperature_of(clf._pre.extra)
+    return explain(clf._pre.model, clf._pre.tokenizer, texts, method=method, steps=steps, targets=targets, temperature=temperature)
 
 
 def add_attributions(clf: SelfattnClassifier, frame, items: Sequence[Any], params: dict[str, Any] | None):

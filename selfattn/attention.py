@@ -39,7 +39,7 @@ from selfattn.functional import (
 from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary, apply_rotary_rolled, signed_sin
 
 if TYPE_CHECKING:
-    from selfattn.config import ModelConfig
+    from selfattn.config import ModelConfig, RopeScaling
 
 __all__ = ["KVCache", "MultiHeadAttention", "RollingKVCache"]
 
@@ -264,6 +264,7 @@ class MultiHeadAttention(nn.Module):
         max_len: int | None = None,
         position: str = "rope",
         rope_base: float = 10000.0,
+        rope_scaling: "RopeScaling | None" = None,
     ) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -312,7 +313,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
 
-        self.rotary = RotaryEmbedding(head_dim, rope_base) if position == "rope" else None
+        self.rotary = RotaryEmbedding(head_dim, rope_base, rope_scaling) if position == "rope" else None
         if position == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)  # [H]
         if attention == "low_rank":
@@ -336,6 +337,7 @@ class MultiHeadAttention(nn.Module):
             max_len=cfg.context_length,
             position=cfg.position,
             rope_base=cfg.rope_base,
+            rope_scaling=cfg.rope_scaling,
         )
 
     def extra_repr(self) -> str:

@@ -64,18 +64,28 @@ _DIGEST_EXEMPT = ("dropout",)
 META_CONFIG, META_DIGEST = "selfattn_config", "selfattn_config_sha256"
 
 
+# fields added after digests were first recorded, with the value that means "as before": left out
+# of the digest while they hold it, so every model saved before they existed keeps its digest
+_DIGEST_ADDED: dict[str, Any] = {"rope_scaling": None}
+
+
+def _digest_fields(cfg: ModelConfig) -> dict[str, Any]:
+    dumped = cfg.model_dump(mode="json")
+    return {
+        k: v for k, v in dumped.items() if k not in _DIGEST_EXEMPT and not (k in _DIGEST_ADDED and v == _DIGEST_ADDED[k])
+    }
+
+
 def config_digest(cfg: ModelConfig) -> str:
     """sha256 of the architecture fields (canonical JSON), recorded in the weights file's metadata."""
     import hashlib
 
-    fields = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _DIGEST_EXEMPT}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_digest_fields(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def config_metadata(cfg: ModelConfig) -> dict[str, str]:
     """safetensors metadata (str -> str) holding the config and its digest."""
-    fields = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _DIGEST_EXEMPT}
-    return {META_CONFIG: json.dumps(fields, sort_keys=True), META_DIGEST: config_digest(cfg)}
+    return {META_CONFIG: json.dumps(_digest_fields(cfg), sort_keys=True), META_DIGEST: config_digest(cfg)}
 
 
 def check_config_digest(cfg: ModelConfig, metadata: dict[str, str] | None, path: Path) -> None:
@@ -88,7 +98,7 @@ def check_config_digest(cfg: ModelConfig, metadata: dict[str, str] | None, path:
     changed: list[str] = []
     try:
         saved = json.loads(metadata.get(META_CONFIG, "{}"))
-        now = cfg.model_dump(mode="json")
+        now = _digest_fields(cfg)
         changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now) - set(_DIGEST_EXEMPT)) if saved.get(k) != now.get(k)]
     except (json.JSONDecodeError, AttributeError):
         pass

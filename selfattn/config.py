@@ -31,6 +31,39 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+class RopeScaling(StrictModel):
+    """Rotary frequencies stretched for a longer context, as Hugging Face's ``rope_type`` does.
+
+    ``kind="linear"``: every inverse frequency divided by ``factor`` (position interpolation).
+    ``kind="llama3"`` (Llama 3.1 / 3.2 / 3.3): wavelengths longer than ``original_context_length /
+    low_freq_factor`` divided by ``factor``, shorter than ``original_context_length /
+    high_freq_factor`` kept, and a smooth interpolation between the two.
+    """
+
+    kind: Literal["linear", "llama3"]
+    factor: float = Field(gt=0)
+    low_freq_factor: float | None = Field(default=None, gt=0)
+    high_freq_factor: float | None = Field(default=None, gt=0)
+    original_context_length: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScaling":
+        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_context_length)
+        if self.kind == "llama3":
+            if None in llama3:
+                raise ValueError(
+                    "rope_scaling kind='llama3' needs low_freq_factor, high_freq_factor and original_context_length, "
+                    f"got {self.low_freq_factor}, {self.high_freq_factor}, {self.original_context_length}"
+                )
+            if not self.high_freq_factor > self.low_freq_factor:  # type: ignore[operator]
+                raise ValueError(
+                    f"rope_scaling high_freq_factor ({self.high_freq_factor}) must be > low_freq_factor ({self.low_freq_factor})"
+                )
+        elif any(v is not None for v in llama3):
+            raise ValueError(f"rope_scaling kind={self.kind!r} takes only factor; low/high_freq_factor and original_context_length are llama3's")
+        return self
+
+
 class ModelConfig(StrictModel):
     """Architecture of a decoder LM or a sequence classifier (same trunk)."""
 
@@ -49,6 +82,7 @@ class ModelConfig(StrictModel):
     low_rank_k: int | None = Field(default=None, gt=0, description="low_rank: projected key/value length")
     position: PositionKind = "rope"
     rope_base: float = Field(default=10000.0, gt=0)
+    rope_scaling: RopeScaling | None = Field(default=None, description="position='rope': frequencies stretched (Llama 3.1 llama3, linear)")
     norm: NormKind = "layernorm"
     norm_eps: float | None = Field(default=None, gt=0, description="None = 1e-5 (layernorm) / 1e-6 (rmsnorm)")
     mlp: MLPKind = "gelu"
@@ -73,6 +107,8 @@ class ModelConfig(StrictModel):
             raise ValueError("attention='low_rank' needs low_rank_k (projected length), e.g. low_rank_k=32")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"position='rope' needs an even head_dim, got {self.head_dim}")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError(f"rope_scaling needs position='rope', got position={self.position!r}")
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id ({self.pad_token_id}) must be < vocab_size ({self.vocab_size})")
         return self

@@ -14,8 +14,9 @@ the configs are plain JSON and the renaming is below. What maps onto the trunk:
 GPT-2              learned positions, LayerNorm (eps ``layer_norm_epsilon``), tanh GELU
                    (``gelu_new``), biases everywhere, fused ``c_attn`` (Conv1D: weights
                    stored ``[in, out]``, transposed here), tied or untied head
-Llama / Mistral    RoPE (``rope_theta``, default rope type only), RMSNorm (``rms_norm_eps``),
-/ Qwen2            SwiGLU, GQA, tied or untied head; Qwen2's q/k/v biases (``qkv_bias``);
+Llama / Mistral    RoPE (``rope_theta``; rope types default, ``linear`` and ``llama3`` as in
+/ Qwen2            Llama 3.1-3.3), RMSNorm (``rms_norm_eps``),
+                   SwiGLU, GQA, tied or untied head; Qwen2's q/k/v biases (``qkv_bias``);
                    Mistral's ``sliding_window`` (every layer: ``attention="sliding_window"``)
 =================  ==========================================================================
 
@@ -36,7 +37,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from selfattn.config import ModelConfig
+from selfattn.config import ModelConfig, RopeScaling
 from selfattn.errors import UserError
 from selfattn.lora import LoRALinear, lora_modules, merged_state_dict
 from selfattn.models import DecoderLM
@@ -169,14 +170,49 @@ def _model_type(hf: dict[str, Any], where: str) -> str:
     raise UserError(f"{where}: architecture {named} is not supported; supported: {_SUPPORTED_TEXT}.{why}")
 
 
-def _rope_theta(hf: dict[str, Any], where: str) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise UserError(f"{where}: rope type {rope_type!r} (RoPE scaling) is not supported; only the default rotary embedding is")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+    """``(rope_theta, scaling)`` from transformers 5's ``rope_parameters`` or the older ``rope_scaling``
+    + ``rope_theta``; a UserError names a rope type the trunk does not compute (yarn, dynamic, ...)."""
+    fields = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = fields.get("rope_type") or fields.get("type") or "default"
+    if rope_type not in _ROPE_TYPES:
+        raise UserError(f"{where}: rope type {rope_type!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
+    if float(fields.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise UserError(f"{where}: partial_rotary_factor {fields.get('partial_rotary_factor', hf.get('partial_rotary_factor'))} is not supported (rotary on every head dimension only)")
+    theta = float(fields.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    try:
+        if rope_type == "linear":
+            return theta, RopeScaling(kind="linear", factor=fields["factor"])
+        return theta, RopeScaling(
+            kind="llama3", factor=fields["factor"], low_freq_factor=fields["low_freq_factor"],
+            high_freq_factor=fields["high_freq_factor"], original_context_length=fields["original_max_position_embeddings"],
+        )  # fmt: skip
+    except KeyError as exc:
+        raise UserError(f"{where}: rope type {rope_type!r} lacks {exc.args[0]!r}") from None
+    except ValidationError as exc:
+        raise UserError(f"{where}: rope type {rope_type!r}: {exc.errors()[0]['msg']}") from None
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """``rope_parameters`` (transformers 5) and the older ``rope_scaling`` + ``rope_theta`` keys."""
+    sc = cfg.rope_scaling
+    extra: dict[str, Any] = {}
+    if sc is not None:
+        extra = {"factor": sc.factor}
+        if sc.kind == "llama3":
+            extra.update(low_freq_factor=sc.low_freq_factor, high_freq_factor=sc.high_freq_factor,
+                         original_max_position_embeddings=sc.original_context_length)  # fmt: skip
+    kind = "default" if sc is None else sc.kind
+    return {
+        "rope_parameters": {"rope_type": kind, "rope_theta": cfg.rope_base, **extra},
+        "rope_theta": cfg.rope_base,
+        "rope_scaling": {"rope_type": kind, **extra} if sc is not None else None,
+    }
 
 
 def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", pad_token_id: int | None = None) -> ModelConfig:
@@ -221,10 +257,11 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", pad_token_
                 window = int(hf["sliding_window"])
             elif "sliding_attention" in kinds:
                 raise UserError(f"{where}: sliding windows on some layers only (layer_types {sorted(kinds)}) are not supported")
+        rope_base, rope_scaling = _rope(hf, where)
         return ModelConfig(
             vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048), n_layers=hf["num_hidden_layers"],
             d_model=d_model, n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            d_ff=hf["intermediate_size"], bias=bias, qkv_bias=qkv_bias, position="rope", rope_base=_rope_theta(hf, where),
+            d_ff=hf["intermediate_size"], bias=bias, qkv_bias=qkv_bias, position="rope", rope_base=rope_base, rope_scaling=rope_scaling,
             norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
             attention="sliding_window" if window else "full", window=window,
             tie_embeddings=hf.get("tie_word_embeddings", False), pad_token_id=pad, dropout=0.0,
@@ -289,7 +326,7 @@ def config_to_hf(cfg: ModelConfig, tokenizer: HFTokenizer | None = None, dtype: 
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.context_length,
         "rms_norm_eps": 1e-6 if cfg.norm_eps is None else cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base}, "rope_theta": cfg.rope_base,
+        **_rope_to_hf(cfg),
         "attention_dropout": cfg.dropout,
     }
     if fam == "llama":

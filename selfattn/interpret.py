@@ -48,6 +48,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from selfattn.calibration import check_temperature
 from selfattn.errors import UserError
 from selfattn.models import DecoderLM, SequenceClassifier, pool
 from selfattn.tokenization import BPETokenizer, CharTokenizer
@@ -244,10 +245,14 @@ def _embeddings_replaced(model: SequenceClassifier, embeds: Tensor) -> Iterator[
         handle.remove()
 
 
-def _class_prob(logits: Tensor, target: Tensor) -> Tensor:
-    """Probability of ``target [N]`` under ``logits [N, C]``, in at least float32."""
-    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
-    return probs.gather(1, target[:, None]).squeeze(1)  # [N]
+def _probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``softmax(logits / temperature)`` over the last dim, in at least float32."""
+    return (logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature).softmax(dim=-1)
+
+
+def _class_prob(logits: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
+    """Probability of ``target [N]`` under ``logits [N, C]`` scaled by ``temperature``, in at least float32."""
+    return _probs(logits, temperature).gather(1, target[:, None]).squeeze(1)  # [N]
 
 
 def gradient_x_input(
@@ -255,11 +260,13 @@ def gradient_x_input(
     input_ids: Tensor,  # [B, T]
     attention_mask: Tensor,  # [B, T] bool
     target: Tensor,  # [B] class to explain
+    temperature: float = 1.0,
 ) -> Tensor:
-    """``[B, T]``: d p(target) / d embedding, dotted with the embedding; zero on padding."""
+    """``[B, T]``: d p(target) / d embedding, dotted with the embedding; zero on padding.
+    ``p = softmax(logits / temperature)``: a calibrated model's probability as it is served."""
     embeds = model.tok_emb(input_ids).detach().requires_grad_(True)  # [B, T, D]
     with _embeddings_replaced(model, embeds):
-        prob = _class_prob(model(input_ids, attention_mask).logits, target)
+        prob = _class_prob(model(input_ids, attention_mask).logits, target, temperature)
     (grad,) = torch.autograd.grad(prob.sum(), embeds)
     return (grad * embeds.detach()).sum(-1) * attention_mask  # [B, T]
 
@@ -273,8 +280,10 @@ def integrated_gradients(
     steps: int = 32,
     baseline_id: int = 0,
     max_rows: int = 512,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """``(scores [B, T], delta [B])``: integrated gradients of p(target) on the token embeddings.
+    """``(scores [B, T], delta [B])``: integrated gradients of p(target) on the token embeddings,
+    ``p = softmax(logits / temperature)`` (a calibrated model's probability as it is served).
 
     Baseline: the embedding of ``baseline_id`` at every real position. ``delta`` = p(x) -
     p(baseline) - sum(scores) (zero for exact integration). Rows are the ``B * steps``
@@ -298,14 +307,14 @@ def integrated_gradients(
         b, s = chunk // steps, chunk % steps
         points = (base[b] + alphas[s, None, None] * diff[b]).requires_grad_(True)  # [n, T, D]
         with _embeddings_replaced(model, points):
-            prob = _class_prob(model(input_ids[b], attention_mask[b]).logits, target[b])  # [n]
+            prob = _class_prob(model(input_ids[b], attention_mask[b]).logits, target[b], temperature)  # [n]
         (grad,) = torch.autograd.grad((prob * weights[s].to(prob.dtype)).sum(), points)
         grad_sum.index_add_(0, b, grad)
     scores = (grad_sum * diff).sum(-1) * attention_mask  # [B, T]
     with torch.no_grad():
-        p_x = _class_prob(model(input_ids, attention_mask).logits, target)
+        p_x = _class_prob(model(input_ids, attention_mask).logits, target, temperature)
         with _embeddings_replaced(model, base):
-            p_base = _class_prob(model(input_ids, attention_mask).logits, target)
+            p_base = _class_prob(model(input_ids, attention_mask).logits, target, temperature)
     delta = p_x - p_base - scores.sum(-1).to(p_x.dtype)
     return scores, delta
 
@@ -386,8 +395,13 @@ def explain(
     max_tokens: int | None = None,
     batch_size: int = 16,
     max_rows: int = 512,
+    temperature: float = 1.0,
 ) -> list[Attribution]:
     """One :class:`Attribution` per text (same order), explaining ``targets`` (default: the predicted class).
+
+    ``temperature``: a calibrated checkpoint's (:func:`selfattn.calibration.temperature_of`), so
+    ``probs`` and the gradient methods' scores are those of the probabilities the model serves
+    (integrated gradients' scores then sum to that probability's change from the baseline).
 
     ``max_tokens`` (default and at most the model's ``context_length``) bounds each text's cost;
     longer texts are cut with a note. Work per batch: ``batch_size`` texts, and for integrated
@@ -395,6 +409,7 @@ def explain(
     in eval mode and is restored; its parameters get no ``.grad``.
     """
     check_explainable(model, method)
+    check_temperature(temperature)
     if baseline not in BASELINES:
         raise UserError(f"integrated gradients baseline ({baseline!r}) must be one of {BASELINES}")
     if method == "integrated_gradients" and not 1 <= steps <= MAX_STEPS:
@@ -433,7 +448,7 @@ def explain(
                 mask[j, : len(ids)] = True
             with torch.no_grad():
                 logits = model(input_ids, mask).logits
-                probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # [B, C]
+                probs = _probs(logits, temperature)  # [B, C]
             wanted = [targets[i] if targets is not None else None for i, _, _, _ in chunk]
             target = torch.tensor(
                 [int(t) if t is not None else int(p.argmax()) for t, p in zip(wanted, probs)], device=device
@@ -441,10 +456,11 @@ def explain(
             delta = None
             if method == "integrated_gradients":
                 scores, delta = integrated_gradients(
-                    model, input_ids, mask, target, steps=steps, baseline_id=baseline_id, max_rows=max_rows
+                    model, input_ids, mask, target, steps=steps, baseline_id=baseline_id, max_rows=max_rows,
+                    temperature=temperature,
                 )
             elif method == "gradient_x_input":
-                scores = gradient_x_input(model, input_ids, mask, target)
+                scores = gradient_x_input(model, input_ids, mask, target, temperature)
             else:
                 scores = attention_scores(model, input_ids, mask, method)
             scores = scores.detach().double().cpu()

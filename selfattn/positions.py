@@ -3,6 +3,7 @@
 * :class:`RotaryEmbedding` + :func:`apply_rotary`: rotate query/key pairs by position-dependent
   angles (Su et al., 2021), "rotate-half" layout as in GPT-NeoX / Llama. ``offset`` gives the
   position of the first token, so a KV-cache decoding step rotates its one new token correctly.
+  :func:`rope_inv_freq` holds the frequencies, optionally stretched (Llama 3.1's ``llama3``, ``linear``).
 * :class:`LearnedPositions`: an embedding table ``[max_len, d_model]`` added to the token
   embeddings by the model (the attention layer applies nothing for ``position="learned"``).
 * :func:`alibi_slopes` / :func:`alibi_bias`: ALiBi (Press et al., 2022) linear distance penalties,
@@ -13,10 +14,15 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RotaryEmbedding", "apply_rotary", "LearnedPositions", "alibi_slopes", "alibi_bias"]
+if TYPE_CHECKING:
+    from selfattn.config import RopeScaling
+
+__all__ = ["RotaryEmbedding", "rope_inv_freq", "apply_rotary", "LearnedPositions", "alibi_slopes", "alibi_bias"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -28,7 +34,7 @@ class RotaryEmbedding(nn.Module):
     buffers, so ``model.half()`` cannot round the frequencies and nothing lands in the state dict.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"RotaryEmbedding needs an even head_dim >= 2, got {head_dim}")
@@ -36,6 +42,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope base ({base}) must be > 0")
         self.head_dim = head_dim
         self.base = float(base)
+        self.scaling = scaling
         self._cos: Tensor | None = None  # [cached, head_dim] float32
         self._sin: Tensor | None = None
 
@@ -45,8 +52,7 @@ class RotaryEmbedding(nn.Module):
         if stale or self._cos is None or self._sin is None or self._cos.shape[0] < length or self._cos.device != device:
             cached = 0 if self._cos is None else self._cos.shape[0]
             length = max(length, 2 * cached)  # amortised growth
-            exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
-            inv_freq = 1.0 / (self.base**exponent)  # [head_dim / 2]
+            inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling, device)  # [head_dim / 2]
             angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
             angles = torch.cat([angles, angles], dim=-1)  # [length, head_dim]
             self._cos, self._sin = angles.cos(), angles.sin()
@@ -63,6 +69,30 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._table(offset + seq_len, device)
         cos, sin = cos[offset : offset + seq_len], sin[offset : offset + seq_len]
         return cos.to(dtype=dtype), sin.to(dtype=dtype)
+
+
+def rope_inv_freq(
+    head_dim: int, base: float, scaling: RopeScaling | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """``[head_dim / 2]`` float32 inverse frequencies ``base ** (-2i / head_dim)``, stretched by
+    ``scaling`` (:class:`selfattn.config.RopeScaling`) the way Hugging Face's ``rope_type`` computes
+    them, in the same float32 operations (so converted checkpoints rotate exactly as they did there)."""
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (base**exponent)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind != "llama3":
+        raise ValueError(f"rope scaling kind {scaling.kind!r} is not supported (linear, llama3)")
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_len = scaling.original_context_length
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long waves: interpolated
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rotary_rolled(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:

@@ -67,6 +67,7 @@ def write_examples_page(
     Returns ``out_path``, or ``None`` when there are no predictions or they carry no text column. ``pretrained``
     (a loaded :class:`selfattn.checkpoint.Pretrained`) saves loading ``model_dir`` again.
     """
+    from selfattn.calibration import temperature_of
     from selfattn.checkpoint import load_pretrained
 
     if not Path(predictions_tsv).is_file():
@@ -82,7 +83,8 @@ def write_examples_page(
     for heading, correct in (("Most confident right", True), ("Most confident wrong", False)):
         picked = _pick(rows, correct, n_each)
         targets = [labels.index(r["prediction"]) if r["prediction"] in labels else None for r in picked]
-        attrs = explain(pre.model, pre.tokenizer, [r["text"].strip() for r in picked], method=method, steps=steps, targets=targets)
+        attrs = explain(pre.model, pre.tokenizer, [r["text"].strip() for r in picked], method=method, steps=steps, targets=targets,
+                        temperature=temperature_of(pre.extra))  # fmt: skip
         captions = [f"row {r['row']}: label {r['label']}, predicted {r['prediction']} ({float(r['confidence']):.3f})" for r in picked]
         sections.append((heading, list(zip(attrs, captions))))
     page = attributions_html(sections, title=f"Explained predictions ({method}): {model_dir}")

@@ -7,6 +7,8 @@ Everything here talks to real services: PostgreSQL on 127.0.0.1:5432 (``SELFATTN
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -141,6 +143,16 @@ def mlflow_get(stack: dict, endpoint: str, **params) -> dict:
 
 def mlflow_post(stack: dict, endpoint: str, body: dict) -> dict:
     return http_json("POST", f"{stack['mlflow_url']}/api/2.0/mlflow/{endpoint}", body)
+
+
+@functools.cache
+def serve_load():
+    """``benchmarks/serve_load.py`` as a module: its ``start_server`` / ``post`` / ``ping`` /
+    ``stop_server`` drive ``mlflow models serve`` for the serving tests as for the benchmark."""
+    spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def wait_for(check, timeout: float, what: str, interval: float = 1.0):

@@ -4,32 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from .conftest import serve_load
+
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    status, raw = serve_load().post(port, json.dumps(body).encode())
+    return status, json.loads(raw)
 
 
 def test_served_model_explains_on_request(tmp_path, monkeypatch):
@@ -50,41 +36,23 @@ def test_served_model_explains_on_request(tmp_path, monkeypatch):
     save_pretrained(model, tmp_path / "clf", tokenizer=tok, extra={"labels": [0, 1]})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        log_model(str(tmp_path / "clf"), name="model")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model",
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow models serve exited {server.returncode}:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow models serve did not answer /ping in 300 s")
-            time.sleep(1)
-        url = f"http://127.0.0.1:{port}/invocations"
-        status, plain = _post(url, {"inputs": texts})
-        status_ig, explained = _post(url, {"inputs": texts, "params": {"explain": "integrated_gradients", "explain_unit": "word"}})
-        status_bad, bad = _post(url, {"inputs": texts, "params": {"explain": "shap"}})
+    try:  # artifacts under tmp_path (the default experiment would write ./mlruns)
+        exp = mlflow.create_experiment("explain-serve", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp) as run:
+            log_model(str(tmp_path / "clf"), name="model")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        mlflow.set_tracking_uri(before)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    sl = serve_load()
+    server, port = sl.start_server(f"runs:/{run.info.run_id}/model", env, tmp_path / "serve.log")
+    try:
+        status, plain = _post(port, {"inputs": texts})
+        status_ig, explained = _post(port, {"inputs": texts, "params": {"explain": "integrated_gradients", "explain_unit": "word"}})
+        status_bad, bad = _post(port, {"inputs": texts, "params": {"explain": "shap"}})
+    finally:
+        sl.stop_server(server)
 
     assert status == 200 and "attributions" not in plain["predictions"][0]
     assert status_ig == 200

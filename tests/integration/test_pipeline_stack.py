@@ -9,10 +9,7 @@ serve`` of the champion answering raw sentences over HTTP -> the MLflow UI in he
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -22,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, http_json, mlflow_get, mlflow_post, selfattn_cmd, wait_for
+from .conftest import REPO, http_json, mlflow_get, mlflow_post, selfattn_cmd, serve_load, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -211,52 +208,22 @@ def test_deployment_run_by_worker(stack, smoke_run, deployment_run):
 # --------------------------------------------------------------------------- serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post_json(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
+def _post_json(port: int, body: dict) -> dict:
+    status, raw = serve_load().post(port, json.dumps(body).encode(), timeout=60)
+    assert status == 200, raw[-2000:]
+    return json.loads(raw)
 
 
 def test_mlflow_models_serve_champion_answers_raw_sentences(stack, stack_env, smoke_run, deployment_run, tmp_path):
     model_uri = f"models:/{smoke_run['model']}@champion"
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "models", "serve", "-m", model_uri,
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(cmd, env=stack_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    sl = serve_load()
+    server, port = sl.start_server(model_uri, stack_env, tmp_path / "serve.log")
     try:
-
-        def ready():
-            if server.poll() is not None:
-                pytest.fail(f"mlflow models serve exited {server.returncode}:\n{(tmp_path / 'serve.log').read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as resp:
-                    return resp.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=300, what="mlflow models serve /ping")
         sentences = ["a great movie", "awful"]
-        served = _post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": sentences})["predictions"]
-        split = _post_json(
-            f"http://127.0.0.1:{port}/invocations",
-            {"dataframe_split": {"columns": ["text"], "data": [[s] for s in sentences]}},
-        )["predictions"]
+        served = _post_json(port, {"inputs": sentences})["predictions"]
+        split = _post_json(port, {"dataframe_split": {"columns": ["text"], "data": [[s] for s in sentences]}})["predictions"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        sl.stop_server(server)
 
     assert len(served) == 2
     for row in served:

@@ -3,22 +3,14 @@ names the problem, or a bounded 200 with a warning, and stays up throughout."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-from .conftest import REPO, _clean_env
+from .conftest import REPO, _clean_env, serve_load
 
 pytestmark = pytest.mark.integration
-
-
-def _serve_load():
-    spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def served(tmp_path_factory):
         mlflow.set_tracking_uri(before)
     env = _clean_env()
     env.update(MLFLOW_TRACKING_URI=uri, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    sl = _serve_load()
+    sl = serve_load()
     proc, port = sl.start_server(f"runs:/{run.info.run_id}/model", env, home / "serve.log")
     try:
         yield sl, proc, port

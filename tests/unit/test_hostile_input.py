@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from selfattn.cli import main
-from selfattn.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -39,3 +39,12 @@ def mlflow_home(selfattn_home):
     tracking.configure(selfattn_home)
     yield selfattn_home
     mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture()
+def experiment_id(mlflow_home) -> str:
+    """An experiment whose artifacts stay under the temporary home: runs started without one go to
+    MLflow's default experiment, which writes its artifacts to ./mlruns in the working directory."""
+    from flows.tracking import ensure_experiment
+
+    return ensure_experiment("unit-tests", mlflow_home)

@@ -49,7 +49,7 @@ def _temperature(model_dir: str | Path) -> float:
     return temperature_of(json.loads((Path(model_dir) / "config.json").read_text())["extra"])
 
 
-def test_evaluate_stage_calibrates_on_holdout_and_logs_the_behaviour_table(tiny_classifier_dir, mlflow_home, tmp_path):
+def test_evaluate_stage_calibrates_on_holdout_and_logs_the_behaviour_table(tiny_classifier_dir, mlflow_home, experiment_id, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
@@ -72,12 +72,16 @@ def test_evaluate_stage_calibrates_on_holdout_and_logs_the_behaviour_table(tiny_
         assert 0.0 <= m[f"behaviour.{test}.failure_rate"] <= 1.0 and m[f"behaviour.{test}.n"] > 0
     assert m["slice.negation.n"] + m["slice.no_negation.n"] == 16 == m["slice.len_le4.n"] + m["slice.len_gt4.n"]
 
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         behaviour_stage.log_results(out.result)
     client = MlflowClient()
     files = {f.path for f in client.list_artifacts(run.info.run_id, "behaviour")}
     assert {"behaviour/cases.json", "behaviour/cases.tsv", "behaviour/summary.json"} <= files
-    table = mlflow.load_table("behaviour/cases.json", run_ids=[run.info.run_id])
+    # the table artifact as mlflow.log_table wrote it (mlflow.load_table searches only the active experiment)
+    import pandas as pd
+
+    logged = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/behaviour/cases.json")
+    table = pd.DataFrame(logged["data"], columns=logged["columns"])
     assert len(table) == sum(int(m[f"behaviour.{t}.n"]) for t in ("negation", "intensifier", "contrast", "names", "typos"))
     assert table["failed"].sum() == round(sum(m[f"behaviour.{t}.failure_rate"] * m[f"behaviour.{t}.n"] for t in ("negation", "intensifier", "contrast", "names", "typos")))
 
@@ -133,12 +137,12 @@ def test_calibration_refuses_the_dev_file(tiny_classifier_dir, tmp_path, selfatt
 
 
 @pytest.fixture()
-def model_uri(tiny_classifier_dir, mlflow_home):
+def model_uri(tiny_classifier_dir, experiment_id):
     import mlflow
 
     from flows.serving import log_model
 
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment_id):
         return log_model(str(tiny_classifier_dir)).model_uri
 
 

@@ -22,11 +22,11 @@ def _direct(model_dir, texts, method):
     return explain(pre.model, pre.tokenizer, [t.strip() for t in texts], method=method)
 
 
-def test_logged_pyfunc_explains_on_request_and_the_command_resolves_it(tiny_classifier_dir, mlflow_home, capsys):
+def test_logged_pyfunc_explains_on_request_and_the_command_resolves_it(tiny_classifier_dir, mlflow_home, experiment_id, capsys):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    with mlflow.start_run(), warnings.catch_warnings():
+    with mlflow.start_run(experiment_id=experiment_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = log_model(str(tiny_classifier_dir), name="model", registered_model_name="explain-test")
     params = {p.name: p.default for p in info.signature.params.params}
@@ -99,3 +99,24 @@ def test_explain_command_refuses_a_language_model(tmp_path, capsys):
     assert main(["explain", "--model", str(tmp_path / "lm"), "--method", "attention_rollout", "abc"]) == 2
     err = capsys.readouterr().err
     assert "attention_rollout" in err and "language model" in err and "Traceback" not in err
+
+
+def test_a_calibrated_model_explains_the_probabilities_it_serves(tiny_classifier_dir, tmp_path):
+    """The pyfunc scores with the checkpoint's temperature; its explanations use the same one."""
+    import shutil
+
+    from flows.serving import explain_items
+    from selfattn.calibration import save_temperature
+    from selfattn.checkpoint import load_pretrained
+    from selfattn.interpret import explain
+
+    calibrated = shutil.copytree(tiny_classifier_dir, tmp_path / "calibrated")
+    save_temperature(calibrated, 3.0)
+    clf = SelfattnClassifier().load(str(calibrated))
+    served = clf.predict_texts(["a dull mess"])
+    [a] = explain_items(clf, ["a dull mess"], method="integrated_gradients", steps=16)
+    assert a.probs[1] == pytest.approx(float(served["prob_1"][0]), abs=1e-6)
+    pre = load_pretrained(calibrated)
+    [ref] = explain(pre.model, pre.tokenizer, ["a dull mess"], method="integrated_gradients", steps=16, temperature=3.0)
+    [raw] = explain(pre.model, pre.tokenizer, ["a dull mess"], method="integrated_gradients", steps=16)
+    assert a.scores == pytest.approx(ref.scores, abs=1e-7) and a.scores != pytest.approx(raw.scores, abs=1e-7)

@@ -11,12 +11,12 @@ NAME = "unit-model"
 
 
 @pytest.fixture()
-def model_uri(tiny_classifier_dir, mlflow_home):
+def model_uri(tiny_classifier_dir, experiment_id):
     import mlflow
 
     from flows.serving import log_model
 
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment_id):
         return log_model(str(tiny_classifier_dir)).model_uri
 
 

@@ -63,10 +63,10 @@ def test_input_shapes():
     assert as_texts({"text": ["a"]}) == ["a"]
 
 
-def test_logged_pyfunc_roundtrip(tiny_classifier_dir, mlflow_home):
+def test_logged_pyfunc_roundtrip(tiny_classifier_dir, mlflow_home, experiment_id):
     import mlflow
 
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment_id):
         info = log_model(str(tiny_classifier_dir), name="model")
     loaded = mlflow.pyfunc.load_model(info.model_uri)
     direct = SelfattnClassifier().load(str(tiny_classifier_dir)).predict_texts(["great fun", ""])

@@ -12,9 +12,10 @@ transformers = pytest.importorskip("transformers")
 
 from selfattn.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 from selfattn.errors import UserError  # noqa: E402
-from selfattn.hf import convert_from_hf, convert_to_hf, export_hf, import_hf  # noqa: E402
+from selfattn.hf import convert_to_hf, export_hf, import_hf  # noqa: E402
 
 V = 97
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 
 def _configs():
@@ -27,6 +28,10 @@ def _configs():
         "llama-gqa-tied": T.LlamaConfig(**small, num_key_value_heads=1, tie_word_embeddings=True),
         "qwen2": T.Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=True),
         "mistral-window": T.MistralConfig(**small, num_key_value_heads=2, sliding_window=5),
+        # Llama 3.1's rope scaling, shrunk so that all three frequency bands occur at head_dim 16:
+        # wavelengths 6.3 (< 32 / 4: kept), 19.9 (between: smoothed), 62.8 and longer (> 32: divided by 8)
+        "llama3-rope": T.LlamaConfig(**{**small, "num_attention_heads": 2}, num_key_value_heads=1, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+        "llama-linear-rope": T.LlamaConfig(**small, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     }
 
 
@@ -74,7 +79,7 @@ def test_config_features_are_imported(saved):
     assert import_hf(saved["gpt2"])[0].cfg.gelu_approximate == "tanh"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt2-untied", "llama-gqa-untied", "qwen2", "mistral-window"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-untied", "llama-gqa-untied", "qwen2", "mistral-window", "llama3-rope", "llama-linear-rope"])
 def test_export_loads_in_transformers_and_round_trip_is_exact(name, saved, tmp_path):
     ours, _, _ = import_hf(saved[name])
     export_hf(ours, tmp_path / "hf")
@@ -87,6 +92,39 @@ def test_export_loads_in_transformers_and_round_trip_is_exact(name, saved, tmp_p
     a, b = ours.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert again.cfg == ours.cfg
+
+
+def test_rope_scaling_is_imported_from_either_config_layout_and_unsupported_types_are_named(saved, tmp_path):
+    from selfattn.config import RopeScaling
+    from selfattn.positions import rope_inv_freq
+
+    cfg = import_hf(saved["llama3-rope"])[0].cfg
+    assert cfg.rope_scaling == RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=32)
+    assert import_hf(saved["llama-linear-rope"])[0].cfg.rope_scaling == RopeScaling(kind="linear", factor=4.0)
+    # the three bands really differ from the unscaled frequencies: kept, smoothed, divided by 8
+    plain, scaled = rope_inv_freq(16, 10000.0), rope_inv_freq(16, 10000.0, cfg.rope_scaling)
+    assert scaled[0] == plain[0] and plain[1] / 8 < scaled[1] < plain[1] and torch.equal(scaled[2:], plain[2:] / 8)
+
+    # a hub Llama-3.1 config.json (transformers 4 layout): rope_scaling + top-level rope_theta
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in saved["llama3-rope"].iterdir():
+        (legacy / f.name).write_bytes(f.read_bytes())
+    raw = json.loads((legacy / "config.json").read_text())
+    params = raw.pop("rope_parameters")
+    raw["rope_theta"] = params.pop("rope_theta")
+    raw["rope_scaling"] = params
+    (legacy / "config.json").write_text(json.dumps(raw))
+    assert import_hf(legacy)[0].cfg == cfg
+
+    for rope, needle in (({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "'yarn' is not supported"),
+                         ({"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}, "lacks 'low_freq_factor'"),
+                         ({**LLAMA3_ROPE, "high_freq_factor": 0.5}, "must be > low_freq_factor")):  # fmt: skip
+        raw["rope_scaling"] = None
+        raw["rope_parameters"] = rope
+        (legacy / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(UserError, match=needle):
+            import_hf(legacy)
 
 
 def test_sharded_checkpoint_is_read(saved, tmp_path):

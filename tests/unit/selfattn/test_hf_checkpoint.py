@@ -24,7 +24,8 @@ def _edit(d, **fields):
     (d / "config.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("fields", [{"n_heads": 2}, {"rope_base": 500.0}, {"position": "none"}, {"norm_eps": 1e-3}])
+@pytest.mark.parametrize("fields", [{"n_heads": 2}, {"rope_base": 500.0}, {"position": "none"}, {"norm_eps": 1e-3},
+                                    {"rope_scaling": {"kind": "linear", "factor": 2.0}}])
 def test_shape_compatible_config_edit_is_refused_naming_the_field(tmp_path, fields):
     _, d = _saved(tmp_path)
     _edit(d, **fields)
@@ -32,7 +33,8 @@ def test_shape_compatible_config_edit_is_refused_naming_the_field(tmp_path, fiel
         load_pretrained(d)
     (name, value), = fields.items()
     assert "does not match the config these weights were saved with" in str(err.value)
-    assert f"{name}: " in str(err.value) and repr(value) in str(err.value)
+    shown = "'kind': 'linear', 'factor': 2.0" if isinstance(value, dict) else repr(value)  # with its unset fields
+    assert f"{name}: " in str(err.value) and shown in str(err.value)
 
 
 def test_untouched_and_dropout_only_edits_load(tmp_path):
@@ -41,6 +43,46 @@ def test_untouched_and_dropout_only_edits_load(tmp_path):
     assert torch.equal(load_pretrained(d).model(x).logits, model.eval()(x).logits)
     _edit(d, dropout=0.1)  # no effect on eval logits: allowed
     assert load_pretrained(d).config.dropout == 0.1
+
+
+def test_models_saved_before_rope_scaling_existed_keep_their_digest(tmp_path):
+    """rope_scaling came after the digest: at its default (None) it is left out, so a checkpoint saved
+    by an older selfattn (its metadata computed without the field) still loads; set, it counts."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from selfattn.checkpoint import META_DIGEST, config_digest
+
+    model, d = _saved(tmp_path)
+    before = {k: v for k, v in model.cfg.model_dump(mode="json").items() if k not in ("dropout", "rope_scaling")}
+    assert config_digest(model.cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert f.metadata()[META_DIGEST] == config_digest(model.cfg)
+    scaled = model.cfg.model_copy(update={"rope_scaling": {"kind": "linear", "factor": 2.0}})
+    scaled = type(model.cfg).model_validate(scaled.model_dump())
+    assert config_digest(scaled) != config_digest(model.cfg)
+
+
+def test_rope_scaling_config_is_validated():
+    from pydantic import ValidationError
+
+    from selfattn.config import ModelConfig, RopeScaling
+
+    base = {"vocab_size": 40, "d_model": 32, "n_heads": 4}
+    ok = RopeScaling(kind="llama3", factor=8, low_freq_factor=1, high_freq_factor=4, original_context_length=8192)
+    assert ModelConfig(**base, rope_scaling=ok).rope_scaling == ok
+    for bad, needle in (
+        ({"kind": "llama3", "factor": 8.0}, "needs low_freq_factor, high_freq_factor and original_context_length"),
+        ({"kind": "linear", "factor": 2.0, "low_freq_factor": 1.0}, "takes only factor"),
+        ({"kind": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1, "original_context_length": 64}, "must be > low_freq_factor"),
+        ({"kind": "yarn", "factor": 4.0}, "'linear' or 'llama3'"),
+        ({"kind": "linear", "factor": 0.0}, "greater than 0"),
+    ):
+        with pytest.raises(ValidationError, match=needle):
+            RopeScaling(**bad)
+    with pytest.raises(ValidationError, match="rope_scaling needs position='rope'"):
+        ModelConfig(**base, position="learned", rope_scaling={"kind": "linear", "factor": 2.0})
 
 
 def test_weights_without_a_digest_still_load(tmp_path):

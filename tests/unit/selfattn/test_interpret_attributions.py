@@ -49,9 +49,9 @@ def _batch(tok, texts):
     return input_ids, mask
 
 
-def _prob(model, input_ids, mask, target):
+def _prob(model, input_ids, mask, target, temperature=1.0):
     with torch.no_grad():
-        return model(input_ids, mask).logits.softmax(-1)[torch.arange(len(target)), target]
+        return (model(input_ids, mask).logits / temperature).softmax(-1)[torch.arange(len(target)), target]
 
 
 def test_integrated_gradients_are_complete_in_float64(tok):
@@ -69,6 +69,32 @@ def test_integrated_gradients_are_complete_in_float64(tok):
     # one quadrature node is a poor integral: completeness is a property of enough steps
     coarse, _ = integrated_gradients(model, input_ids, mask, target, steps=1, baseline_id=tok.pad_id)
     assert (coarse.sum(-1) - gap).abs().max() > 0.01 * gap.abs().min()
+
+
+def test_a_calibrated_models_attributions_explain_its_served_probabilities(tok):
+    """With the checkpoint's temperature, ``probs`` are softmax(logits / T) and integrated gradients sum
+    to the change of that probability (what a calibrated model serves), not of the raw softmax."""
+    model = _classifier(tok.vocab_size)
+    input_ids, mask = _batch(tok, TEXTS)
+    target = torch.tensor([1, 0, 1, 0])
+    baseline_ids = torch.where(mask, torch.full_like(input_ids, tok.pad_id), input_ids)
+    t = 2.5
+    scores, delta = integrated_gradients(model, input_ids, mask, target, steps=64, baseline_id=tok.pad_id, temperature=t)
+    gap_t = _prob(model, input_ids, mask, target, t) - _prob(model, baseline_ids, mask, target, t)
+    gap_1 = _prob(model, input_ids, mask, target) - _prob(model, baseline_ids, mask, target)
+    assert torch.all((gap_t - gap_1).abs() > 0.01)  # the two probabilities differ: the check can fail
+    assert torch.all((scores.sum(-1) - gap_t).abs() <= 0.01 * gap_t.abs()), (scores.sum(-1), gap_t)
+    torch.testing.assert_close(delta, gap_t - scores.sum(-1))
+
+    [raw] = explain(model, tok, TEXTS[:1], method="gradient_x_input")
+    [cal] = explain(model, tok, TEXTS[:1], method="gradient_x_input", temperature=t)
+    with torch.no_grad():
+        logits = model(*_batch(tok, TEXTS[:1])).logits[0]
+    assert cal.probs == pytest.approx((logits / t).softmax(-1).tolist()) and raw.probs == pytest.approx(logits.softmax(-1).tolist())
+    assert cal.target == raw.target and cal.scores != pytest.approx(raw.scores)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            explain(model, tok, TEXTS[:1], temperature=bad)
 
 
 def test_integrated_gradients_chunking_and_unk_baseline(tok):
