@@ -36,6 +36,7 @@ from selfattn.functional import (
     sliding_window_attention,
     sliding_window_mask,
 )
+from selfattn.norms import RMSNorm
 from selfattn.positions import RotaryEmbedding, alibi_bias, alibi_slopes, apply_rotary, apply_rotary_rolled, signed_sin
 
 if TYPE_CHECKING:
@@ -265,13 +266,18 @@ class MultiHeadAttention(nn.Module):
         position: str = "rope",
         rope_base: float = 10000.0,
         rope_scaling: "RopeScaling | None" = None,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model < 1 or n_heads < 1 or n_kv_heads < 1:
             raise ValueError(f"d_model ({d_model}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) must be >= 1")
-        if d_model % n_heads:
-            raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
+        if head_dim is None and d_model % n_heads:
+            raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model}), or give head_dim")
+        if head_dim is not None and head_dim < 1:
+            raise ValueError(f"head_dim ({head_dim}) must be >= 1")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
         if not 0.0 <= dropout < 1.0:
@@ -289,7 +295,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"attention='low_rank' needs max_len >= 1 (longest sequence), got {max_len}")
             if position == "alibi":
                 raise ValueError("attention='low_rank' cannot use position='alibi' (projected keys have no position)")
-        head_dim = d_model // n_heads
+        head_dim = head_dim or d_model // n_heads
         if position == "rope" and head_dim % 2:
             raise ValueError(f"position='rope' needs an even head_dim, got {head_dim} (d_model={d_model}, n_heads={n_heads})")
 
@@ -314,6 +320,9 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
 
         self.rotary = RotaryEmbedding(head_dim, rope_base, rope_scaling) if position == "rope" else None
+        # Qwen3: queries and keys RMS-normalised per head (over head_dim) before the rotation
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         if position == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)  # [H]
         if attention == "low_rank":
@@ -338,6 +347,9 @@ class MultiHeadAttention(nn.Module):
             position=cfg.position,
             rope_base=cfg.rope_base,
             rope_scaling=cfg.rope_scaling,
+            head_dim=cfg.head_dim,
+            qk_norm=cfg.qk_norm,
+            norm_eps=1e-6 if cfg.norm_eps is None else cfg.norm_eps,
         )
 
     def extra_repr(self) -> str:
@@ -430,6 +442,8 @@ class MultiHeadAttention(nn.Module):
             q = self.q_proj(x).view(B, T, H, hd)
             k = self.k_proj(x).view(B, T, H_kv, hd)
             v = self.v_proj(x).view(B, T, H_kv, hd)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             if self.rotary is not None:
                 cos, sin = self.rotary(T, offset, device=x.device, dtype=q.dtype)  # [T, hd]
                 q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
@@ -439,6 +453,9 @@ class MultiHeadAttention(nn.Module):
         qkv = F.linear(x, *fused).view(B, T, H + 2 * H_kv, hd)  # [B, T, H + 2 H_kv, hd]
         # split, not slicing: a slice's backward fills a zero tensor per slice, split's is one cat
         qk, v = qkv.split([H + H_kv, H_kv], dim=2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = qk.split([H, H_kv], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         if self.rotary is not None:
             cos, sin = self._rotary_tables(T, offset, x.device, qk.dtype)  # [T, 1, hd] each
             qk = apply_rotary_rolled(qk, cos, sin)  # broadcast over the heads

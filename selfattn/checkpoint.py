@@ -66,7 +66,7 @@ META_CONFIG, META_DIGEST = "selfattn_config", "selfattn_config_sha256"
 
 # fields added after digests were first recorded, with the value that means "as before": left out
 # of the digest while they hold it, so every model saved before they existed keeps its digest
-_DIGEST_ADDED: dict[str, Any] = {"rope_scaling": None}
+_DIGEST_ADDED: dict[str, Any] = {"rope_scaling": None, "head_size": None, "qk_norm": False}
 
 
 def _digest_fields(cfg: ModelConfig) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def convert(
     from_hf: bool = typer.Option(False, "--from-hf", help="SRC is a Hugging Face model (dir or hub id) -> selfattn checkpoint"),
     to_hf: bool = typer.Option(False, "--to-hf", help="SRC is a selfattn checkpoint -> Hugging Face directory (AutoModelForCausalLM)"),
 ) -> None:
-    """Convert between Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2) and selfattn checkpoints."""
+    """Convert between Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2, Qwen3) and selfattn checkpoints."""
     if from_hf == to_hf:
         raise UserError("convert needs exactly one of --from-hf (HF -> selfattn) or --to-hf (selfattn -> HF)")
     from selfattn.hf import convert_from_hf, convert_to_hf

@@ -73,6 +73,10 @@ class ModelConfig(StrictModel):
     d_model: int = Field(default=64, gt=0)
     n_heads: int = Field(default=4, gt=0)
     n_kv_heads: int | None = Field(default=None, gt=0, description="None = n_heads (plain MHA); 1 = multi-query")
+    head_size: int | None = Field(
+        default=None, gt=0, description="per-head q/k/v size; None = d_model // n_heads (Qwen3 and some Llamas set it apart)"
+    )
+    qk_norm: bool = Field(default=False, description="RMSNorm over each head's queries and keys before RoPE (Qwen3)")
     d_ff: int | None = Field(default=None, gt=0, description="MLP hidden size; None = 4 * d_model")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     bias: bool = False
@@ -96,8 +100,8 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        if self.head_size is None and self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}), or set head_size")
         kv = self.kv_heads
         if self.n_heads % kv:
             raise ValueError(f"n_kv_heads ({kv}) must divide n_heads ({self.n_heads})")
@@ -119,7 +123,7 @@ class ModelConfig(StrictModel):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def ff_dim(self) -> int:

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: GPT-2 and Llama-family (Llama, Mistral, Qwen2) decoders.
+"""Hugging Face checkpoints in and out: GPT-2 and Llama-family (Llama, Mistral, Qwen2, Qwen3) decoders.
 
 ``import_hf(src)`` reads a Hugging Face model directory (``config.json``, ``model.safetensors`` or a
 sharded ``model.safetensors.index.json``, ``tokenizer.json``) and returns a :class:`DecoderLM`
@@ -15,9 +15,10 @@ GPT-2              learned positions, LayerNorm (eps ``layer_norm_epsilon``), ta
                    (``gelu_new``), biases everywhere, fused ``c_attn`` (Conv1D: weights
                    stored ``[in, out]``, transposed here), tied or untied head
 Llama / Mistral    RoPE (``rope_theta``; rope types default, ``linear`` and ``llama3`` as in
-/ Qwen2            Llama 3.1-3.3), RMSNorm (``rms_norm_eps``),
-                   SwiGLU, GQA, tied or untied head; Qwen2's q/k/v biases (``qkv_bias``);
-                   Mistral's ``sliding_window`` (every layer: ``attention="sliding_window"``)
+/ Qwen2 / Qwen3    Llama 3.1-3.3), RMSNorm (``rms_norm_eps``), SwiGLU, GQA, a ``head_dim``
+                   apart from ``hidden_size / heads`` (``head_size``), tied or untied head;
+                   Qwen2's q/k/v biases (``qkv_bias``); Qwen3's per-head q/k RMSNorm
+                   (``qk_norm``); Mistral's ``sliding_window`` (every layer)
 =================  ==========================================================================
 
 Encoders (BERT, DistilBERT, RoBERTa) are refused: they are post-norm with token-type embeddings
@@ -64,8 +65,9 @@ SUPPORTED: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
-_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 _SUPPORTED_TEXT = ", ".join(f"{arch} ({mt})" for mt, arch in SUPPORTED.items())
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -236,13 +238,14 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", pad_token_
             )
         d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or d_model // n_heads
-        if head_dim * n_heads != d_model:
-            raise UserError(f"{where}: head_dim ({head_dim}) * num_attention_heads ({n_heads}) != hidden_size ({d_model}); not supported")
+        head_size = None if head_dim * n_heads == d_model else head_dim  # Qwen3, Mistral Nemo: heads wider or narrower
         if hf.get("hidden_act", "silu") != "silu":
             raise UserError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (silu = SwiGLU)")
         bias, qkv_bias = False, None
         if mt == "qwen2":
             qkv_bias = True  # Qwen2 always has q/k/v biases, none on o_proj or the MLP
+        elif mt == "qwen3" and hf.get("attention_bias"):
+            raise UserError(f"{where}: a Qwen3 config with attention_bias (on o_proj but not the MLP) is not supported")
         elif mt == "llama":
             att, mlp = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
             if att != mlp:
@@ -251,7 +254,7 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", pad_token_
         window = None
         if mt == "mistral" and hf.get("sliding_window"):
             window = int(hf["sliding_window"])
-        if mt == "qwen2" and hf.get("use_sliding_window"):
+        if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
             kinds = set(hf.get("layer_types") or [])
             if kinds == {"sliding_attention"}:
                 window = int(hf["sliding_window"])
@@ -261,6 +264,7 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", pad_token_
         return ModelConfig(
             vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048), n_layers=hf["num_hidden_layers"],
             d_model=d_model, n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_size=head_size, qk_norm=mt == "qwen3",
             d_ff=hf["intermediate_size"], bias=bias, qkv_bias=qkv_bias, position="rope", rope_base=rope_base, rope_scaling=rope_scaling,
             norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
             attention="sliding_window" if window else "full", window=window,
@@ -273,7 +277,7 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", pad_token_
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """Which Hugging Face architecture ``cfg`` is exactly (``gpt2``, ``llama``, ``qwen2``, ``mistral``)."""
+    """Which Hugging Face architecture ``cfg`` is exactly (``gpt2``, ``llama``, ``qwen2``, ``mistral``, ``qwen3``)."""
     misfits: dict[str, list[str]] = {}
 
     def need(family: str, ok: bool, what: str) -> None:
@@ -287,20 +291,24 @@ def hf_family(cfg: ModelConfig) -> str:
     need("gpt2", cfg.kv_heads == cfg.n_heads, f"n_kv_heads={cfg.kv_heads} (needs n_heads)")
     need("gpt2", cfg.attention == "full", f"attention={cfg.attention!r} (needs 'full')")
     need("gpt2", qkv == cfg.bias, "qkv_bias differs from bias")
+    need("gpt2", cfg.head_dim * cfg.n_heads == cfg.d_model, f"head_size={cfg.head_size} (needs d_model / n_heads)")
+    need("gpt2", not cfg.qk_norm, "qk_norm=True (needs False)")
     if "gpt2" not in misfits:
         return "gpt2"
     for fam in _LLAMA_LIKE:
         need(fam, cfg.position == "rope", f"position={cfg.position!r} (needs 'rope')")
         need(fam, cfg.norm == "rmsnorm", f"norm={cfg.norm!r} (needs 'rmsnorm')")
         need(fam, cfg.mlp == "swiglu", f"mlp={cfg.mlp!r} (needs 'swiglu')")
+        need(fam, cfg.qk_norm == (fam == "qwen3"), f"qk_norm={cfg.qk_norm} (needs {fam == 'qwen3'})")
     need("llama", cfg.attention == "full", f"attention={cfg.attention!r} (needs 'full')")
     need("llama", qkv == cfg.bias, "qkv_bias differs from bias")
     need("qwen2", cfg.attention == "full" and qkv and not cfg.bias, "needs qkv_bias=True, bias=False, attention='full'")
     need("mistral", cfg.attention == "sliding_window" and not cfg.bias and not qkv, "needs attention='sliding_window' and no biases")
-    for fam in ("llama", "qwen2", "mistral"):
+    need("qwen3", cfg.attention == "full" and not cfg.bias and not qkv, "needs attention='full' and no biases")
+    for fam in ("llama", "qwen2", "mistral", "qwen3"):
         if fam not in misfits:
             return fam
-    detail = "; ".join(f"{fam}: {', '.join(m)}" for fam, m in misfits.items() if fam in ("gpt2", "llama"))
+    detail = "; ".join(f"{fam}: {', '.join(m)}" for fam, m in misfits.items() if fam in ("gpt2", "llama", "qwen3"))
     raise UserError(f"this model matches no Hugging Face architecture ({_SUPPORTED_TEXT}): {detail}")
 
 
@@ -333,6 +341,8 @@ def config_to_hf(cfg: ModelConfig, tokenizer: HFTokenizer | None = None, dtype: 
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     elif fam == "mistral":
         out.update(sliding_window=cfg.window)
+    elif fam == "qwen3":
+        out.update(attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     return out
@@ -347,6 +357,8 @@ _LLAMA_NAMES = {  # HF suffix inside model.layers.{i}. -> ours inside blocks.{i}
     "self_attn.q_proj": "attn.q_proj",
     "self_attn.k_proj": "attn.k_proj",
     "self_attn.v_proj": "attn.v_proj",
+    "self_attn.q_norm.weight": "attn.q_norm.weight",  # Qwen3
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
     "mlp.gate_proj": "mlp.gate_proj",
     "mlp.up_proj": "mlp.up_proj",
     "mlp.down_proj": "mlp.down_proj",

@@ -31,6 +31,10 @@ def _configs():
         # Llama 3.1's rope scaling, shrunk so that all three frequency bands occur at head_dim 16:
         # wavelengths 6.3 (< 32 / 4: kept), 19.9 (between: smoothed), 62.8 and longer (> 32: divided by 8)
         "llama3-rope": T.LlamaConfig(**{**small, "num_attention_heads": 2}, num_key_value_heads=1, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+        # Qwen3: per-head q/k RMSNorm, and heads wider than hidden_size / heads (16 against 8)
+        "qwen3": T.Qwen3Config(**small, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+        "qwen3-untied": T.Qwen3Config(**small, num_key_value_heads=1, head_dim=4, tie_word_embeddings=False),
+        "llama-wide-heads": T.LlamaConfig(**small, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
         "llama-linear-rope": T.LlamaConfig(**small, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     }
 
@@ -77,9 +81,13 @@ def test_config_features_are_imported(saved):
     llama = import_hf(saved["llama-gqa-untied"])[0].cfg
     assert (llama.rope_base, llama.kv_heads, llama.norm_eps) == (500.0, 2, 1e-5)
     assert import_hf(saved["gpt2"])[0].cfg.gelu_approximate == "tanh"
+    qwen3 = import_hf(saved["qwen3"])[0]
+    assert (qwen3.cfg.qk_norm, qwen3.cfg.head_size, qwen3.cfg.head_dim) == (True, 16, 16)
+    assert qwen3.blocks[0].attn.q_proj.weight.shape == (4 * 16, 32) and qwen3.blocks[0].attn.k_norm.weight.shape == (16,)
+    assert import_hf(saved["llama-gqa-tied"])[0].cfg.head_size is None  # head_dim = hidden / heads: nothing set apart
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt2-untied", "llama-gqa-untied", "qwen2", "mistral-window", "llama3-rope", "llama-linear-rope"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-untied", "llama-gqa-untied", "qwen2", "mistral-window", "llama3-rope", "llama-linear-rope", "qwen3", "qwen3-untied", "llama-wide-heads"])
 def test_export_loads_in_transformers_and_round_trip_is_exact(name, saved, tmp_path):
     ours, _, _ = import_hf(saved[name])
     export_hf(ours, tmp_path / "hf")
@@ -229,10 +237,11 @@ def test_to_hf_refuses_a_model_no_architecture_matches(tmp_path):
 # --------------------------------------------------------------------------- fine-tuning and PEFT
 
 
-def test_classifier_from_an_imported_model_trains(saved):
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_classifier_from_an_imported_model_trains(name, saved):
     from selfattn.models import SequenceClassifier
 
-    lm, _, _ = import_hf(saved["qwen2"])
+    lm, _, _ = import_hf(saved[name])
     clf = SequenceClassifier.from_decoder(lm, n_classes=2)
     torch.manual_seed(0)
     x = torch.randint(0, V, (8, 10))
@@ -249,7 +258,8 @@ def test_classifier_from_an_imported_model_trains(saved):
     assert loss.item() < first * 0.5
 
 
-@pytest.mark.parametrize("name,targets", [("llama-gqa-untied", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["q_proj", "v_proj", "out_proj", "up_proj"])])
+@pytest.mark.parametrize("name,targets", [("llama-gqa-untied", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["q_proj", "v_proj", "out_proj", "up_proj"]),
+                                          ("qwen3", ["q_proj", "k_proj", "v_proj", "out_proj"])])
 def test_lora_exports_to_peft(name, targets, saved, tmp_path):
     peft = pytest.importorskip("peft")
     from selfattn.hf import export_peft

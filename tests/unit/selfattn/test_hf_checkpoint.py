@@ -46,8 +46,8 @@ def test_untouched_and_dropout_only_edits_load(tmp_path):
 
 
 def test_models_saved_before_rope_scaling_existed_keep_their_digest(tmp_path):
-    """rope_scaling came after the digest: at its default (None) it is left out, so a checkpoint saved
-    by an older selfattn (its metadata computed without the field) still loads; set, it counts."""
+    """rope_scaling, head_size and qk_norm came after the digest: at their defaults they are left out,
+    so a checkpoint saved by an older selfattn (its metadata computed without them) still loads; set, they count."""
     import hashlib
 
     from safetensors import safe_open
@@ -55,13 +55,15 @@ def test_models_saved_before_rope_scaling_existed_keep_their_digest(tmp_path):
     from selfattn.checkpoint import META_DIGEST, config_digest
 
     model, d = _saved(tmp_path)
-    before = {k: v for k, v in model.cfg.model_dump(mode="json").items() if k not in ("dropout", "rope_scaling")}
+    before = {k: v for k, v in model.cfg.model_dump(mode="json").items() if k not in ("dropout", "rope_scaling", "head_size", "qk_norm")}
     assert config_digest(model.cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         assert f.metadata()[META_DIGEST] == config_digest(model.cfg)
     scaled = model.cfg.model_copy(update={"rope_scaling": {"kind": "linear", "factor": 2.0}})
     scaled = type(model.cfg).model_validate(scaled.model_dump())
     assert config_digest(scaled) != config_digest(model.cfg)
+    for field, value in (("head_size", 16), ("qk_norm", True)):
+        assert config_digest(model.cfg.model_copy(update={field: value})) != config_digest(model.cfg)
 
 
 def test_rope_scaling_config_is_validated():
@@ -81,6 +83,10 @@ def test_rope_scaling_config_is_validated():
     ):
         with pytest.raises(ValidationError, match=needle):
             RopeScaling(**bad)
+    wide = ModelConfig(vocab_size=40, d_model=30, n_heads=4, head_size=16)  # 4 does not divide 30: fine with head_size
+    assert wide.head_dim == 16 and ModelConfig(**base).head_dim == 8
+    with pytest.raises(ValidationError, match="must divide d_model .30., or set head_size"):
+        ModelConfig(vocab_size=40, d_model=30, n_heads=4)
     with pytest.raises(ValidationError, match="rope_scaling needs position='rope'"):
         ModelConfig(**base, position="learned", rope_scaling={"kind": "linear", "factor": 2.0})
 

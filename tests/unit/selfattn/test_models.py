@@ -45,6 +45,9 @@ CACHE_CASES = {
     "gqa": dict(position="rope", n_kv_heads=2),
     "mqa-rmsnorm-swiglu": dict(position="rope", n_kv_heads=1, norm="rmsnorm", mlp="swiglu"),
     "sliding-window": dict(position="rope", attention="sliding_window", window=3),
+    # Qwen3's shape: heads wider than d_model / n_heads, per-head q/k RMSNorm, GQA
+    "wide-heads-qk-norm": dict(position="rope", n_kv_heads=2, head_size=16, qk_norm=True, norm="rmsnorm", mlp="swiglu"),
+    "llama3-rope-scaling": dict(position="rope", rope_scaling=dict(kind="llama3", factor=8, low_freq_factor=1, high_freq_factor=4, original_context_length=8)),
 }
 
 
