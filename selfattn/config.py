@@ -38,29 +38,40 @@ class RopeScaling(StrictModel):
     ``kind="llama3"`` (Llama 3.1 / 3.2 / 3.3): wavelengths longer than ``original_context_length /
     low_freq_factor`` divided by ``factor``, shorter than ``original_context_length /
     high_freq_factor`` kept, and a smooth interpolation between the two.
+    ``kind="yarn"`` (Qwen2.5 / Qwen3 long context): a linear ramp between interpolated and kept
+    frequencies over the dimensions that turn ``beta_slow`` .. ``beta_fast`` times within
+    ``original_context_length``, and cos/sin multiplied by ``attention_factor`` (default
+    ``0.1 ln(factor) + 1``).
     """
 
-    kind: Literal["linear", "llama3"]
+    kind: Literal["linear", "llama3", "yarn"]
     factor: float = Field(gt=0)
-    low_freq_factor: float | None = Field(default=None, gt=0)
-    high_freq_factor: float | None = Field(default=None, gt=0)
-    original_context_length: int | None = Field(default=None, gt=0)
+    original_context_length: int | None = Field(default=None, gt=0, description="llama3, yarn: the pretraining context")
+    low_freq_factor: float | None = Field(default=None, gt=0, description="llama3")
+    high_freq_factor: float | None = Field(default=None, gt=0, description="llama3")
+    attention_factor: float | None = Field(default=None, gt=0, description="yarn: cos/sin scale; None = 0.1 ln(factor) + 1")
+    beta_fast: float | None = Field(default=None, gt=0, description="yarn: None = 32")
+    beta_slow: float | None = Field(default=None, gt=0, description="yarn: None = 1")
+    truncate: bool | None = Field(default=None, description="yarn: round the ramp's ends outwards; None = True")
 
     @model_validator(mode="after")
     def _check(self) -> "RopeScaling":
-        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_context_length)
-        if self.kind == "llama3":
-            if None in llama3:
-                raise ValueError(
-                    "rope_scaling kind='llama3' needs low_freq_factor, high_freq_factor and original_context_length, "
-                    f"got {self.low_freq_factor}, {self.high_freq_factor}, {self.original_context_length}"
-                )
-            if not self.high_freq_factor > self.low_freq_factor:  # type: ignore[operator]
-                raise ValueError(
-                    f"rope_scaling high_freq_factor ({self.high_freq_factor}) must be > low_freq_factor ({self.low_freq_factor})"
-                )
-        elif any(v is not None for v in llama3):
-            raise ValueError(f"rope_scaling kind={self.kind!r} takes only factor; low/high_freq_factor and original_context_length are llama3's")
+        llama3 = {"low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor}
+        yarn = {"attention_factor": self.attention_factor, "beta_fast": self.beta_fast, "beta_slow": self.beta_slow, "truncate": self.truncate}
+        if self.kind != "linear" and self.original_context_length is None:
+            raise ValueError(f"rope_scaling kind={self.kind!r} needs original_context_length (the pretraining context)")
+        if self.kind == "llama3" and None in llama3.values():
+            raise ValueError(
+                f"rope_scaling kind='llama3' needs low_freq_factor and high_freq_factor, got {self.low_freq_factor}, {self.high_freq_factor}"
+            )
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:  # type: ignore[operator]
+            raise ValueError(f"rope_scaling high_freq_factor ({self.high_freq_factor}) must be > low_freq_factor ({self.low_freq_factor})")
+        foreign = {**({} if self.kind == "llama3" else llama3), **({} if self.kind == "yarn" else yarn)}
+        if self.kind == "linear" and self.original_context_length is not None:
+            foreign["original_context_length"] = self.original_context_length
+        given = sorted(k for k, v in foreign.items() if v is not None)
+        if given:
+            raise ValueError(f"rope_scaling kind={self.kind!r} does not take {', '.join(given)}")
         return self
 
 

@@ -14,8 +14,8 @@ the configs are plain JSON and the renaming is below. What maps onto the trunk:
 GPT-2              learned positions, LayerNorm (eps ``layer_norm_epsilon``), tanh GELU
                    (``gelu_new``), biases everywhere, fused ``c_attn`` (Conv1D: weights
                    stored ``[in, out]``, transposed here), tied or untied head
-Llama / Mistral    RoPE (``rope_theta``; rope types default, ``linear`` and ``llama3`` as in
-/ Qwen2 / Qwen3    Llama 3.1-3.3), RMSNorm (``rms_norm_eps``), SwiGLU, GQA, a ``head_dim``
+Llama / Mistral    RoPE (``rope_theta``; rope types default, ``linear``, ``llama3`` (Llama
+/ Qwen2 / Qwen3    3.1-3.3) and ``yarn``), RMSNorm (``rms_norm_eps``), SwiGLU, GQA, a ``head_dim``
                    apart from ``hidden_size / heads`` (``head_size``), tied or untied head;
                    Qwen2's q/k/v biases (``qkv_bias``); Qwen3's per-head q/k RMSNorm
                    (``qk_norm``); Mistral's ``sliding_window`` (every layer)
@@ -172,7 +172,7 @@ def _model_type(hf: dict[str, Any], where: str) -> str:
     raise UserError(f"{where}: architecture {named} is not supported; supported: {_SUPPORTED_TEXT}.{why}")
 
 
-_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
@@ -190,6 +190,8 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     try:
         if rope_type == "linear":
             return theta, RopeScaling(kind="linear", factor=fields["factor"])
+        if rope_type == "yarn":
+            return theta, _yarn_scaling(fields, hf)
         return theta, RopeScaling(
             kind="llama3", factor=fields["factor"], low_freq_factor=fields["low_freq_factor"],
             high_freq_factor=fields["high_freq_factor"], original_context_length=fields["original_max_position_embeddings"],
@@ -198,6 +200,26 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
         raise UserError(f"{where}: rope type {rope_type!r} lacks {exc.args[0]!r}") from None
     except ValidationError as exc:
         raise UserError(f"{where}: rope type {rope_type!r}: {exc.errors()[0]['msg']}") from None
+
+
+def _yarn_scaling(fields: dict[str, Any], hf: dict[str, Any]) -> RopeScaling:
+    """transformers' YaRN parameters, with the attention factor resolved as it resolves it (from
+    ``mscale`` / ``mscale_all_dim`` when given; a missing ``factor`` is the context ratio)."""
+    import math
+
+    old = fields["original_max_position_embeddings"]
+    factor = fields.get("factor") or hf["max_position_embeddings"] / old
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention = fields.get("attention_factor")
+    if attention is None and fields.get("mscale") and fields.get("mscale_all_dim"):
+        attention = mscale(fields["mscale"]) / mscale(fields["mscale_all_dim"])
+    return RopeScaling(
+        kind="yarn", factor=factor, original_context_length=old, attention_factor=attention,
+        beta_fast=fields.get("beta_fast"), beta_slow=fields.get("beta_slow"), truncate=fields.get("truncate"),
+    )  # fmt: skip
 
 
 def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -209,6 +231,10 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         if sc.kind == "llama3":
             extra.update(low_freq_factor=sc.low_freq_factor, high_freq_factor=sc.high_freq_factor,
                          original_max_position_embeddings=sc.original_context_length)  # fmt: skip
+        if sc.kind == "yarn":
+            extra["original_max_position_embeddings"] = sc.original_context_length
+            given = {"attention_factor": sc.attention_factor, "beta_fast": sc.beta_fast, "beta_slow": sc.beta_slow, "truncate": sc.truncate}
+            extra.update({k: v for k, v in given.items() if v is not None})
     kind = "default" if sc is None else sc.kind
     return {
         "rope_parameters": {"rope_type": kind, "rope_theta": cfg.rope_base, **extra},

@@ -3,7 +3,7 @@
 * :class:`RotaryEmbedding` + :func:`apply_rotary`: rotate query/key pairs by position-dependent
   angles (Su et al., 2021), "rotate-half" layout as in GPT-NeoX / Llama. ``offset`` gives the
   position of the first token, so a KV-cache decoding step rotates its one new token correctly.
-  :func:`rope_inv_freq` holds the frequencies, optionally stretched (Llama 3.1's ``llama3``, ``linear``).
+  :func:`rope_inv_freq` holds the frequencies, optionally stretched (Llama 3.1's ``llama3``, ``linear``, ``yarn``).
 * :class:`LearnedPositions`: an embedding table ``[max_len, d_model]`` added to the token
   embeddings by the model (the attention layer applies nothing for ``position="learned"``).
 * :func:`alibi_slopes` / :func:`alibi_bias`: ALiBi (Press et al., 2022) linear distance penalties,
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from selfattn.config import RopeScaling
 
-__all__ = ["RotaryEmbedding", "rope_inv_freq", "apply_rotary", "LearnedPositions", "alibi_slopes", "alibi_bias"]
+__all__ = ["RotaryEmbedding", "rope_inv_freq", "rope_attention_factor", "apply_rotary", "LearnedPositions", "alibi_slopes", "alibi_bias"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -55,7 +55,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling, device)  # [head_dim / 2]
             angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
             angles = torch.cat([angles, angles], dim=-1)  # [length, head_dim]
-            self._cos, self._sin = angles.cos(), angles.sin()
+            factor = rope_attention_factor(self.scaling)  # YaRN scales both; 1 otherwise
+            self._cos, self._sin = angles.cos() * factor, angles.sin() * factor
         return self._cos, self._sin
 
     def forward(
@@ -76,15 +77,18 @@ def rope_inv_freq(
 ) -> Tensor:
     """``[head_dim / 2]`` float32 inverse frequencies ``base ** (-2i / head_dim)``, stretched by
     ``scaling`` (:class:`selfattn.config.RopeScaling`) the way Hugging Face's ``rope_type`` computes
-    them, in the same float32 operations (so converted checkpoints rotate exactly as they did there)."""
+    them, in the same float32 operations (so converted checkpoints rotate exactly as they did there).
+    YaRN's cos/sin factor is :func:`rope_attention_factor`."""
     exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (base**exponent)
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
+    if scaling.kind == "yarn":
+        return _yarn_inv_freq(head_dim, base, scaling, device)
     if scaling.kind != "llama3":
-        raise ValueError(f"rope scaling kind {scaling.kind!r} is not supported (linear, llama3)")
+        raise ValueError(f"rope scaling kind {scaling.kind!r} is not supported (linear, llama3, yarn)")
     factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
     old_len = scaling.original_context_length
     wavelen = 2 * math.pi / inv_freq
@@ -93,6 +97,37 @@ def rope_inv_freq(
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(head_dim: int, base: float, scaling: RopeScaling, device: torch.device | str | None) -> Tensor:
+    """YaRN (Peng et al., 2023): interpolated frequencies where a dimension turns fewer than
+    ``beta_slow`` times in the pretraining context, kept ones above ``beta_fast``, a linear ramp between."""
+    beta_fast, beta_slow = scaling.beta_fast or 32.0, scaling.beta_slow or 1.0
+    old_len = scaling.original_context_length
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times in old_len
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.truncate is not False:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    keep = 1 - ramp  # 1: the dimension keeps its frequency
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def rope_attention_factor(scaling: RopeScaling | None) -> float:
+    """What cos and sin are multiplied by: YaRN's ``attention_factor`` (default ``0.1 ln(factor) + 1``), else 1."""
+    if scaling is None or scaling.kind != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    return 1.0 if scaling.factor <= 1 else 0.1 * math.log(scaling.factor) + 1.0
 
 
 def apply_rotary_rolled(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:

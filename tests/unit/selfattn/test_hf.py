@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,9 @@ def _configs():
         # Qwen3: per-head q/k RMSNorm, and heads wider than hidden_size / heads (16 against 8)
         "qwen3": T.Qwen3Config(**small, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
         "qwen3-untied": T.Qwen3Config(**small, num_key_value_heads=1, head_dim=4, tie_word_embeddings=False),
+        # YaRN as Qwen documents it for long contexts: the ramp covers dimensions 0-4 of 8 here
+        "qwen3-yarn": T.Qwen3Config(**small, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                                    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}),
         "llama-wide-heads": T.LlamaConfig(**small, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
         "llama-linear-rope": T.LlamaConfig(**small, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     }
@@ -87,7 +91,7 @@ def test_config_features_are_imported(saved):
     assert import_hf(saved["llama-gqa-tied"])[0].cfg.head_size is None  # head_dim = hidden / heads: nothing set apart
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt2-untied", "llama-gqa-untied", "qwen2", "mistral-window", "llama3-rope", "llama-linear-rope", "qwen3", "qwen3-untied", "llama-wide-heads"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-untied", "llama-gqa-untied", "qwen2", "mistral-window", "llama3-rope", "llama-linear-rope", "qwen3", "qwen3-untied", "llama-wide-heads", "qwen3-yarn"])
 def test_export_loads_in_transformers_and_round_trip_is_exact(name, saved, tmp_path):
     ours, _, _ = import_hf(saved[name])
     export_hf(ours, tmp_path / "hf")
@@ -104,11 +108,14 @@ def test_export_loads_in_transformers_and_round_trip_is_exact(name, saved, tmp_p
 
 def test_rope_scaling_is_imported_from_either_config_layout_and_unsupported_types_are_named(saved, tmp_path):
     from selfattn.config import RopeScaling
-    from selfattn.positions import rope_inv_freq
+    from selfattn.positions import rope_attention_factor, rope_inv_freq
 
     cfg = import_hf(saved["llama3-rope"])[0].cfg
     assert cfg.rope_scaling == RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=32)
     assert import_hf(saved["llama-linear-rope"])[0].cfg.rope_scaling == RopeScaling(kind="linear", factor=4.0)
+    yarn = import_hf(saved["qwen3-yarn"])[0].cfg.rope_scaling
+    assert yarn == RopeScaling(kind="yarn", factor=4.0, original_context_length=256)
+    assert rope_attention_factor(yarn) == pytest.approx(0.1 * math.log(4.0) + 1) and rope_attention_factor(cfg.rope_scaling) == 1.0
     # the three bands really differ from the unscaled frequencies: kept, smoothed, divided by 8
     plain, scaled = rope_inv_freq(16, 10000.0), rope_inv_freq(16, 10000.0, cfg.rope_scaling)
     assert scaled[0] == plain[0] and plain[1] / 8 < scaled[1] < plain[1] and torch.equal(scaled[2:], plain[2:] / 8)
@@ -125,7 +132,14 @@ def test_rope_scaling_is_imported_from_either_config_layout_and_unsupported_type
     (legacy / "config.json").write_text(json.dumps(raw))
     assert import_hf(legacy)[0].cfg == cfg
 
-    for rope, needle in (({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "'yarn' is not supported"),
+    # YaRN with DeepSeek's mscale / mscale_all_dim: the attention factor resolved as transformers does
+    raw["rope_scaling"] = None
+    raw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 256, "mscale": 1.0, "mscale_all_dim": 0.5}
+    (legacy / "config.json").write_text(json.dumps(raw))
+    got = import_hf(legacy)[0].cfg.rope_scaling
+    assert got.attention_factor == pytest.approx((0.1 * math.log(4.0) + 1) / (0.05 * math.log(4.0) + 1))
+
+    for rope, needle in (({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}, "'dynamic' is not supported"),
                          ({"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}, "lacks 'low_freq_factor'"),
                          ({**LLAMA3_ROPE, "high_freq_factor": 0.5}, "must be > low_freq_factor")):  # fmt: skip
         raw["rope_scaling"] = None

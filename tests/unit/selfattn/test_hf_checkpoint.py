@@ -59,8 +59,7 @@ def test_models_saved_before_rope_scaling_existed_keep_their_digest(tmp_path):
     assert config_digest(model.cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         assert f.metadata()[META_DIGEST] == config_digest(model.cfg)
-    scaled = model.cfg.model_copy(update={"rope_scaling": {"kind": "linear", "factor": 2.0}})
-    scaled = type(model.cfg).model_validate(scaled.model_dump())
+    scaled = type(model.cfg).model_validate({**model.cfg.model_dump(), "rope_scaling": {"kind": "linear", "factor": 2.0}})
     assert config_digest(scaled) != config_digest(model.cfg)
     for field, value in (("head_size", 16), ("qk_norm", True)):
         assert config_digest(model.cfg.model_copy(update={field: value})) != config_digest(model.cfg)
@@ -75,10 +74,12 @@ def test_rope_scaling_config_is_validated():
     ok = RopeScaling(kind="llama3", factor=8, low_freq_factor=1, high_freq_factor=4, original_context_length=8192)
     assert ModelConfig(**base, rope_scaling=ok).rope_scaling == ok
     for bad, needle in (
-        ({"kind": "llama3", "factor": 8.0}, "needs low_freq_factor, high_freq_factor and original_context_length"),
-        ({"kind": "linear", "factor": 2.0, "low_freq_factor": 1.0}, "takes only factor"),
+        ({"kind": "llama3", "factor": 8.0, "original_context_length": 64}, "needs low_freq_factor and high_freq_factor"),
+        ({"kind": "yarn", "factor": 4.0}, "needs original_context_length"),
+        ({"kind": "linear", "factor": 2.0, "low_freq_factor": 1.0}, "does not take low_freq_factor"),
+        ({"kind": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4, "original_context_length": 64, "beta_fast": 32}, "does not take beta_fast"),
         ({"kind": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1, "original_context_length": 64}, "must be > low_freq_factor"),
-        ({"kind": "yarn", "factor": 4.0}, "'linear' or 'llama3'"),
+        ({"kind": "ntk", "factor": 4.0}, "'linear', 'llama3' or 'yarn'"),
         ({"kind": "linear", "factor": 0.0}, "greater than 0"),
     ):
         with pytest.raises(ValidationError, match=needle):
