@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "MultiHeadAttention": "selfattn.attention",
     "KVCache": "selfattn.attention",
     "ModelConfig": "selfattn.config",
+    "RopeScaling": "selfattn.config",
     "DecoderLM": "selfattn.models",
     "SequenceClassifier": "selfattn.models",
     "build_decoder_lm": "selfattn.models",

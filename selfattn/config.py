@@ -97,7 +97,7 @@ class ModelConfig(StrictModel):
     low_rank_k: int | None = Field(default=None, gt=0, description="low_rank: projected key/value length")
     position: PositionKind = "rope"
     rope_base: float = Field(default=10000.0, gt=0)
-    rope_scaling: RopeScaling | None = Field(default=None, description="position='rope': frequencies stretched (Llama 3.1 llama3, linear)")
+    rope_scaling: RopeScaling | None = Field(default=None, description="position='rope': frequencies stretched (llama3, yarn, linear)")
     norm: NormKind = "layernorm"
     norm_eps: float | None = Field(default=None, gt=0, description="None = 1e-5 (layernorm) / 1e-6 (rmsnorm)")
     mlp: MLPKind = "gelu"

@@ -177,7 +177,7 @@ _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     """``(rope_theta, scaling)`` from transformers 5's ``rope_parameters`` or the older ``rope_scaling``
-    + ``rope_theta``; a UserError names a rope type the trunk does not compute (yarn, dynamic, ...)."""
+    + ``rope_theta``; a UserError names a rope type the trunk does not compute (dynamic, longrope, ...)."""
     fields = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     rope_type = fields.get("rope_type") or fields.get("type") or "default"
     if rope_type not in _ROPE_TYPES:
