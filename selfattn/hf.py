@@ -516,7 +516,8 @@ def import_hf(src: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Dec
         )
     cfg = config_from_hf(hf, where=str(d / "config.json"), pad_token_id=tokenizer.pad_id if tokenizer else None)
     tensors = state_dict_from_hf(_read_weights(d), cfg, family)
-    model = DecoderLM(cfg)
+    with torch.device("meta"):  # shapes only: no random init, no float32 copy of a large model
+        model = DecoderLM(cfg)
     expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -527,8 +528,13 @@ def import_hf(src: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Dec
     if dtype is None:
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    model.to(dtype)
-    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)  # tied head re-tied
+    # the file's tensors become the parameters (assign): peak memory is about one copy of the weights
+    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # assign replaced the shared parameter: tie again
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # every parameter is in the file (checked above); a buffer would need computing
+        raise RuntimeError(f"import_hf left tensors without values: {left[:5]}")
     model.eval()
     return model, tokenizer, hf
 

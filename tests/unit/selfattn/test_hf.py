@@ -149,6 +149,26 @@ def test_rope_scaling_is_imported_from_either_config_layout_and_unsupported_type
             import_hf(legacy)
 
 
+def test_import_takes_the_files_tensors_keeps_ties_and_trains_without_touching_the_file(saved, tmp_path):
+    """import_hf builds the model on the meta device and assigns the file's tensors: nothing is left
+    on meta, a tied head is the embedding itself, and training writes to memory, not the file."""
+    import shutil
+
+    src = shutil.copytree(saved["llama-gqa-tied"], tmp_path / "llama")
+    lm = import_hf(src)[0]
+    assert not any(t.is_meta for t in [*lm.parameters(), *lm.buffers()])
+    assert lm.lm_head.weight is lm.tok_emb.weight and all(p.requires_grad for p in lm.parameters())
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    lm.train()
+    x = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    lm(x, targets=x).loss.backward()
+    opt.step()
+    assert not torch.equal(lm.tok_emb.weight, before["tok_emb.weight"]) and lm.lm_head.weight is lm.tok_emb.weight
+    again = import_hf(src)[0].state_dict()
+    assert all(torch.equal(again[k], before[k]) for k in before)  # the file still holds what it held
+
+
 def test_sharded_checkpoint_is_read(saved, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(saved["llama-gqa-untied"])
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
