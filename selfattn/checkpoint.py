@@ -217,6 +217,13 @@ def _tied_aliases(model: nn.Module) -> list[str]:
     return []
 
 
+def _retie(model: nn.Module) -> None:
+    """Share the tied aliases' parameters again after ``load_state_dict(assign=True)`` replaced them."""
+    for alias in _tied_aliases(model):
+        if alias == "lm_head.weight":
+            model.lm_head.weight = model.tok_emb.weight  # type: ignore[union-attr]
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """``out`` becomes ``tmp``; an old ``out`` is moved aside first and deleted only after."""
     old = None
@@ -264,17 +271,27 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{d / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
 
+    build = SequenceClassifier if task == "classifier" else DecoderLM
     try:
-        model: nn.Module = SequenceClassifier(cfg) if task == "classifier" else DecoderLM(cfg)
+        with torch.device("meta"):  # shapes only: no random init, no second copy of the weights
+            model: nn.Module = build(cfg)
     except ValueError as exc:  # e.g. an LM asking for attention='low_rank' (bidirectional only)
         raise UserError(f"{d / CONFIG_FILE}: this {task} config cannot be built: {exc}") from None
-    model.to(map_location)
     _check_tensors(model, tensors, d / WEIGHTS_FILE)
     check_config_digest(cfg, file_meta, d / CONFIG_FILE)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) == 1:
-        model.to(dtypes.pop())  # a checkpoint saved in bf16 loads in bf16
-    model.load_state_dict(tensors, strict=False)  # strictness checked above, tied aliases re-tied
+    if len(dtypes) > 1:  # mixed: everything in float32, as a freshly built model has it
+        tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
+    if any(True for _ in model.buffers()):
+        # non-persistent buffers (ALiBi slopes) are not in the file: their constructor must run
+        model = build(cfg).to(map_location)
+        if len(dtypes) == 1:
+            model.to(next(iter(dtypes)))  # a checkpoint saved in bf16 loads in bf16
+        model.load_state_dict(tensors, strict=False)  # strictness checked above, tied aliases re-tied
+    else:
+        # the file's tensors become the parameters (in its dtype: bf16 loads in bf16)
+        model.load_state_dict(tensors, strict=False, assign=True)
+        _retie(model)
     model.eval()
 
     tokenizer = load_tokenizer(d / TOKENIZER_DIR) if (d / TOKENIZER_DIR).is_dir() else None

@@ -68,6 +68,40 @@ def test_lm_round_trip_is_exact(tmp_path, char_tok, no_pickle, kw):
         assert loaded.model.lm_head.weight is not loaded.model.tok_emb.weight
 
 
+@pytest.mark.parametrize("case", ["tied", "alibi", "bf16", "mixed", "classifier"])
+def test_loaded_model_is_whole_trainable_and_leaves_the_file_alone(tmp_path, char_tok, case):
+    """load_pretrained builds on the meta device and takes the file's tensors (ALiBi, whose slopes are
+    a non-persistent buffer, is built for real): nothing stays on meta, dtypes are the file's (mixed:
+    float32), and a training step changes the model, not the checkpoint."""
+    if case == "classifier":
+        torch.manual_seed(0)
+        model = SequenceClassifier(ModelConfig(vocab_size=char_tok.vocab_size, context_length=32, n_layers=1, d_model=32, n_heads=4, n_classes=2)).eval()
+    else:
+        model = _lm(char_tok, position="alibi" if case == "alibi" else "rope")
+    if case == "bf16":
+        model.to(torch.bfloat16)
+    if case == "mixed":
+        model.tok_emb.to(torch.bfloat16)
+    out = save_pretrained(model, tmp_path / "ckpt", tokenizer=char_tok)
+    loaded = load_pretrained(out).model
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    want = {"bf16": torch.bfloat16}.get(case, torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {want} and all(p.requires_grad for p in loaded.parameters())
+    ids = torch.tensor([char_tok.encode(TEXT[:20])])
+    if case != "mixed":  # the mixed file loads in float32, unlike the mixed model it came from
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    if case == "alibi":
+        torch.testing.assert_close(loaded.blocks[0].attn.alibi_slopes, model.blocks[0].attn.alibi_slopes)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    loaded.train()
+    out_ = loaded(ids, labels=torch.tensor([1])) if case == "classifier" else loaded(ids, targets=ids)
+    out_.loss.float().backward()
+    torch.optim.SGD(loaded.parameters(), lr=0.5).step()
+    assert any(not torch.equal(v, loaded.state_dict()[k]) for k, v in before.items())
+    again = load_pretrained(out).model.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in before.items())
+
+
 def test_classifier_round_trip_with_bpe(tmp_path, no_pickle):
     tok = BPETokenizer.train([TEXT] * 3, vocab_size=270)
     torch.manual_seed(0)
