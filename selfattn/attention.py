@@ -355,6 +355,8 @@ class MultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         extra = f", window={self.window}" if self.attention == "sliding_window" else ""
         extra += f", low_rank_k={self.low_rank_k}" if self.attention == "low_rank" else ""
+        extra += f", head_dim={self.head_dim}" if self.head_dim * self.n_heads != self.d_model else ""
+        extra += ", qk_norm=True" if self.q_norm is not None else ""
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
             f"attention={self.attention!r}{extra}, position={self.position!r}"
