@@ -26,7 +26,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from pydantic import ValidationError
@@ -217,11 +217,26 @@ def _tied_aliases(model: nn.Module) -> list[str]:
     return []
 
 
-def _retie(model: nn.Module) -> None:
-    """Share the tied aliases' parameters again after ``load_state_dict(assign=True)`` replaced them."""
-    for alias in _tied_aliases(model):
-        if alias == "lm_head.weight":
+def assign_weights(model: nn.Module, tensors: dict[str, Tensor], rebuild: Callable[[], nn.Module]) -> nn.Module:
+    """``model``, built on the meta device and checked against ``tensors``, with the tensors as its
+    parameters: no random init and about one copy of the weights in memory, in the tensors' dtype.
+
+    A tied head is tied again (assigning replaced the shared parameter). A model with buffers
+    (ALiBi's slopes: non-persistent, not in any file) is built for real by ``rebuild()`` on the
+    tensors' device and loaded by copy. Returns the model in eval mode.
+    """
+    if any(True for _ in model.buffers()):
+        first = next(iter(tensors.values()))
+        model = rebuild().to(first.device)
+        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(dtypes) == 1:
+            model.to(dtypes.pop())  # a checkpoint saved in bf16 loads in bf16
+        model.load_state_dict(tensors, strict=False)  # strictness checked by the caller; ties kept
+    else:
+        model.load_state_dict(tensors, strict=False, assign=True)
+        if "lm_head.weight" in _tied_aliases(model):
             model.lm_head.weight = model.tok_emb.weight  # type: ignore[union-attr]
+    return model.eval()
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -279,20 +294,9 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"{d / CONFIG_FILE}: this {task} config cannot be built: {exc}") from None
     _check_tensors(model, tensors, d / WEIGHTS_FILE)
     check_config_digest(cfg, file_meta, d / CONFIG_FILE)
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) > 1:  # mixed: everything in float32, as a freshly built model has it
+    if len({t.dtype for t in tensors.values() if t.is_floating_point()}) > 1:  # mixed: all float32, as built
         tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
-    if any(True for _ in model.buffers()):
-        # non-persistent buffers (ALiBi slopes) are not in the file: their constructor must run
-        model = build(cfg).to(map_location)
-        if len(dtypes) == 1:
-            model.to(next(iter(dtypes)))  # a checkpoint saved in bf16 loads in bf16
-        model.load_state_dict(tensors, strict=False)  # strictness checked above, tied aliases re-tied
-    else:
-        # the file's tensors become the parameters (in its dtype: bf16 loads in bf16)
-        model.load_state_dict(tensors, strict=False, assign=True)
-        _retie(model)
-    model.eval()
+    model = assign_weights(model, tensors, lambda: build(cfg))
 
     tokenizer = load_tokenizer(d / TOKENIZER_DIR) if (d / TOKENIZER_DIR).is_dir() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:

@@ -38,6 +38,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+from selfattn.checkpoint import assign_weights, load_pretrained, save_pretrained
 from selfattn.config import ModelConfig, RopeScaling
 from selfattn.errors import UserError
 from selfattn.lora import LoRALinear, lora_modules, merged_state_dict
@@ -367,10 +368,10 @@ def config_to_hf(cfg: ModelConfig, tokenizer: HFTokenizer | None = None, dtype: 
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     elif fam == "mistral":
         out.update(sliding_window=cfg.window)
-    elif fam == "qwen3":
-        out.update(attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-    else:
+    else:  # qwen2, qwen3
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+        if fam == "qwen3":
+            out.update(attention_bias=False)
     return out
 
 
@@ -528,14 +529,7 @@ def import_hf(src: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Dec
     if dtype is None:
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    # the file's tensors become the parameters (assign): peak memory is about one copy of the weights
-    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight  # assign replaced the shared parameter: tie again
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # every parameter is in the file (checked above); a buffer would need computing
-        raise RuntimeError(f"import_hf left tensors without values: {left[:5]}")
-    model.eval()
+    model = assign_weights(model, {k: v.to(dtype) for k, v in tensors.items()}, lambda: DecoderLM(cfg))
     return model, tokenizer, hf
 
 
@@ -545,8 +539,6 @@ def convert_from_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype | No
     Everything is read and checked before anything is written; ``dst`` loads with
     :func:`selfattn.load_pretrained`.
     """
-    from selfattn.checkpoint import save_pretrained
-
     model, tokenizer, hf = import_hf(src, dtype=dtype)
     source = {"hf_source": str(src), "hf_model_type": hf.get("model_type"), "hf_architectures": hf.get("architectures")}
     return save_pretrained(model, dst, tokenizer=tokenizer, extra={"imported": source})
@@ -615,8 +607,6 @@ def export_hf(model: DecoderLM, dst: str | Path, tokenizer: Any = None, *, unmer
 
 def convert_to_hf(src: str | Path, dst: str | Path) -> Path:
     """A selfattn checkpoint directory (an LM) -> a HF directory."""
-    from selfattn.checkpoint import load_pretrained
-
     pre = load_pretrained(src)
     if pre.task != "lm":
         raise UserError(f"{src} is a {pre.task}; only language models export to Hugging Face (AutoModelForCausalLM)")
