@@ -195,7 +195,7 @@ def main() -> None:
         }
         print(f"{'':>6} sdpa backend: {backend}; selfattn/sdpa {ratios[f'T={T}']['selfattn_over_sdpa_time']:.3f}x, "
               f"naive/selfattn {ratios[f'T={T}']['naive_over_selfattn_time']:.2f}x")
-        del q, k, v, grad
+        q = k = v = grad = None  # free them before the next size (the lambdas above read these names)
 
     print(json.dumps({
         "benchmark": "attention_fwd_bwd", "device": str(device), "device_name": where, "torch": torch.__version__,

@@ -136,7 +136,7 @@ def bench_attention(args: argparse.Namespace, rows: Rows) -> dict:
                 row["speedup_vs_causal"] = round(dense_ms / row["ms"], 3)
             rows.add(row)
         flex_jobs.append((t, b, dense_ms))
-        del q, k, v, grad
+        q = k = v = grad = None  # free them before the next size (the lambdas above read these names)
     # FlexAttention last: every shape compiles (seconds each); stop when the budget runs short.
     # Up to 10 shapes x masks: above dynamo's default limit of 8 recompiles it would silently fall
     # back to the unfused kernel (every score materialised), so the limit is raised here
@@ -157,7 +157,7 @@ def bench_attention(args: argparse.Namespace, rows: Rows) -> dict:
             if window is not None and dense_ms and "ms" in row:
                 row["speedup_vs_causal"] = round(dense_ms / row["ms"], 3)
             rows.add(row)
-            del q, k, v
+            q = k = v = None
     return {"rows": rows.rows}
 
 

@@ -11,7 +11,12 @@ One home, one model, two ``selfattn run --config smoke`` in a row:
            histories hold no duplicate
 
 Kill moments are detected by watching what the server writes (its artifact directory, its
-registry table in PostgreSQL), never by sleeping.
+registry table in PostgreSQL), never by sleeping. The registration's moment is also held open:
+the test holds a PostgreSQL lock in the server's database (run 1: ``model_versions`` in EXCLUSIVE
+mode; run 2: the registered model's row), so the run, registry lock taken, waits on its new
+version until the server is killed, and that write, never committed, dies with the server's
+connection. Without the hold, a run on a fast host
+registered its version in the milliseconds between the lock showing and the kill (CI, 2026-12-05).
 """
 
 from __future__ import annotations
@@ -55,6 +60,30 @@ def _model_files(server: MlflowServer) -> set[Path]:
     return {p for p in (server.root / "artifacts").rglob("*") if p.is_file() and "/models/m-" in p.as_posix()}
 
 
+class Held:
+    """A lock statement (``sql``) in an open transaction of the server's database, so that the
+    server's writes it conflicts with wait until :meth:`release` (idempotent)."""
+
+    def __init__(self, server: MlflowServer, sql: str, args: tuple = ()) -> None:
+        import psycopg2
+
+        self.conn = psycopg2.connect(f"{PG_URL.rstrip('/')}/{server.db}")
+        cur = self.conn.cursor()
+        cur.execute(sql, args)  # psycopg2 opened the transaction
+        self.rows = cur.fetchall() if cur.description else []
+        self.pid = self.conn.get_backend_pid()
+
+    def waited_on(self, server: MlflowServer) -> list[str]:
+        """The server's statements now waiting on a lock (ours, nobody else writes to this database)."""
+        rows = _pg(server, "select pid, query from pg_stat_activity where datname = %s and wait_event_type = 'Lock'", (server.db,))
+        return [q for pid, q in rows if pid != self.pid]
+
+    def release(self) -> None:
+        if not self.conn.closed:
+            self.conn.rollback()
+            self.conn.close()
+
+
 class Run:
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
@@ -76,9 +105,10 @@ class Run:
             self._fh.close()
 
 
-def _outage(server: MlflowServer, down_s: float) -> float:
-    """Kill the server now, start it again ``down_s`` later; returns kill-to-healthy seconds."""
+def _outage(server: MlflowServer, down_s: float, then=lambda: None) -> float:
+    """Kill the server now (then call ``then``), start it again ``down_s`` later; returns kill-to-healthy seconds."""
     server.stop()
+    then()
     t0 = time.monotonic()
     time.sleep(down_s)
     server.start()
@@ -97,14 +127,18 @@ def outages(tmp_path_factory) -> dict:
     experiment, model = f"outages-{uuid.uuid4().hex[:6]}", f"outages-{uuid.uuid4().hex[:6]}"
     cmd = [*selfattn_cmd(), "run", "--config", "smoke", "--set", f"tracking.experiment={experiment}", "--set", f"registry.model_name={model}"]
     obs: dict = {"server": srv, "model": model, "experiment": experiment, "base": base}
+    hold: Held | None = None
     try:
         srv.start()
         env = _host_env(srv, home)
 
         # run 1: down from the registry lock until the run gives up
+        hold = Held(srv, "lock table model_versions in exclusive mode")  # reads pass, writes wait
         r1 = Run(cmd, {**env, **SHORT_BUDGET}, base / "run1.log")
         r1.until("the registry lock", lambda: _lock_taken(srv, model))
+        r1.until("the version insert to wait on the held table", lambda: any(q.lower().startswith("insert into model_versions") for q in hold.waited_on(srv)))
         srv.stop()
+        hold.release()  # the server's pending insert goes on, then finds its client gone: rolled back
         t0 = time.monotonic()
         obs["rc1"] = r1.wait(timeout=900)
         obs["gave_up_after_s"] = time.monotonic() - t0
@@ -117,16 +151,24 @@ def outages(tmp_path_factory) -> dict:
 
         # run 2: the same command; outages during the model upload and during registration
         before = _model_files(srv)
+        # run 1's lock, left behind, is taken over by renaming it aside (an update that cascades
+        # to model_versions): this time only the model's own row is held, which its new version
+        # (a row of model_versions pointing at it) must wait for
+        hold = Held(srv, "select name from registered_models where name = %s for update", (model,))
+        assert hold.rows, f"run 1 created the registered model {model!r} before its version"
         r2 = Run(cmd, env, base / "run2.log")
         r2.until("the model's artifacts to arrive", lambda: bool(_model_files(srv) - before))
         obs["upload_outage_s"] = _outage(srv, 30)
-        r2.until("the registry lock", lambda: _lock_taken(srv, model))
-        obs["register_outage_s"] = _outage(srv, 30)
+        r2.until("the new version to wait on the held model", lambda: bool(hold.waited_on(srv)))
+        obs["register_waited_on"] = hold.waited_on(srv)
+        obs["register_outage_s"] = _outage(srv, 30, then=hold.release)
         obs["rc2"] = r2.wait(timeout=1800)
         obs["log2"] = r2.text()
-        print({k: round(v, 1) for k, v in obs.items() if k.endswith("_s")})
+        print({k: round(v, 1) for k, v in obs.items() if k.endswith("_s")}, "registration held at:", obs["register_waited_on"])
         yield obs
     finally:
+        if hold is not None:
+            hold.release()
         srv.drop()
 
 
