@@ -15,8 +15,8 @@ registry table in PostgreSQL), never by sleeping. The registration's moment is a
 the test holds a PostgreSQL lock in the server's database (run 1: ``model_versions`` in EXCLUSIVE
 mode; run 2: the registered model's row), so the run, registry lock taken, waits on its new
 version until the server is killed, and that write, never committed, dies with the server's
-connection. Without the hold, a run on a fast host
-registered its version in the milliseconds between the lock showing and the kill (CI, 2026-12-05).
+connection. Without the hold, a run on a fast host registered its version in the milliseconds
+between the lock showing and the kill (CI, 2026-12-05).
 """
 
 from __future__ import annotations
@@ -67,15 +67,16 @@ class Held:
     def __init__(self, server: MlflowServer, sql: str, args: tuple = ()) -> None:
         import psycopg2
 
+        self.server = server
         self.conn = psycopg2.connect(f"{PG_URL.rstrip('/')}/{server.db}")
         cur = self.conn.cursor()
         cur.execute(sql, args)  # psycopg2 opened the transaction
         self.rows = cur.fetchall() if cur.description else []
         self.pid = self.conn.get_backend_pid()
 
-    def waited_on(self, server: MlflowServer) -> list[str]:
-        """The server's statements now waiting on a lock (ours, nobody else writes to this database)."""
-        rows = _pg(server, "select pid, query from pg_stat_activity where datname = %s and wait_event_type = 'Lock'", (server.db,))
+    def waited_on(self) -> list[str]:
+        """The statements now waiting on a lock in the server's database (only the server and this test use it)."""
+        rows = _pg(self.server, "select pid, query from pg_stat_activity where datname = %s and wait_event_type = 'Lock'", (self.server.db,))
         return [q for pid, q in rows if pid != self.pid]
 
     def release(self) -> None:
@@ -105,10 +106,9 @@ class Run:
             self._fh.close()
 
 
-def _outage(server: MlflowServer, down_s: float, then=lambda: None) -> float:
-    """Kill the server now (then call ``then``), start it again ``down_s`` later; returns kill-to-healthy seconds."""
+def _outage(server: MlflowServer, down_s: float) -> float:
+    """Kill the server now (a no-op if the caller just did), start it again ``down_s`` later; returns kill-to-healthy seconds."""
     server.stop()
-    then()
     t0 = time.monotonic()
     time.sleep(down_s)
     server.start()
@@ -136,7 +136,7 @@ def outages(tmp_path_factory) -> dict:
         hold = Held(srv, "lock table model_versions in exclusive mode")  # reads pass, writes wait
         r1 = Run(cmd, {**env, **SHORT_BUDGET}, base / "run1.log")
         r1.until("the registry lock", lambda: _lock_taken(srv, model))
-        r1.until("the version insert to wait on the held table", lambda: any(q.lower().startswith("insert into model_versions") for q in hold.waited_on(srv)))
+        r1.until("the version insert to wait on the held table", lambda: any(q.lower().startswith("insert into model_versions") for q in hold.waited_on()))
         srv.stop()
         hold.release()  # the server's pending insert goes on, then finds its client gone: rolled back
         t0 = time.monotonic()
@@ -159,9 +159,11 @@ def outages(tmp_path_factory) -> dict:
         r2 = Run(cmd, env, base / "run2.log")
         r2.until("the model's artifacts to arrive", lambda: bool(_model_files(srv) - before))
         obs["upload_outage_s"] = _outage(srv, 30)
-        r2.until("the new version to wait on the held model", lambda: bool(hold.waited_on(srv)))
-        obs["register_waited_on"] = hold.waited_on(srv)
-        obs["register_outage_s"] = _outage(srv, 30, then=hold.release)
+        r2.until("the new version to wait on the held model", lambda: bool(hold.waited_on()))
+        obs["register_waited_on"] = hold.waited_on()
+        srv.stop()
+        hold.release()
+        obs["register_outage_s"] = _outage(srv, 30)
         obs["rc2"] = r2.wait(timeout=1800)
         obs["log2"] = r2.text()
         print({k: round(v, 1) for k, v in obs.items() if k.endswith("_s")}, "registration held at:", obs["register_waited_on"])
