@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from selfattn.functional import naive_attention, scaled_dot_product_attention
+from selfattn.nn.functional import naive_attention, scaled_dot_product_attention
 
 IMPLS: dict[str, Callable[..., torch.Tensor]] = {
     "selfattn": lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True),

@@ -30,7 +30,7 @@ def _peer(train_path: str, text_column: str, label_column: str, labels: list):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from selfattn.data import read_labelled
+    from selfattn.data.classification import read_labelled
 
     texts, y = read_labelled(train_path, split="train", text_column=text_column, label_column=label_column, labels=labels)
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-peer", action="store_true")
     args = ap.parse_args(argv)
 
-    from selfattn.behaviour import checkpoint_predictor, run_suite, slice_metrics
-    from selfattn.checkpoint import load_pretrained
-    from selfattn.data import ClassificationDataConfig, read_labelled
-    from selfattn.evaluate import calibrate_checkpoint, evaluate_checkpoint
+    from selfattn.eval.behaviour import checkpoint_predictor, run_suite, slice_metrics
+    from selfattn.io.checkpoint import load_pretrained
+    from selfattn.data.config import ClassificationDataConfig
+    from selfattn.data.classification import read_labelled
+    from selfattn.eval.evaluate import calibrate_checkpoint, evaluate_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="behaviour-sst2-"))
     os.environ.setdefault("SELFATTN_HOME", str(work / "home"))  # caches go here, not beside the model

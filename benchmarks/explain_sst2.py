@@ -112,10 +112,10 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from selfattn.calibration import temperature_of
-    from selfattn.checkpoint import load_pretrained
-    from selfattn.data import read_labelled
-    from selfattn.interpret import explain
+    from selfattn.eval.calibration import temperature_of
+    from selfattn.io.checkpoint import load_pretrained
+    from selfattn.data.classification import read_labelled
+    from selfattn.eval.interpret import explain
 
     if args.threads:
         torch.set_num_threads(args.threads)

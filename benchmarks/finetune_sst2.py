@@ -60,8 +60,8 @@ def linear_peer(train_path: Path, dev_path: Path, val_fraction: float, out: Path
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from selfattn.data import read_labelled, sentence_holdout
-    from selfattn.evaluate import write_predictions
+    from selfattn.data.classification import read_labelled, sentence_holdout
+    from selfattn.eval.evaluate import write_predictions
 
     t0 = time.perf_counter()
     texts, labels = read_labelled(str(train_path), split="train", text_column="sentence", label_column="label", labels=[0, 1])
@@ -96,10 +96,10 @@ def wordllama_stage(sst2: Path, out: Path, steps: int, budget_s: float, device: 
     import torch
 
     from selfattn.config import ModelConfig
-    from selfattn.data import read_labelled, sentence_holdout
-    from selfattn.evaluate import paired_bootstrap, write_predictions
-    from selfattn.hf import init_embeddings, load_embedding_table
-    from selfattn.models import SequenceClassifier
+    from selfattn.data.classification import read_labelled, sentence_holdout
+    from selfattn.eval.evaluate import paired_bootstrap, write_predictions
+    from selfattn.io.hf import init_embeddings, load_embedding_table
+    from selfattn.nn.models import SequenceClassifier
 
     spec = find_spec("wordllama")
     if spec is None or not spec.submodule_search_locations:
@@ -204,7 +204,7 @@ def main() -> int:
 
     import torch
 
-    from selfattn.evaluate import evaluate_checkpoint, evaluate_ensemble, paired_bootstrap, read_correct
+    from selfattn.eval.evaluate import evaluate_checkpoint, evaluate_ensemble, paired_bootstrap, read_correct
     from selfattn.train import FinetuneConfig, PretrainConfig, finetune, pretrain
 
     if args.threads:

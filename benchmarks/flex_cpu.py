@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.sliding_window import _cpu_time
-from selfattn.functional import flex_masked_attention, sliding_window_attention
+from selfattn.nn.window import flex_masked_attention, sliding_window_attention
 
 
 def main() -> None:

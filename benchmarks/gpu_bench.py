@@ -49,7 +49,7 @@ SECTIONS = ("tests", "attention", "pretrain", "finetune")
 # seconds each section may take on the GPU (the whole call stays under gpu.sh's 470 s limit)
 BUDGET = {"tests": 100, "attention": 130, "pretrain": 110, "finetune": 100}
 # the test files that hold CUDA-marked tests (a default-suite test keeps this list complete)
-CUDA_TEST_FILES = ("tests/unit/selfattn/test_devices.py", "tests/unit/selfattn/test_functional_flex.py")
+CUDA_TEST_FILES = ("tests/unit/selfattn/test_devices.py", "tests/unit/selfattn/nn/test_functional_flex.py")
 # what each section imports, by distribution name (the device image lacks pydantic and datasets)
 NEEDS = {
     "tests": ("pytest", "pydantic", "yaml", "tokenizers", "safetensors", "datasets", "pandas"),
@@ -109,7 +109,8 @@ def bench_attention(args: argparse.Namespace, rows: Rows) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
 
-    from selfattn.functional import flex_masked_attention, scaled_dot_product_attention, sliding_window_attention
+    from selfattn.nn.window import flex_masked_attention, sliding_window_attention
+    from selfattn.nn.functional import scaled_dot_product_attention
 
     device, dtype = args.device, torch.bfloat16
     h, d, w = args.heads, args.head_dim, args.window
@@ -197,7 +198,7 @@ def bench_pretrain(args: argparse.Namespace, rows: Rows) -> dict:
     import torch
 
     from selfattn.config import ModelConfig
-    from selfattn.models import build_decoder_lm
+    from selfattn.nn.models import build_decoder_lm
     from selfattn.utils import autocast_context
 
     device = torch.device(args.device)

@@ -1,4 +1,4 @@
-"""Loading a Hugging Face checkpoint: ``selfattn.hf.import_hf`` against transformers'
+"""Loading a Hugging Face checkpoint: ``selfattn.io.hf.import_hf`` against transformers'
 ``AutoModelForCausalLM.from_pretrained`` on the same files, each in a fresh process.
 
     python -m benchmarks.hf_import [--layers 24 --hidden 1024 --vocab 32000] [--repeats 3]
@@ -31,7 +31,7 @@ def hwm_mib():  # this process's peak RSS (VmHWM: unlike ru_maxrss, not inherite
             return int(line.split()[1]) / 1024
 
 if which == "selfattn":
-    from selfattn.hf import import_hf
+    from selfattn.io.hf import import_hf
 elif which == "transformers":
     import transformers
 base = hwm_mib()

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention import CpuPeakMemory
-from selfattn.attention import MultiHeadAttention
+from selfattn.nn.attention import MultiHeadAttention
 from selfattn.config import ModelConfig
-from selfattn.models import DecoderLM
+from selfattn.nn.models import DecoderLM
 
 
 def _time_layer(attention: str, t: int, repeats: int, meter: CpuPeakMemory) -> tuple[float, int | None]:

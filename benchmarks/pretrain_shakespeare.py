@@ -104,8 +104,8 @@ def bare_loop_tokens_per_s(model_dir: Path, steps: int, device: str) -> float:
     """The peer: the same model/optimizer stepped by a minimal loop (random tokens, no data, no engine)."""
     import torch
 
-    from selfattn.checkpoint import load_pretrained
-    from selfattn.models import param_groups
+    from selfattn.io.checkpoint import load_pretrained
+    from selfattn.nn.models import param_groups
 
     model = load_pretrained(model_dir, map_location=device).model.train()
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.99))

@@ -13,7 +13,7 @@ import json
 import torch
 
 from selfattn.config import ModelConfig
-from selfattn.models import DecoderLM
+from selfattn.nn.models import DecoderLM
 
 
 def main() -> None:

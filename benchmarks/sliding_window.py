@@ -6,7 +6,7 @@
 
 B=1, H=8, D=64. ``--padded``: B=2 with a key-padding mask (row 2's first quarter of the keys is
 padding) and ``--prefix P``: P cached keys before the T queries; the dense peer is then
-``selfattn.functional.scaled_dot_product_attention`` with the same mask, ``is_causal=True``
+``selfattn.nn.functional.scaled_dot_product_attention`` with the same mask, ``is_causal=True``
 (bottom-right), i.e. what runs without the window. Time is the best of ``--repeats`` passes in process CPU time with ONE torch thread:
 on a shared, loaded machine wall-clock varies 2-3x between runs, CPU time of a single-threaded
 pass much less (both peers are measured the same way, interleaved). Memory: peak RSS above the
@@ -23,13 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention import CpuPeakMemory
-from selfattn.functional import (
-    _window_block_size,
-    _window_kernel,
-    scaled_dot_product_attention,
-    sliding_window_attention,
-    window_path,
-)
+from selfattn.nn.window import _window_block_size, _window_kernel, sliding_window_attention, window_path
+from selfattn.nn.functional import scaled_dot_product_attention
 
 
 def _cpu_time(fn, repeats: int) -> float:

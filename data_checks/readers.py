@@ -7,7 +7,7 @@ extension names. A failure in the first four steps or in parsing is *unusable in
 decoded with replacement characters and the ``utf8`` check of the suite fails, naming the byte
 offset, so the user sees every other problem in the same report.
 
-Bytes, decoding and parsing are the library's (``selfattn.data.read_table``, shared with the
+Bytes, decoding and parsing are the library's (``selfattn.data.tables.read_table``, shared with the
 trainer); this module adds the gate's normalisation. pandas is imported inside the functions.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # the library's reader: the gate checks exactly the cells the trainer reads
-from selfattn.data import DecodedText, decode_text, normalise_newlines, read_bytes, read_table
+from selfattn.data.tables import DecodedText, decode_text, normalise_newlines, read_bytes, read_table
 from selfattn.errors import UserError
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def read_corpus(path: str | Path) -> tuple[DecodedText, "pd.DataFrame"]:
 def read_labelled(path: str | Path, *, text_column: str, label_column: str) -> LabelledData:
     """A .tsv/.csv/.jsonl/.parquet file -> normalised frame (text and label as str or None).
 
-    Parsing is :func:`selfattn.data.read_table`, the reader the trainer uses (texts such as
+    Parsing is :func:`selfattn.data.tables.read_table`, the reader the trainer uses (texts such as
     ``NA`` or ``null`` stay texts). A comma-separated ``.tsv`` shows up as one wrong column and
     fails the column check with a hint instead of being silently accepted.
     """

@@ -223,7 +223,7 @@ def _read_train(against: Path, *, text_column: str, label_column: str) -> "pd.Da
 def _load_tokenizer(tokenizer: Any) -> Any:
     if tokenizer is None or not isinstance(tokenizer, (str, Path)):
         return tokenizer
-    from selfattn.tokenization import load_tokenizer
+    from selfattn.data.tokenization import load_tokenizer
 
     try:
         return load_tokenizer(tokenizer)

@@ -4,7 +4,7 @@
 stores it in the model directory it is given (the evaluate stage's own copy of the fine-tuned
 model, never the fine-tune stage's directory) before dev is scored, so the dev metrics, the
 registered pyfunc and ``selfattn predict`` all use the calibrated probabilities.
-:func:`behaviour` runs the CheckList-style suite (``selfattn.behaviour``) on templates and
+:func:`behaviour` runs the CheckList-style suite (``selfattn.eval.behaviour``) on templates and
 perturbed dev sentences, and the accuracy slices on dev; it writes ``behaviour/cases.tsv`` and
 ``behaviour/summary.json`` and returns the ``behaviour.*`` / ``slice.*`` / ``calibration.*``
 metrics. :func:`log_results` logs them to the active MLflow run (a table artifact plus the files).
@@ -29,9 +29,9 @@ SUMMARY_FILE = "summary.json"
 def calibrate(cfg: PipelineConfig, model_dir: str | Path, train_data: dict[str, Any], dev: str | Path) -> dict[str, float]:
     """Fit and store the temperature (``evaluation.calibrate``), or remove a stored one; returns
     ``calibration.*`` metrics (temperature, held-out NLL and ECE before and after)."""
-    from selfattn.calibration import save_temperature
-    from selfattn.data import ClassificationDataConfig
-    from selfattn.evaluate import calibrate_checkpoint
+    from selfattn.eval.calibration import save_temperature
+    from selfattn.data.config import ClassificationDataConfig
+    from selfattn.eval.evaluate import calibrate_checkpoint
 
     if not cfg.evaluation.calibrate:
         save_temperature(model_dir, None)
@@ -47,9 +47,9 @@ def calibrate(cfg: PipelineConfig, model_dir: str | Path, train_data: dict[str, 
 
 def behaviour(cfg: PipelineConfig, model_dir: str | Path, dev: str | Path, out_dir: Path) -> dict[str, float]:
     """The behavioural suite and dev slices (``evaluation.behaviour``); writes ``out_dir/behaviour/``."""
-    from selfattn.behaviour import checkpoint_predictor, run_suite, slice_metrics
-    from selfattn.checkpoint import load_pretrained
-    from selfattn.data import read_labelled
+    from selfattn.eval.behaviour import checkpoint_predictor, run_suite, slice_metrics
+    from selfattn.io.checkpoint import load_pretrained
+    from selfattn.data.classification import read_labelled
 
     ev = cfg.evaluation
     if not ev.behaviour:

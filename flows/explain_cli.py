@@ -20,11 +20,11 @@ def load_explainable(model_uri: str, method: str) -> Any:
     library's own check, which names the method and the model kind.
     """
     from flows.predict import load_classifier
-    from selfattn.interpret import check_explainable
+    from selfattn.eval.interpret import check_explainable
 
     local = Path(model_uri).expanduser()
     if "://" not in model_uri and (local / "config.json").is_file():
-        from selfattn.checkpoint import load_pretrained
+        from selfattn.io.checkpoint import load_pretrained
 
         check_explainable(load_pretrained(local).model, method)
     try:
@@ -40,7 +40,7 @@ def render(attrs: Sequence[Any], labels: Sequence[Any], *, unit: str = "word", c
     from rich.console import Console
     from rich.text import Text
 
-    from selfattn.interpret import score_colour
+    from selfattn.eval.interpret import score_colour
 
     console = console or Console()
     for a in attrs:

@@ -21,7 +21,7 @@ HF_PREFIX = "hf:"
 
 
 def _source_files(d: Path) -> dict[str, str]:
-    from selfattn.data import file_digest
+    from selfattn.data.paths import file_digest
 
     names = sorted(p.name for p in d.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".txt"))
     return {n: file_digest((d / n).resolve()) for n in names}
@@ -29,11 +29,11 @@ def _source_files(d: Path) -> dict[str, str]:
 
 def init_from_stage(cfg: Any, home: Path) -> StageOutput:
     """The model ``cfg.init_from`` names, as a selfattn checkpoint: ``result['best_dir']``."""
-    from selfattn.checkpoint import load_pretrained
+    from selfattn.io.checkpoint import load_pretrained
 
     spec = str(cfg.init_from)
     if spec.startswith(HF_PREFIX):
-        from selfattn.hf import convert_from_hf, resolve_source
+        from selfattn.io.hf import convert_from_hf, resolve_source
 
         source = resolve_source(spec[len(HF_PREFIX) :])
         stage = Stage(home, "init_from", {"hf": _source_files(source)})
@@ -56,7 +56,7 @@ def init_from_stage(cfg: Any, home: Path) -> StageOutput:
 
 
 def _describe(pre: Any) -> dict[str, Any]:
-    from selfattn.models import num_parameters
+    from selfattn.nn.models import num_parameters
 
     return {"task": pre.task, "n_params": num_parameters(pre.model), "tokenizer": getattr(pre.tokenizer, "kind", None), "vocab_size": pre.config.vocab_size}
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from selfattn.data import data_dir
-from selfattn.data import selfattn_home as library_home
+from selfattn.data.paths import data_dir
+from selfattn.data.paths import selfattn_home as library_home
 from selfattn.errors import UserError
 
 __all__ = [

@@ -50,7 +50,7 @@ def load_classifier(model_uri: str) -> Any:
     ``models:/NAME@alias``, ``models:/NAME/VERSION`` and ``runs:/ID/model`` are downloaded from
     the configured MLflow store; a local path may be a ``save_pretrained`` directory or a logged
     pyfunc directory (``MLmodel``). Either way only the weights directory is read, with
-    :func:`selfattn.checkpoint.load_pretrained` (safetensors + JSON); MLflow's
+    :func:`selfattn.io.checkpoint.load_pretrained` (safetensors + JSON); MLflow's
     ``python_model.pkl`` (cloudpickle) is never loaded, so a planted pickle is never run.
     """
     if "://" in model_uri or model_uri.startswith(("models:/", "runs:/")):

@@ -5,7 +5,7 @@ artifacts={"model_dir": <save_pretrained dir>})`` stores that three-line file, w
 model object from the installed ``flows.serving`` module at load time, so nothing is pickled
 (neither torch objects nor the wrapper). The weights travel as the ``model_dir`` artifact
 (safetensors + JSON + tokenizer files) and are loaded in ``load_context`` with
-``selfattn.checkpoint.load_pretrained``, which never unpickles and refuses any other file.
+``selfattn.io.checkpoint.load_pretrained``, which never unpickles and refuses any other file.
 ``selfattn predict`` does not even run the stored code: it reads the weights directory only
 (``flows.predict.load_classifier``).
 
@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from selfattn.calibration import temperature_of
+from selfattn.eval.calibration import temperature_of
 
 try:  # mlflow is a dependency of the flows layer; the import is cheap (no tracking set up)
     from mlflow.pyfunc import PythonModel
@@ -154,7 +154,7 @@ class SelfattnClassifier(PythonModel):
         self.load(context.artifacts["model_dir"])
 
     def load(self, model_dir: str) -> "SelfattnClassifier":
-        from selfattn.checkpoint import load_pretrained
+        from selfattn.io.checkpoint import load_pretrained
 
         pre = load_pretrained(model_dir)
         if pre.task != "classifier":
@@ -238,8 +238,8 @@ EXPLAIN_PARAMS = {"explain": "none", "explain_steps": 32, "explain_unit": "token
 
 
 def explain_items(clf: SelfattnClassifier, items: Sequence[Any], *, method: str, steps: int = 32, targets: Sequence[int] | None = None):
-    """``selfattn.interpret.Attribution`` per item, on the same cleaned text ``predict_texts`` scores."""
-    from selfattn.interpret import explain
+    """``selfattn.eval.interpret.Attribution`` per item, on the same cleaned text ``predict_texts`` scores."""
+    from selfattn.eval.interpret import explain
 
     if clf._pre is None:
         raise RuntimeError("SelfattnClassifier has no model loaded (load_context was not called)")

@@ -33,11 +33,12 @@ from pydantic import BaseModel, ConfigDict
 
 import selfattn
 
-from selfattn.checkpoint import copy_pretrained
+from selfattn.io.checkpoint import copy_pretrained
 from selfattn.config import override_model
-from selfattn.data import file_digest, load_table
+from selfattn.data.paths import file_digest
+from selfattn.data.tables import load_table
 from selfattn.errors import UserError
-from selfattn.report_html import write_examples_page
+from selfattn.eval.report_html import write_examples_page
 from selfattn.train import FinetuneConfig, PretrainConfig, evaluate_checkpoint, finetune, pretrain
 from selfattn.utils import atomic_write_text
 
@@ -156,7 +157,7 @@ def _write_table(rows: Any, path: Path) -> None:
 
 
 def _read_tsv(path: Path):
-    from selfattn.data import read_table
+    from selfattn.data.tables import read_table
 
     return read_table(path).frame
 
@@ -476,7 +477,7 @@ def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutpu
 
 def _learning_curves(finetuned: StageOutput, out_dir: Path) -> list[str]:
     """Learning curves of the fine-tune (the engine plots only when it finds its own history)."""
-    from selfattn.plots import plot_learning_curves
+    from selfattn.eval.plots import plot_learning_curves
 
     history = json.loads(Path(finetuned.result["history"]).read_text(encoding="utf-8"))
     if not history:

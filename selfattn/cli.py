@@ -93,7 +93,11 @@ def evaluate(
     output: Path = typer.Option(..., "--output", "-o", help="where metrics.json and plots/ go"),
 ) -> None:
     """Evaluate a saved model (or an ensemble of classifiers) on data: metrics.json and plots under OUTPUT."""
-    from selfattn.evaluate import data_config_for, evaluate_checkpoint, evaluate_ensemble
+    from selfattn.eval.evaluate import (
+        data_config_for,
+        evaluate_checkpoint,
+        evaluate_ensemble,
+    )
 
     model_dirs = [m / "best" if not (m / "config.json").is_file() and (m / "best" / "config.json").is_file() else m for m in model]
     data_cfg = data_config_for(model_dirs[0], data, overrides)
@@ -115,7 +119,7 @@ def convert(
     """Convert between Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2, Qwen3) and selfattn checkpoints."""
     if from_hf == to_hf:
         raise UserError("convert needs exactly one of --from-hf (HF -> selfattn) or --to-hf (selfattn -> HF)")
-    from selfattn.hf import convert_from_hf, convert_to_hf
+    from selfattn.io.hf import convert_from_hf, convert_to_hf
 
     out = convert_from_hf(src, dst) if from_hf else convert_to_hf(src, dst)
     print(json.dumps({"out_dir": str(out), "direction": "from-hf" if from_hf else "to-hf"}))

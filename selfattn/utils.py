@@ -7,6 +7,7 @@ none imports anything heavier than the standard library at module level.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_path", "deep_merge", "flatten", "autocast_context"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_path", "deep_merge", "flatten", "autocast_context", "seeded_generator"]
 
 
 @contextlib.contextmanager
@@ -97,3 +98,13 @@ def autocast_context(device: "torch.device", dtype: "torch.dtype | None"):
     import torch
 
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seeded_generator(*seeds: int) -> "torch.Generator":
+    """A CPU generator seeded by a digest of ``seeds`` (any reprs): the same seeds, the same stream."""
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(int(hashlib.sha256(repr(seeds).encode()).hexdigest()[:15], 16))
+    return g
+

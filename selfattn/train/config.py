@@ -12,8 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, create_model, model_validator
 
 from selfattn.config import ModelConfig, PoolingKind, StrictModel
-from selfattn.data import ClassificationDataConfig, LMDataConfig
-from selfattn.lora import LoRAConfig
+from selfattn.data.config import ClassificationDataConfig, LMDataConfig
+from selfattn.nn.lora import LoRAConfig
 
 __all__ = [
     "ArchConfig",

@@ -123,7 +123,7 @@ class _LMTask:
     metric_names = ("val_loss", "val_perplexity")
 
     def __init__(self, *, cfg: PretrainConfig, model: Any, tokenizer: Any, lm_data: Any) -> None:
-        from selfattn.data import LMBatcher
+        from selfattn.data.lm import LMBatcher
 
         self.cfg, self.model, self.tokenizer, self.data = cfg, model, tokenizer, lm_data
         t = cfg.train
@@ -139,8 +139,8 @@ class _LMTask:
         return model(batch["input_ids"], targets=batch["targets"]).loss
 
     def evaluate(self, model: Any, device: "torch.device", dtype: "torch.dtype | None") -> dict[str, float]:
-        from selfattn.data import lm_eval_batches
-        from selfattn.evaluate import lm_loss, perplexity
+        from selfattn.data.lm import lm_eval_batches
+        from selfattn.eval.evaluate import lm_loss, perplexity
 
         t = self.cfg.train
         batches = lm_eval_batches(self.data.val_ids, block_size=self.cfg.data.block_size, batch_size=t.eval_batch_size or t.batch_size, n_batches=t.eval_batches, seed=t.seed)
@@ -153,7 +153,7 @@ class _ClassifierTask:
     metric_names = ("val_loss", "val_accuracy", "val_f1", "val_ece")
 
     def __init__(self, *, cfg: FinetuneConfig, model: Any, tokenizer: Any, train_data: Any, val_data: Any) -> None:
-        from selfattn.data import ClassificationBatcher
+        from selfattn.data.classification import ClassificationBatcher
 
         self.cfg, self.model, self.tokenizer, self.train_data, self.val_data = cfg, model, tokenizer, train_data, val_data
         self.batcher = ClassificationBatcher(
@@ -170,8 +170,11 @@ class _ClassifierTask:
         return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
     def evaluate(self, model: Any, device: "torch.device", dtype: "torch.dtype | None") -> dict[str, float]:
-        from selfattn.data import classification_eval_batches
-        from selfattn.evaluate import classification_metrics, classifier_predictions
+        from selfattn.data.classification import classification_eval_batches
+        from selfattn.eval.evaluate import (
+            classification_metrics,
+            classifier_predictions,
+        )
 
         t = self.cfg.train
         batches = classification_eval_batches(self.val_data, batch_size=t.eval_batch_size or t.batch_size, pad_id=self.tokenizer.pad_id)
@@ -195,7 +198,7 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, callbacks: Sequence[Callb
 
 def _shared_tokenizer(run: "_Run", make: Callable[[], Any]) -> Any:
     """Train the tokenizer on rank 0 (or reload it when resuming); other ranks load out_dir/tokenizer."""
-    from selfattn.tokenization import load_tokenizer
+    from selfattn.data.tokenization import load_tokenizer
     from selfattn.train.distributed import barrier
 
     tok_dir = run.out_dir / "tokenizer"
@@ -211,8 +214,9 @@ def _shared_tokenizer(run: "_Run", make: Callable[[], Any]) -> Any:
 def _build_lm_task(run: "_Run") -> _LMTask:
     import torch
 
-    from selfattn.data import load_corpus, prepare_lm_data, train_tokenizer
-    from selfattn.models import DecoderLM
+    from selfattn.data.lm import load_corpus, prepare_lm_data
+    from selfattn.data.tokenization import train_tokenizer
+    from selfattn.nn.models import DecoderLM
     from selfattn.train.distributed import barrier
 
     cfg: PretrainConfig = run.cfg
@@ -238,8 +242,9 @@ def _build_lm_task(run: "_Run") -> _LMTask:
 def _build_classifier_task(run: "_Run") -> _ClassifierTask:
     import torch
 
-    from selfattn.data import prepare_classification_data, read_labelled, train_tokenizer
-    from selfattn.models import SequenceClassifier
+    from selfattn.data.classification import prepare_classification_data, read_labelled
+    from selfattn.data.tokenization import train_tokenizer
+    from selfattn.nn.models import SequenceClassifier
     from selfattn.train.config import ArchConfig
     from selfattn.train.distributed import barrier
 
@@ -247,7 +252,7 @@ def _build_classifier_task(run: "_Run") -> _ClassifierTask:
     n_classes = len(cfg.data.labels)
     torch.manual_seed(cfg.train.seed)
     if cfg.init_from:
-        from selfattn.checkpoint import load_pretrained
+        from selfattn.io.checkpoint import load_pretrained
 
         pre = load_pretrained(_init_dir(cfg.init_from))
         if pre.tokenizer is None:
@@ -277,7 +282,7 @@ def _build_classifier_task(run: "_Run") -> _ClassifierTask:
         mcfg = _model_config(lambda: arch.to_model_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, context_length=cfg.data.max_length, n_classes=n_classes, **head))
         model = _model_config(lambda: SequenceClassifier(mcfg))
     if cfg.lora is not None:
-        from selfattn.lora import apply_lora
+        from selfattn.nn.lora import apply_lora
 
         try:
             apply_lora(model, cfg.lora, trainable_extra=("head",))
@@ -401,7 +406,7 @@ class _Run:
         import torch
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from selfattn.lora import trainable_parameters
+        from selfattn.nn.lora import trainable_parameters
         from selfattn.train.optim import build_optimizer, build_scheduler
 
         cfg, t, task, dev = self.cfg, self.cfg.train, self.task, self.device
@@ -545,7 +550,7 @@ class _Run:
     def _save_best(self, metrics: dict[str, float]) -> None:
         if not self.dist.is_main:
             return
-        from selfattn.checkpoint import save_pretrained
+        from selfattn.io.checkpoint import save_pretrained
 
         extra = {"step": self.state.step, "metrics": metrics, "data": self.cfg.data.model_dump(mode="json"), "train_config": self.cfg.model_dump(mode="json")}
         save_pretrained(self.raw_model, self.best_dir, tokenizer=self.task.tokenizer, extra=extra)
@@ -623,8 +628,8 @@ class _Run:
         return result
 
     def _final_metrics(self) -> dict[str, float]:
-        from selfattn.evaluate import evaluate_checkpoint
-        from selfattn.plots import plot_learning_curves
+        from selfattn.eval.evaluate import evaluate_checkpoint
+        from selfattn.eval.plots import plot_learning_curves
 
         state, history = self.state, self.state.history
         evals = [h for h in history if "val_loss" in h]

@@ -41,7 +41,7 @@ def build_optimizer(model: "torch.nn.Module", cfg: "OptimConfig", *, fused: bool
     """
     import torch
 
-    from selfattn.models import param_groups
+    from selfattn.nn.models import param_groups
 
     groups = []
     for g in param_groups(model, cfg.weight_decay):

@@ -23,11 +23,11 @@ def test_served_model_explains_on_request(tmp_path, monkeypatch):
     import torch
 
     from flows.serving import log_model
-    from selfattn.checkpoint import save_pretrained
+    from selfattn.io.checkpoint import save_pretrained
     from selfattn.config import ModelConfig
-    from selfattn.interpret import explain
-    from selfattn.models import build_classifier
-    from selfattn.tokenization import CharTokenizer
+    from selfattn.eval.interpret import explain
+    from selfattn.nn.models import build_classifier
+    from selfattn.data.tokenization import CharTokenizer
 
     texts = ["great fun", "a dull , lifeless mess ."]
     torch.manual_seed(0)

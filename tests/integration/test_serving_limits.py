@@ -20,10 +20,10 @@ def served(tmp_path_factory):
     import torch
 
     from flows.serving import log_model
-    from selfattn.checkpoint import save_pretrained
+    from selfattn.io.checkpoint import save_pretrained
     from selfattn.config import ModelConfig
-    from selfattn.models import build_classifier
-    from selfattn.tokenization import CharTokenizer
+    from selfattn.nn.models import build_classifier
+    from selfattn.data.tokenization import CharTokenizer
 
     home = tmp_path_factory.mktemp("serve_home")
     torch.manual_seed(0)

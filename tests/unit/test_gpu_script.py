@@ -63,7 +63,7 @@ def test_a_section_whose_packages_are_missing_is_skipped_with_the_fix(tmp_path, 
 def test_flop_counts_agree_with_a_count_of_the_mask():
     import torch
 
-    from selfattn.functional import sliding_window_mask
+    from selfattn.nn.functional import sliding_window_mask
 
     gpu_bench = _gpu_bench()
     b, h, t, d, w = 2, 3, 40, 8, 7

@@ -130,10 +130,10 @@ def tiny_clf(tmp_path) -> Path:
     """A real save_pretrained classifier (2 layers, 32 dims, char tokenizer)."""
     import torch
 
-    from selfattn.checkpoint import save_pretrained
+    from selfattn.io.checkpoint import save_pretrained
     from selfattn.config import ModelConfig
-    from selfattn.models import build_classifier
-    from selfattn.tokenization import CharTokenizer
+    from selfattn.nn.models import build_classifier
+    from selfattn.data.tokenization import CharTokenizer
 
     torch.manual_seed(0)
     tok = CharTokenizer.train(["a gripping , beautifully acted film .", "a dull , lifeless mess ."])

@@ -11,7 +11,7 @@ import pytest
 from .dc_data import corpus_text, make_rows, tsv_text
 from data_checks import CheckResult, CheckThresholds, Report, validate
 from data_checks.config import DEFAULT_SEVERITY, resolve_severity
-from selfattn.tokenization import CharTokenizer
+from selfattn.data.tokenization import CharTokenizer
 
 
 def test_token_checks_match_a_direct_count(write):

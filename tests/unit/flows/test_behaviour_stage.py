@@ -13,7 +13,7 @@ import pytest
 from flows import behaviour_stage, registry, stages
 from flows.config import PipelineConfig
 from flows.stages import StageOutput
-from selfattn.calibration import temperature_of
+from selfattn.eval.calibration import temperature_of
 
 NAME = "slice-model"
 

@@ -15,8 +15,8 @@ TEXTS = ["great fun", "a dull , lifeless mess .", ""]
 
 
 def _direct(model_dir, texts, method):
-    from selfattn.checkpoint import load_pretrained
-    from selfattn.interpret import explain
+    from selfattn.io.checkpoint import load_pretrained
+    from selfattn.eval.interpret import explain
 
     pre = load_pretrained(model_dir)
     return explain(pre.model, pre.tokenizer, [t.strip() for t in texts], method=method)
@@ -87,10 +87,10 @@ def test_rich_render_colours_by_sign(tiny_classifier_dir):
 def test_explain_command_refuses_a_language_model(tmp_path, capsys):
     import torch
 
-    from selfattn.checkpoint import save_pretrained
+    from selfattn.io.checkpoint import save_pretrained
     from selfattn.config import ModelConfig
-    from selfattn.models import DecoderLM
-    from selfattn.tokenization import CharTokenizer
+    from selfattn.nn.models import DecoderLM
+    from selfattn.data.tokenization import CharTokenizer
 
     torch.manual_seed(0)
     tok = CharTokenizer.train(["abc "])
@@ -106,9 +106,9 @@ def test_a_calibrated_model_explains_the_probabilities_it_serves(tiny_classifier
     import shutil
 
     from flows.serving import explain_items
-    from selfattn.calibration import save_temperature
-    from selfattn.checkpoint import load_pretrained
-    from selfattn.interpret import explain
+    from selfattn.eval.calibration import save_temperature
+    from selfattn.io.checkpoint import load_pretrained
+    from selfattn.eval.interpret import explain
 
     calibrated = shutil.copytree(tiny_classifier_dir, tmp_path / "calibrated")
     save_temperature(calibrated, 3.0)

@@ -45,7 +45,7 @@ def test_pipeline_from_an_imported_model(kind, targets, tmp_path, data_dir, monk
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
-    from selfattn.checkpoint import load_pretrained
+    from selfattn.io.checkpoint import load_pretrained
     from selfattn.cli import main
 
     lines = (data_dir / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:400]

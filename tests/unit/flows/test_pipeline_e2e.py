@@ -142,8 +142,8 @@ def test_registry_champion_and_challenger(smoke, client):
 def test_the_registered_model_is_the_evaluate_stage_calibrated_copy(smoke, client):
     import mlflow
 
-    from selfattn.calibration import temperature_of
-    from selfattn.checkpoint import load_pretrained
+    from selfattn.eval.calibration import temperature_of
+    from selfattn.io.checkpoint import load_pretrained
 
     first = smoke["first"]
     reported = first.metrics["calibration.temperature"]

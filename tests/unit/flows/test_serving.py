@@ -15,7 +15,7 @@ from flows.serving import SelfattnClassifier, as_texts, log_model
 
 def _reference_probs(model_dir, text):
     """Direct forward pass of the checkpoint, one text at a time (no padding)."""
-    from selfattn.checkpoint import load_pretrained
+    from selfattn.io.checkpoint import load_pretrained
 
     pre = load_pretrained(model_dir)
     ids = pre.tokenizer.encode(text.strip())[: pre.config.context_length]

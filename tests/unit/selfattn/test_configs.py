@@ -20,7 +20,7 @@ def test_shipped_configs_validate(path):
 
 
 def test_sentence_holdout_on_sst2_is_leak_free(data_dir):
-    from selfattn.data import read_labelled, sentence_holdout
+    from selfattn.data.classification import read_labelled, sentence_holdout
 
     texts, _ = read_labelled(str(data_dir / "sst2" / "train.tsv"), split="train", text_column="sentence", label_column="label", labels=[0, 1])
     train_idx, val_idx = sentence_holdout(texts, 0.1)

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from selfattn.config import ModelConfig
-from selfattn.functional import naive_attention, scaled_dot_product_attention, sliding_window_attention, sliding_window_mask
-from selfattn.models import DecoderLM
+from selfattn.nn.functional import naive_attention, scaled_dot_product_attention, sliding_window_mask
+from selfattn.nn.window import sliding_window_attention
+from selfattn.nn.models import DecoderLM
 
 _NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _NEEDS_CUDA])]
@@ -153,7 +154,7 @@ def test_kv_cache_decoding_matches_the_full_forward(device, attention):
 def test_windowed_lm_training_step_matches_float64(device, monkeypatch):
     """Training mode, no dropout: the window layers run FlexAttention (compiled) on CUDA, the
     blocks on the CPU (``window_kernel="auto"``); loss and gradients against the float64 CPU model."""
-    import selfattn.attention as attention
+    import selfattn.nn.attention as attention
 
     calls = []
     real_flex = attention.flex_masked_attention
@@ -191,7 +192,7 @@ def test_compiled_model_matches_eager_forward_and_backward(device, attention):
 def test_pretrain_on_the_device_and_the_checkpoint_loads_on_cpu(device, tmp_path, monkeypatch):
     """The engine on the device (bf16 autocast and fused AdamW on CUDA): the loss falls, and the
     best checkpoint it writes there loads on a CPU-only machine and scores the same."""
-    from selfattn.checkpoint import load_pretrained
+    from selfattn.io.checkpoint import load_pretrained
     from selfattn.train import PretrainConfig, pretrain
 
     monkeypatch.setenv("SELFATTN_HOME", str(tmp_path / "home"))

@@ -1,0 +1,2 @@
+"""Evaluation: metrics, checkpoint evaluation, calibration, behavioural tests, explanations, plots and
+HTML reports."""

@@ -1,0 +1,1 @@
+"""Weights in and out: our safetensors checkpoints, Hugging Face directories."""
