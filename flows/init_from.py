@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selfattn.errors import UserError
-
 from flows.stages import Stage, StageOutput
+from selfattn.errors import UserError
 
 HF_PREFIX = "hf:"
 
@@ -33,7 +32,8 @@ def init_from_stage(cfg: Any, home: Path) -> StageOutput:
 
     spec = str(cfg.init_from)
     if spec.startswith(HF_PREFIX):
-        from selfattn.io.hf import convert_from_hf, resolve_source
+        from selfattn.io.hf import convert_from_hf
+        from selfattn.io.sources import resolve_source
 
         source = resolve_source(spec[len(HF_PREFIX) :])
         stage = Stage(home, "init_from", {"hf": _source_files(source)})

@@ -42,6 +42,7 @@ from selfattn.config import ModelConfig, RopeScaling
 from selfattn.data.tokenization import BPE_FILE, HFTokenizer
 from selfattn.errors import UserError
 from selfattn.io.checkpoint import assign_weights, load_pretrained, save_pretrained
+from selfattn.io.sources import resolve_source
 from selfattn.nn.lora import LoRALinear, lora_modules, merged_state_dict
 from selfattn.nn.models import DecoderLM
 
@@ -78,34 +79,6 @@ _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "t
 # --------------------------------------------------------------------------- sources
 
 
-def resolve_source(src: str | Path) -> Path:
-    """A local model directory as is; anything else is a hub id fetched by ``snapshot_download``.
-
-    Without network (or with ``HF_HUB_OFFLINE=1`` and nothing cached) a :class:`UserError` names
-    the id and ``HF_HUB_OFFLINE``.
-    """
-    p = Path(src).expanduser()
-    if p.is_dir():
-        return p
-    text = str(src)
-    if p.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise UserError(f"{text!r} is not a model directory (and does not look like a hub id such as 'gpt2' or 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - huggingface_hub comes with tokenizers
-        raise UserError(f"{text!r} is not a directory and huggingface_hub is not installed to fetch it from the hub") from None
-    try:
-        path = snapshot_download(
-            text, allow_patterns=["*.json", "*.safetensors", "*.txt"], library_name="selfattn"
-        )  # never the pickled *.bin files: they are refused anyway
-    except Exception as exc:  # noqa: BLE001 - hub errors (offline, 404, auth) all become one clear message
-        offline = os.environ.get("HF_HUB_OFFLINE", "")
-        raise UserError(
-            f"could not fetch {text!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            f"No network? Download it on a machine with one (huggingface-cli download {text}) and pass the directory, "
-            f"or keep it in the hub cache and set HF_HUB_OFFLINE=1 (now {offline or 'unset'})."
-        ) from None
-    return Path(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
