@@ -23,7 +23,7 @@ others and the JSON intact; the JSON is rewritten after every section, rows as t
    small scale: the engine's pretraining and fine-tuning on CUDA (bf16 autocast, fused AdamW) on SST-2.
 
 The device machine has no registry: what its image lacks travels as wheels, prepared here by
-``benchmarks/gpu_prepare.sh`` (see BENCHMARKS.md, "The prepared GPU run"). The preflight names
+``benchmarks/gpu_prepare.sh`` (see BENCHMARKS.md, "GPU run"). The preflight names
 anything still missing, and a section whose needs are missing is recorded as skipped.
 """
 
@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is importable from
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.attention import causal_flops  # noqa: E402  (the one FLOP count of causal attention)
+
 SECTIONS = ("tests", "attention", "pretrain", "finetune")
 # seconds each section may take on the GPU (the whole call stays under gpu.sh's 470 s limit)
 BUDGET = {"tests": 100, "attention": 130, "pretrain": 110, "finetune": 100}
@@ -58,7 +59,7 @@ NEEDS = {
     "finetune": ("pydantic", "yaml", "tokenizers", "safetensors", "datasets", "pandas", "sklearn", "matplotlib"),
 }
 PREPARE_HINT = ("on a machine with PyPI, run `bash benchmarks/gpu_prepare.sh` and carry .whl and the data "
-                "(BENCHMARKS.md, 'The prepared GPU run')")
+                "(BENCHMARKS.md, 'GPU run')")
 
 
 # --------------------------------------------------------------------------- FLOP counts
@@ -109,8 +110,8 @@ def bench_attention(args: argparse.Namespace, rows: Rows) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
 
-    from selfattn.nn.window import flex_masked_attention, sliding_window_attention
     from selfattn.nn.functional import scaled_dot_product_attention
+    from selfattn.nn.window import flex_masked_attention, sliding_window_attention
 
     device, dtype = args.device, torch.bfloat16
     h, d, w = args.heads, args.head_dim, args.window
