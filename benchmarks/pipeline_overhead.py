@@ -31,16 +31,17 @@ import os, time, json
 t0 = time.perf_counter()
 from pathlib import Path
 from flows.config import load_pipeline_config
-from flows import stages
+from flows.stages import data as data_stage
+from flows.stages import evaluate, finetune, pretrain, search
 cfg = load_pipeline_config({config!r}, {overrides!r})
 home = Path(os.environ["SELFATTN_HOME"])
-data = stages.prepare_data(cfg, home)
-checked = stages.validate_data(cfg, data, home)
+data = data_stage.prepare_data(cfg, home)
+checked = data_stage.validate_data(cfg, data, home)
 assert checked.result["passed"], checked.result["failures"]
-pre = stages.pretrain_stage(cfg, data, home)
-search = stages.search_stage(cfg, data, pre, home)
-ft = stages.finetune_stage(cfg, data, pre, search, home)
-ev = stages.evaluate_stage(cfg, data, ft, home)
+pre = pretrain.pretrain_stage(cfg, data, home)
+sr = search.search_stage(cfg, data, pre, home)
+ft = finetune.finetune_stage(cfg, data, pre, sr, home)
+ev = evaluate.evaluate_stage(cfg, data, ft, home)
 print(json.dumps({{"metrics": ev.result["metrics"]}}))
 """
     env = {**os.environ, "SELFATTN_HOME": str(home)}

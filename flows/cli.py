@@ -69,7 +69,7 @@ def warm_start(home: Path, experiment: str) -> None:
     """
     import threading
 
-    from flows import tracking
+    from flows.tracking import runs
 
     thread = None
     if not os.environ.get("PREFECT_API_URL"):
@@ -77,8 +77,8 @@ def warm_start(home: Path, experiment: str) -> None:
 
         thread = threading.Thread(target=SubprocessASGIServer().start, name="prefect-ephemeral-start", daemon=True)
         thread.start()
-    tracking.configure(home)
-    tracking.ensure_experiment(experiment, home)
+    runs.configure(home)
+    runs.ensure_experiment(experiment, home)
     if thread is not None:
         thread.join()
 
@@ -117,18 +117,6 @@ def _start(cfg) -> Path:
     return home
 
 
-def _print_result(result) -> None:
-    print(f"pipeline run {result.pipeline_run_id} (MLflow run {result.mlflow_run_id})")
-    for name, out in result.stages.items():
-        print(f"  {name:<9} {'cached' if out.cached else 'ran   '} {out.dir}")
-    for k, v in sorted(result.metrics.items()):
-        print(f"  {k} = {v:.4f}")
-    if result.decision:
-        d = result.decision
-        verdict = "promoted to champion" if d["promoted"] else "not promoted"
-        print(f"model {result.model_name} v{result.model_version}: {verdict} ({d['reason']})")
-
-
 def run(
     config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
@@ -141,10 +129,11 @@ def run(
     cfg = _load(config, overrides or [])  # refused before any work
     _start(cfg)
     from flows.pipeline import pipeline
+    from flows.summary import console_lines
 
     with _embedded_settings():
         result = pipeline(cfg)
-    _print_result(result)
+    print("\n".join(console_lines(result)))
 
 def tune(
     config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
@@ -165,19 +154,19 @@ def promote(
     version: str = typer.Argument(..., help="version to make champion"),
 ) -> None:
     """Make VERSION the champion of model NAME (the old champion is remembered for rollback)."""
-    from flows import registry, tracking
+    from flows.tracking import registry, runs
 
     home = setup_home()
-    tracking.configure(home)
+    runs.configure(home)
     old = registry.promote(name, version, home=home)
     print(f"{name}: champion -> v{version}" + (f" (was v{old})" if old else ""))
 
 def rollback(name: str = typer.Argument(..., help="registered model name")) -> None:
     """Move the champion of NAME back to the previous champion."""
-    from flows import registry, tracking
+    from flows.tracking import registry, runs
 
     home = setup_home()
-    tracking.configure(home)
+    runs.configure(home)
     target = registry.rollback(name, home=home)
     print(f"{name}: champion -> v{target}")
 
@@ -187,10 +176,9 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
 ) -> None:
     """Classify TEXT... with a registered model (default: the champion)."""
-    from flows import tracking
+    from flows.tracking import runs
 
-    home = setup_home()
-    tracking.configure(home)
+    runs.configure(setup_home())
     from flows.predict import clean_texts, load_classifier, merge_notes
 
     texts, notes = clean_texts(texts)  # invalid UTF-8 from argv -> U+FFFD, noted in 'warning'
@@ -221,9 +209,9 @@ def explain(
     from flows.serving import explain_items
 
     if "://" in model or model.startswith(("models:/", "runs:/")):
-        from flows import tracking
+        from flows.tracking import runs
 
-        tracking.configure(setup_home())
+        runs.configure(setup_home())
     clf = load_explainable(model, method)
     attrs = explain_items(clf, texts, method=method, steps=steps)
     unit = "token" if tokens else "word"

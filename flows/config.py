@@ -8,25 +8,42 @@ owns (data files, the pretrained checkpoint) set to placeholders that each run f
 (:mod:`flows.stages`). Numbers are numbers after loading (YAML 1.1 reads ``1e-4`` as text), so
 stage keys hash the validated values.
 
-Precedence: a ``--set finetune.<key>=V`` of a key that ``search.space`` searches *fixes* it: the
-key leaves the space and is recorded in ``search.fixed`` (logged to MLflow as
-``search.fixed.<key>``); trials and the final fine-tune use V. Search ranges are set with the
-key in brackets: ``--set 'search.space[optim.lr].high=0.01'``.
+Precedence (preset < file < ``--set`` < search) is resolved once, in :func:`resolve`, before
+validation; the validators only validate. A ``--set finetune.<key>=V`` of a key that
+``search.space`` searches *fixes* it: the key leaves the space and is recorded in
+``search.fixed`` (logged to MLflow as ``search.fixed.<key>``); trials and the final fine-tune
+use V. Search ranges are set with the key in brackets: ``--set 'search.space[optim.lr].high=0.01'``.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from selfattn.config import StrictModel, check_key_path, override_model, parse_override, read_mapping, set_dotted, split_key, validate_config
+from flows.paths import (
+    JOURNAL_SCHEME,
+    check_within_roots,
+    data_root,
+    optuna_storage_url,
+    resolve_local_path,
+)
+from selfattn.config import (
+    StrictModel,
+    apply_overrides,
+    check_key_path,
+    override_model,
+    parse_override,
+    read_mapping,
+    set_dotted,
+    split_key,
+    validate_config,
+)
 from selfattn.errors import UserError
 from selfattn.train.config import FinetuneConfig, PretrainConfig
-from selfattn.utils import deep_merge, flatten
-
-from flows.paths import JOURNAL_SCHEME, check_within_roots, data_root, optuna_storage_url, resolve_local_path
+from selfattn.utils import deep_merge
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 PRESETS = ("demo", "smoke", "gpt2")
@@ -165,49 +182,13 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"name ({v!r}) must be a plain name (no slashes, not starting with '.')")
         return v
 
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_owned_and_fixed(cls, data: Any) -> Any:
-        """Placeholders for the pipeline-owned engine keys; ``search.fixed`` keys leave the space
-        and set the finetune section."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for section in ("pretrain", "finetune"):
-            raw = data.get(section, {})
-            if isinstance(raw, dict):
-                data[section] = deep_merge(raw, PIPELINE_OWNED[section])
-        search = data.get("search")
-        if isinstance(search, dict) and isinstance(search.get("fixed"), dict) and search["fixed"]:
-            search = dict(search)
-            space = dict(search.get("space") or {})
-            ft = data["finetune"]
-            for key, value in search["fixed"].items():
-                space.pop(key, None)
-                if isinstance(ft, dict):
-                    ft = set_dotted(ft, split_key(key), value)
-            data["finetune"], search["space"], data["search"] = ft, space, search
-        return data
-
     @model_validator(mode="after")
     def _check_search(self) -> "PipelineConfig":
-        """Trial keys and every search-space key checked against FinetuneConfig; values normalised."""
-        base = _trial_base(self).model_dump(mode="json")
-        normal: dict[str, Any] = {}
-        for key in flatten(self.search.trial_overrides):
-            normal = set_dotted(normal, split_key(key), _get(base, split_key(key)))
+        """Trial keys and every search-space key (each end of a range, each choice) checked against FinetuneConfig."""
         trial = trial_template(self)
-        trial_dump = trial.model_dump(mode="json")
-        fixed = {key: _get(trial_dump, split_key(key)) for key in self.search.fixed}
         for key, sp in self.search.space.items():
-            probes = sp.choices if sp.type == "categorical" else [sp.low, sp.high]
-            probes = [int(v) if sp.type == "int" else v for v in probes]  # type: ignore[arg-type]
-            checked = [_get(_override(trial, key, v).model_dump(mode="json"), split_key(key)) for v in probes]
-            if sp.type == "categorical":
-                object.__setattr__(sp, "choices", checked)
-        # object.__setattr__: normalising in place, not an assignment to re-validate
-        object.__setattr__(self.search, "trial_overrides", normal)
-        object.__setattr__(self.search, "fixed", fixed)
+            for value in _probes(sp):
+                typed_value(trial, key, value)
         return self
 
 
@@ -226,24 +207,119 @@ def _get(data: dict[str, Any], parts: Sequence[str]) -> Any:
     return node
 
 
-def _override(model: FinetuneConfig, key: str, value: Any) -> FinetuneConfig:
-    """``model`` with a search-space key set to a probe value; errors name the space key."""
+def _probes(sp: SearchSpace) -> list[Any]:
+    """The values a search space can take at its edges: every choice, or low and high."""
+    probes = sp.choices if sp.type == "categorical" else [sp.low, sp.high]
+    return [int(v) if sp.type == "int" else v for v in probes]  # type: ignore[arg-type]
+
+
+def typed_value(model: FinetuneConfig, key: str, value: Any) -> Any:
+    """``value`` as the engine's config types it at ``key`` (dotted); errors name the space key."""
     try:
         check_key_path(FinetuneConfig, split_key(key), f"{key}={value!r}")
     except UserError as exc:
         raise UserError(f"search.space[{key}] is not a finetune key: {exc}") from None
-    return override_model(model, {key: value}, where=f"search.space[{key}] (value {value!r})")
+    typed = override_model(model, {key: value}, where=f"search.space[{key}] (value {value!r})")
+    return _get(typed.model_dump(mode="json"), split_key(key))
 
 
-def _trial_base(cfg: PipelineConfig) -> FinetuneConfig:
+def trial_template(cfg: PipelineConfig) -> FinetuneConfig:
+    """The finetune section as trials see it: with ``search.trial_overrides`` on top (fixed keys
+    are in the finetune section and never in the overrides: :func:`resolve`)."""
     data = deep_merge(cfg.finetune.model_dump(mode="json"), cfg.search.trial_overrides)
     return validate_config(FinetuneConfig, data, source="search.trial_overrides")
 
 
-def trial_template(cfg: PipelineConfig) -> FinetuneConfig:
-    """The finetune section as trials see it: ``search.trial_overrides``, then ``search.fixed``
-    (a fixed value wins for trials as for the final fine-tune)."""
-    return override_model(_trial_base(cfg), cfg.search.fixed, where="search.fixed")
+# --------------------------------------------------------------------------- precedence, once
+
+
+def resolve(data: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The config to validate, precedence resolved: preset < file < ``--set`` < search.
+
+    The one place that decides where a value goes (``data``: the file with ``overrides`` applied):
+
+    1. the engine keys each run fills in (data files, the pretrained checkpoint) get placeholders;
+    2. a ``--set finetune.<key>`` of a key that ``search.space`` searches (or of a mapping holding
+       one) fixes it: ``search.fixed[<key>]`` gets the value;
+    3. every ``search.fixed`` key leaves ``search.space`` and ``search.trial_overrides`` and sets
+       ``finetune.<key>``, which trials and the final fine-tune both start from;
+    4. ``search.fixed``, ``search.trial_overrides`` and categorical choices are typed as the engine
+       reads them (numbers, not YAML 1.1's text ``'1e-4'``), so stage keys hash what runs.
+    """
+    data = copy.deepcopy(data)
+    for section, owned in PIPELINE_OWNED.items():
+        if isinstance(data.get(section, {}), dict):
+            data[section] = deep_merge(data.get(section, {}), owned)
+    search = data.setdefault("search", {})
+    if not isinstance(search, dict) or not isinstance(data["finetune"], dict):
+        return data  # validation says what is wrong with it
+    space = search.get("space") or {}
+    fixed = {**(search.get("fixed") or {}), **_fixed_by_overrides(space, overrides)}
+    if fixed:
+        search["fixed"] = fixed
+        search["space"] = {k: v for k, v in space.items() if k not in fixed}
+        search["trial_overrides"] = _without(search.get("trial_overrides") or {}, fixed)
+        for key, value in fixed.items():
+            data["finetune"] = set_dotted(data["finetune"], split_key(key), value)
+    return _typed(data)
+
+
+def _fixed_by_overrides(space: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``{searched key: value}`` for each ``--set finetune.<key>`` (or mapping holding one) of a searched key."""
+    fixed: dict[str, Any] = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] != "finetune":
+            continue
+        for key in space:
+            kp, rest = split_key(key), parts[1:]
+            if rest == kp:
+                fixed[key] = value
+            elif kp[: len(rest)] == rest and isinstance(value, dict) and (inner := _get(value, kp[len(rest) :])) is not None:
+                fixed[key] = inner
+    return fixed
+
+
+def _without(tree: dict[str, Any], keys: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``tree`` without the dotted ``keys`` (and without mappings they leave empty)."""
+    out = copy.deepcopy(tree)
+    for key in keys:
+        *parents, leaf = split_key(key)
+        node = _get(out, parents) if parents else out
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return _pruned(out)
+
+
+def _pruned(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` without the mappings left empty."""
+    out = {k: _pruned(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    return {k: v for k, v in out.items() if v != {}}
+
+
+def _typed(data: dict[str, Any]) -> dict[str, Any]:
+    """Step 4 of :func:`resolve`; values that do not validate are left as they are (validation names them)."""
+    search = data["search"]
+    try:
+        final = validate_config(FinetuneConfig, data["finetune"])
+        trial = validate_config(FinetuneConfig, deep_merge(final.model_dump(mode="json"), search.get("trial_overrides") or {}))
+    except UserError:
+        return data
+    final_dump, trial_dump = final.model_dump(mode="json"), trial.model_dump(mode="json")
+    search["fixed"] = {key: _get(final_dump, split_key(key)) for key in search.get("fixed") or {}}
+    search["trial_overrides"] = _typed_tree(search.get("trial_overrides") or {}, trial_dump)
+    for key, sp in (search.get("space") or {}).items():
+        if isinstance(sp, dict) and sp.get("type") == "categorical" and isinstance(sp.get("choices"), list):
+            try:
+                sp["choices"] = [typed_value(trial, key, v) for v in sp["choices"]]
+            except UserError:
+                pass  # validation reports it, naming the space key
+    return data
+
+
+def _typed_tree(tree: dict[str, Any], typed: dict[str, Any]) -> dict[str, Any]:
+    """``tree``'s keys with the values ``typed`` (the validated config) holds there."""
+    return {k: _typed_tree(v, typed.get(k) or {}) if isinstance(v, dict) else typed.get(k, v) for k, v in tree.items()}
 
 
 # --------------------------------------------------------------------------- loading
@@ -260,7 +336,7 @@ def preset_path(name_or_path: str | Path) -> Path:
 
 
 def load_pipeline_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
-    """Read a preset or YAML file, apply ``key=value`` overrides, validate all sections.
+    """Read a preset or YAML file, apply ``key=value`` overrides, resolve precedence, validate all sections.
 
     Everything is checked here, before any work: unknown keys (also inside ``pretrain`` /
     ``finetune`` / ``search.space``, checked against the training engine's own configs),
@@ -269,44 +345,38 @@ def load_pipeline_config(name_or_path: str | Path, overrides: Sequence[str] = ()
     """
     path = preset_path(name_or_path)
     data = read_mapping(path)
-    for text in overrides:
-        parts, value = parse_override(text)
-        if parts[:2] == ["search", "space"] and len(parts) > 3:
-            _check_space_key(data, parts[2], text)
-        if parts[:2] == ["search", "fixed"] and len(parts) > 3:
-            raise UserError(f"override {text!r}: a fixed key goes in brackets, e.g. --set 'search.fixed[optim.lr]=0.001' (or --set finetune.optim.lr=0.001)")
-        check_key_path(PipelineConfig, parts, text)
-        if parts[0] == "finetune":
-            data = _fix_searched(data, parts[1:], value)
-        data = set_dotted(data, parts, value)
+    check_override_forms(data, overrides)
+    data = resolve(apply_overrides(data, overrides, PipelineConfig), overrides)
     cfg = validate_config(PipelineConfig, data, source=str(path))
     check_config_paths(cfg)  # paths escaping SELFATTN_DATA_DIR / SELFATTN_HOME / cwd: refused now
     return cfg
 
 
-def _check_space_key(data: dict[str, Any], key: str, text: str) -> None:
-    """``search.space[KEY].field=...`` needs KEY in the space (a new KEY needs its whole range)."""
-    space = (data.get("search") or {}).get("space") or {}
-    if key not in space:
-        raise UserError(
-            f"override {text!r}: {key!r} is not a key of search.space ({', '.join(sorted(space)) or 'empty'}); "
-            "keys with dots go in brackets, e.g. --set 'search.space[optim.lr].high=0.01', and a new key "
-            "needs its whole range, e.g. --set 'search.space[optim.lr]={type: float, low: 1e-4, high: 1e-2}'"
-        )
+def as_config(config: str | Path | PipelineConfig, overrides: Sequence[str] | None = None) -> PipelineConfig:
+    """A ``PipelineConfig`` from a preset name, a YAML path, or itself (then without overrides)."""
+    if isinstance(config, PipelineConfig):
+        if overrides:
+            raise UserError("overrides apply to a preset or a file; pass an already-resolved PipelineConfig without them")
+        return config
+    return load_pipeline_config(config, overrides or [])
 
 
-def _fix_searched(data: dict[str, Any], parts: Sequence[str], value: Any) -> dict[str, Any]:
-    """A ``--set finetune.<key>`` that sets a searched key (or a mapping holding one) fixes it."""
-    search = data.get("search") or {}
-    for key in list(search.get("space") or {}):
-        kp = split_key(key)
-        if list(parts) == kp:
-            data = set_dotted(data, ["search", "fixed", key], value)
-        elif kp[: len(parts)] == list(parts) and isinstance(value, dict):
-            inner = _get(value, kp[len(parts) :])
-            if inner is not None:
-                data = set_dotted(data, ["search", "fixed", key], inner)
-    return data
+def check_override_forms(data: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Keys with dots inside ``search.space`` / ``search.fixed`` go in brackets, and
+    ``search.space[KEY].field=...`` needs KEY in the space (a new KEY needs its whole range)."""
+    space = set((data.get("search") or {}).get("space") or {})
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[:2] == ["search", "space"] and len(parts) > 3 and parts[2] not in space:
+            raise UserError(
+                f"override {text!r}: {parts[2]!r} is not a key of search.space ({', '.join(sorted(space)) or 'empty'}); "
+                "keys with dots go in brackets, e.g. --set 'search.space[optim.lr].high=0.01', and a new key "
+                "needs its whole range, e.g. --set 'search.space[optim.lr]={type: float, low: 1e-4, high: 1e-2}'"
+            )
+        if parts[:2] == ["search", "fixed"] and len(parts) > 3:
+            raise UserError(f"override {text!r}: a fixed key goes in brackets, e.g. --set 'search.fixed[optim.lr]=0.001' (or --set finetune.optim.lr=0.001)")
+        if parts[:2] == ["search", "space"]:  # a whole space or a whole key: known from here on
+            space = set(value) if len(parts) == 2 and isinstance(value, dict) else space | ({parts[2]} if len(parts) == 3 else set())
 
 
 def check_config_paths(cfg: PipelineConfig, *, home: Path | None = None) -> dict[str, Path]:

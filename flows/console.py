@@ -7,7 +7,7 @@
 - lowers the console handler of Prefect's logging to WARNING (its INFO lines still go to the
   Prefect API and UI) and the INFO chatter of MLflow's store and system-metrics loggers;
 - prints the pipeline's stage lines (logger ``selfattn.stages``, written by
-  :func:`flows.tracking.stage_run`).
+  :func:`flows.tracking.runs.stage_run`).
 
 ``install(verbose=True)`` changes none of the filters or levels: everything is shown.
 """
@@ -80,9 +80,8 @@ class _NoKnownTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            from selfattn.errors import UserError
-
             from flows.reliability import server_unreachable
+            from selfattn.errors import UserError
 
             if isinstance(exc, UserError) or server_unreachable(exc):
                 record.exc_info, record.exc_text = None, None
@@ -112,7 +111,6 @@ def install(verbose: bool = False) -> None:
     if verbose:
         return
     filter_warnings()
-    import mlflow  # noqa: F401 - configures its loggers on import; ours go on top
     import optuna
 
     for name in QUIET_LOGGERS:

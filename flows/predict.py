@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selfattn.errors import UserError
-
 from flows.serving import SelfattnClassifier, _to_text
+from selfattn.errors import UserError
 
 __all__ = ["clean_texts", "load_classifier", "merge_notes"]
 
@@ -54,9 +53,9 @@ def load_classifier(model_uri: str) -> Any:
     ``python_model.pkl`` (cloudpickle) is never loaded, so a planted pickle is never run.
     """
     if "://" in model_uri or model_uri.startswith(("models:/", "runs:/")):
-        import mlflow
+        from flows.tracking.runs import download
 
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        root = download(model_uri)
     else:
         root = Path(model_uri).expanduser()
         if not root.exists():

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,28 @@ def pipeline_run_name() -> str:
     config = (flow_run.parameters or {}).get("config", "pipeline")
     name = getattr(config, "name", None) or Path(str(config)).stem
     return f"{name}-{str(flow_run.id)[:8]}"
+
+
+def pipeline_run_id() -> str:
+    """The id of the running flow run (the pipeline's), or a fresh one outside a flow run."""
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            return str(flow_run.id)
+    except Exception:
+        pass
+    return uuid.uuid4().hex
+
+
+def markdown_artifact(markdown: str) -> None:
+    """The run's summary as the flow run's Prefect artifact (a nicety: never fails a finished run)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown=markdown, key="selfattn-pipeline-summary", description="selfattn pipeline run")
+    except Exception as exc:
+        logging.getLogger(__name__).info("could not create the Prefect summary artifact: %s", exc)
 
 
 # --------------------------------------------------------------------------- crashed runs
@@ -81,8 +105,15 @@ def claim_and_reap(client, flow_run_id: UUID | str) -> list[str]:
 def reap_crashed(client, exclude: set[UUID] = frozenset()) -> list[str]:
     """Set this host's pipeline runs left RUNNING/PENDING by a dead process (and their children) to Crashed."""
     from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterState, FlowRunFilterStateType,
-        FlowRunFilterTags, TaskRunFilter, TaskRunFilterFlowRunId, TaskRunFilterState, TaskRunFilterStateType,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
     )  # fmt: skip
     from prefect.states import Crashed
 
@@ -166,7 +197,11 @@ def pool_report(client, pool: str) -> PoolReport:
 
 def recent_runs(client, limit: int = 20, states: list[str] | None = None) -> list[dict[str, Any]]:
     """The latest flow runs (newest first): name, state, expected start, deployment id."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
     from prefect.client.schemas.sorting import FlowRunSort
 
     flt = FlowRunFilter(state=FlowRunFilterState(name=FlowRunFilterStateName(any_=states))) if states else None

@@ -3,23 +3,24 @@ and the rule deciding which failed Prefect task is worth a retry.
 
 What survives what (SIGKILL, concurrent runs, hostile input) is documented in
 ``docs/reliability.md`` with the test that proves each row. The pieces that live elsewhere:
-stage done-markers and claims (``flows.stages``), training resume from the last checkpoint
+stage done-markers and claims (``flows.stages.base``), training resume from the last checkpoint
 (``selfattn.train``), stale MLflow runs marked KILLED on the next start
-(``flows.tracking.mark_stale_runs``), Optuna heartbeat + retry (``flows.tuning``), idempotent
-registration and the locked champion gate (``flows.registry``).
+(``flows.tracking.runs.mark_stale_runs``), Optuna heartbeat + retry (``flows.tuning``), idempotent
+registration and the locked champion gate (``flows.tracking.registry``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from selfattn.errors import UserError
 
-__all__ = ["file_lock", "retry_on_io", "server_unreachable"]
+__all__ = ["file_lock", "pid_alive", "retry_on_io", "server_unreachable"]
 
 
 def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
@@ -71,3 +72,14 @@ def server_unreachable(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.tracking import EXPERIMENT_KIND, ui_url
+from flows.tracking.runs import EXPERIMENT_KIND, ui_url
 
 from .conftest import REPO, _clean_env, mlflow_get, mlflow_post, real_data_dir, selfattn_cmd, wait_for
 

@@ -243,15 +243,15 @@ def test_predict_cli_on_empty_long_and_invalid_utf8(tiny_clf, tmp_path, monkeypa
     """A real ``selfattn predict`` process on a registered pyfunc: never a crash, warnings shown."""
     import mlflow
 
-    from flows import tracking
+    from flows.tracking import runs
 
     home = tmp_path / "home"
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # exported by mlflow.set_*_uri: restored at teardown
         monkeypatch.setenv(var, f"sqlite:///{home / 'mlflow.db'}")
     before = mlflow.get_tracking_uri()
     try:
-        tracking.configure(home)
-        exp = tracking.ensure_experiment("hostile", home)
+        runs.configure(home)
+        exp = runs.ensure_experiment("hostile", home)
         from flows.serving import log_model
 
         with mlflow.start_run(experiment_id=exp):

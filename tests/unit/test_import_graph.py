@@ -13,6 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("selfattn", "data_checks", "flows")
 PIPELINE = ("prefect", "mlflow", "optuna", "great_expectations")
+# the flows/ modules that talk to MLflow: its runs, the engine/Optuna callbacks, the registry, the
+# served model and its models-from-code entry point; everything else goes through them
+MLFLOW_MODULES = {"flows.tracking.runs", "flows.tracking.callbacks", "flows.tracking.registry", "flows.serving", "flows.pyfunc_model"}
 
 
 def _module_name(path: Path) -> str:
@@ -156,6 +159,22 @@ def test_layers_point_one_way():
         elif top == "data_checks":
             bad += [f"{mod} imports {x}" for x in sorted(imported & {"flows", "prefect", "mlflow", "optuna"})]
     assert not bad, "\n".join(bad)
+
+
+def test_stages_compute_and_never_talk_to_tracking_or_orchestration():
+    """flows/stages/ returns what to log (``StageOutput.log``); it imports neither MLflow nor Prefect."""
+    _, external = build_graph()
+    stages = [m for m in external if m == "flows.stages" or m.startswith("flows.stages.")]
+    assert len(stages) >= 8, stages
+    bad = [f"{m} imports {x}" for m in sorted(stages) for x in sorted(external[m] & {"mlflow", "prefect"})]
+    assert not bad, "\n".join(bad)
+
+
+def test_at_most_five_flows_modules_import_mlflow():
+    _, external = build_graph()
+    talkers = {m for m, e in external.items() if m.split(".")[0] == "flows" and "mlflow" in e}
+    assert len(MLFLOW_MODULES) <= 5
+    assert talkers <= MLFLOW_MODULES, f"import MLflow only in {sorted(MLFLOW_MODULES)}; also imported by {sorted(talkers - MLFLOW_MODULES)}"
 
 
 # import name -> distribution name, where they differ

@@ -7,12 +7,12 @@ import time
 
 from mlflow import MlflowClient
 
-from flows import registry, tracking
+from flows.tracking import registry, runs
 
 start_at, model, host, scores = float(sys.argv[1]), sys.argv[2], sys.argv[3], [float(s) for s in sys.argv[4:]]
-tracking.configure()
+runs.configure()
 client = MlflowClient()
-exp = tracking.ensure_experiment("promote-race")
+exp = runs.ensure_experiment("promote-race")
 try:
     client.create_registered_model(model)
 except Exception:  # the other host created it first

@@ -14,10 +14,10 @@ def tiny_classifier_dir(tmp_path_factory) -> Path:
     """A save_pretrained classifier (2 layers, 32 dims, char tokenizer), seeded."""
     import torch
 
-    from selfattn.io.checkpoint import save_pretrained
     from selfattn.config import ModelConfig
-    from selfattn.nn.models import build_classifier
     from selfattn.data.tokenization import CharTokenizer
+    from selfattn.io.checkpoint import save_pretrained
+    from selfattn.nn.models import build_classifier
 
     torch.manual_seed(0)
     tok = CharTokenizer.train(TEXTS)
@@ -33,10 +33,10 @@ def mlflow_home(selfattn_home):
     """MLflow pointed at sqlite under a temporary SELFATTN_HOME (restored afterwards)."""
     import mlflow
 
-    from flows import tracking
+    from flows.tracking import runs
 
     before = mlflow.get_tracking_uri()
-    tracking.configure(selfattn_home)
+    runs.configure(selfattn_home)
     yield selfattn_home
     mlflow.set_tracking_uri(before)
 
@@ -45,6 +45,6 @@ def mlflow_home(selfattn_home):
 def experiment_id(mlflow_home) -> str:
     """An experiment whose artifacts stay under the temporary home: runs started without one go to
     MLflow's default experiment, which writes its artifacts to ./mlruns in the working directory."""
-    from flows.tracking import ensure_experiment
+    from flows.tracking.runs import ensure_experiment
 
     return ensure_experiment("unit-tests", mlflow_home)

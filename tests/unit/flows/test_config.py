@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from flows import stages
 from flows.config import PipelineConfig, load_pipeline_config, study_storage_url
-from flows.paths import mlflow_tracking_uri, resolve_local_path, selfattn_home as home_dir
-from flows.stages import StageOutput
+from flows.paths import mlflow_tracking_uri, resolve_local_path
+from flows.paths import selfattn_home as home_dir
+from flows.stages.base import StageOutput
+from flows.stages.finetune import finetune_config, finetune_plan
+from flows.stages.pretrain import pretrain_config, pretrain_plan
+from flows.stages.search import search_plan
 from selfattn.errors import UserError
 from selfattn.train import FinetuneConfig, PretrainConfig
 
@@ -31,8 +34,8 @@ def test_presets_load_as_the_engine_configs(preset):
     assert cfg.name == preset and cfg.search.space and cfg.search.n_trials >= 2
     assert isinstance(cfg.pretrain, PretrainConfig) and isinstance(cfg.finetune, FinetuneConfig)
     # the run fills the pipeline-owned keys; the rest comes from the preset
-    pre = stages.pretrain_config(cfg, _data())
-    ft = stages.finetune_config(cfg, _data(), _pretrained())
+    pre = pretrain_config(cfg, _data())
+    ft = finetune_config(cfg, _data(), _pretrained())
     assert pre.data.path == "/d/corpus.txt" and pre.model == cfg.pretrain.model
     assert ft.data.train_path == "/d/train.tsv" and ft.data.val_path is None and ft.init_from == "/p/best"
     assert ft.optim == cfg.finetune.optim and ft.data.text_column == cfg.data.text_column
@@ -55,9 +58,9 @@ def _pretrained() -> StageOutput:
 def _keys(cfg: PipelineConfig, home: Path) -> dict[str, str]:
     search = StageOutput(stage="search", key="s", dir="/s", result={"best_params": {"head.dropout": 0.1}})
     return {
-        "pretrain": stages.pretrain_plan(cfg, _data(), home)[0].key,
-        "search": stages.search_plan(cfg, _data(), _pretrained(), home).key,
-        "finetune": stages.finetune_plan(cfg, _data(), _pretrained(), search, home)[0].key,
+        "pretrain": pretrain_plan(cfg, _data(), home)[0].key,
+        "search": search_plan(cfg, _data(), _pretrained(), home).key,
+        "finetune": finetune_plan(cfg, _data(), _pretrained(), search, home)[0].key,
     }
 
 
@@ -80,11 +83,11 @@ def test_a_set_of_a_searched_key_fixes_it_for_trials_and_the_final_finetune():
     assert cfg.search.fixed == {"optim.lr": 0.00421, "head.dropout": 0.25}
     assert "optim.lr" not in cfg.search.space and "head.dropout" not in cfg.search.space
     assert "optim.weight_decay" in cfg.search.space  # the other keys are still searched
-    trial = stages.finetune_config(cfg, _data(), _pretrained(), {"optim.weight_decay": 0.05}, trial=True)
+    trial = finetune_config(cfg, _data(), _pretrained(), {"optim.weight_decay": 0.05}, trial=True)
     assert trial.optim.lr == 0.00421 and trial.head.dropout == 0.25 and trial.optim.weight_decay == 0.05
     assert trial.train.max_steps == cfg.search.trial_overrides["train"]["max_steps"]
     # a continued study's best trial may predate the fix: the fixed value still wins
-    final = stages.finetune_config(cfg, _data(), _pretrained(), {"optim.weight_decay": 0.05, "optim.lr": 0.1})
+    final = finetune_config(cfg, _data(), _pretrained(), {"optim.weight_decay": 0.05, "optim.lr": 0.1})
     assert final.optim.lr == 0.00421 and final.head.dropout == 0.25 and final.train.max_steps == cfg.finetune.train.max_steps
     # logged with the config: the parent run's params hold search.fixed.<key>
     from selfattn.utils import flatten

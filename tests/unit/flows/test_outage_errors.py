@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from flows import registry, tracking
+from flows import reliability
+from flows.tracking import registry, runs
 
 
 def _closed_port() -> int:
@@ -26,8 +27,8 @@ def test_a_refused_connection_is_an_outage_and_becomes_one_paragraph(monkeypatch
     url = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(Exception) as info:
         MlflowClient(url).get_experiment_by_name("x")
-    assert tracking.server_unreachable(info.value)
-    err = tracking.outage_error(info.value)
+    assert reliability.server_unreachable(info.value)
+    err = runs.outage_error(info.value)
     assert err is not None and mlflow.get_tracking_uri() in str(err) and "\n" not in str(err) and "Run the same command again" in str(err)
 
 
@@ -36,8 +37,8 @@ def test_an_error_the_server_sent_is_not_an_outage():
 
     # what a server that answers says about a missing model (the registry's "not found")
     answered = MlflowException("Registered Model with name=missing not found", error_code="RESOURCE_DOES_NOT_EXIST")
-    assert not tracking.server_unreachable(answered) and tracking.outage_error(answered) is None
-    assert tracking.server_unreachable(ValueError("x")) is False
+    assert not reliability.server_unreachable(answered) and runs.outage_error(answered) is None
+    assert reliability.server_unreachable(ValueError("x")) is False
 
 
 def test_no_retries_restores_the_users_budget(monkeypatch):
@@ -45,7 +46,7 @@ def test_no_retries_restores_the_users_budget(monkeypatch):
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
-    with tracking.no_retries():
+    with runs.no_retries():
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5" and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
 

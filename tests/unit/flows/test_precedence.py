@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from flows import stages
 from flows.config import load_pipeline_config
+from flows.stages import data as data_stage
+from flows.stages import finetune, pretrain, search
 from selfattn.train import Callback
 
 LR = 0.00421
@@ -36,8 +37,8 @@ def test_a_fixed_learning_rate_reaches_the_optimizer_of_trials_and_final_finetun
     # warmup 0: the first step runs at the peak rate, so the reported lr is the configured one
     cfg = load_pipeline_config("smoke", [*tiny, f"finetune.optim.lr={LR}", "finetune.optim.warmup_steps=0"])
     assert cfg.search.fixed == {"optim.lr": LR, "optim.warmup_steps": 0}
-    data = stages.prepare_data(cfg, selfattn_home)
-    pre = stages.pretrain_stage(cfg, data, selfattn_home)
+    data = data_stage.prepare_data(cfg, selfattn_home)
+    pre = pretrain.pretrain_stage(cfg, data, selfattn_home)
 
     trials: list[tuple[dict, _LearningRates]] = []
 
@@ -45,14 +46,14 @@ def test_a_fixed_learning_rate_reaches_the_optimizer_of_trials_and_final_finetun
         trials.append((params, _LearningRates()))
         return [trials[-1][1]]
 
-    search = stages.search_stage(cfg, data, pre, selfattn_home, trial_callbacks=per_trial)
+    sr = search.search_stage(cfg, data, pre, selfattn_home, trial_callbacks=per_trial)
     assert len(trials) == 2
     for params, rec in trials:
         assert "optim.lr" not in params and "optim.warmup_steps" not in params and "head.dropout" in params
         assert rec.lrs and rec.lrs[0] == pytest.approx(LR)
-    assert "optim.lr" not in search.result["best_params"]
+    assert "optim.lr" not in sr.result["best_params"]
 
     final = _LearningRates()
-    ft = stages.finetune_stage(cfg, data, pre, search, selfattn_home, [final])
+    ft = finetune.finetune_stage(cfg, data, pre, sr, selfattn_home, [final])
     assert final.lrs and final.lrs[0] == pytest.approx(LR)
     assert ft.result["config"]["optim"]["lr"] == LR

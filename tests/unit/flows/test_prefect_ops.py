@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from flows import prefect_ops
-from flows.pipeline import RunContext
+from flows.tracking.runs import RunContext
 
 
 def test_process_tag_of_a_live_process_is_not_gone():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows import registry
+from flows.tracking import registry
 from selfattn.errors import UserError
 
 NAME = "unit-model"
@@ -84,3 +84,33 @@ def test_gate_promote_and_rollback(model_uri, mlflow_home):
         registry.promote(NAME, "99", home=mlflow_home)
     with pytest.raises(UserError, match="not found"):
         registry.rollback("no-such-model", home=mlflow_home)
+
+
+SLICED = "slice-model"
+
+
+def _register_with_slice(uri, key, score, negation, home):
+    tags = {registry.TAG_METRIC: "accuracy", registry.TAG_SCORE: f"{score}", registry.TAG_EVAL_DIGEST: "d1"}
+    if negation is not None:
+        tags["eval.slice.negation.accuracy"] = f"{negation}"
+    return str(registry.register(model_uri=uri, model_name=SLICED, run_key=key, tags=tags, home=home).version)
+
+
+def test_gate_refuses_a_slice_regression_only_when_asked(model_uri, mlflow_home):
+    v1 = _register_with_slice(model_uri, "k1", 0.70, 0.80, mlflow_home)
+    assert registry.gate(model_name=SLICED, version=v1, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negation": 0.02}).promoted
+
+    # better overall, but 0.10 worse on negation: refused with the slice named
+    v2 = _register_with_slice(model_uri, "k2", 0.75, 0.70, mlflow_home)
+    d2 = registry.gate(model_name=SLICED, version=v2, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negation": 0.02})
+    assert not d2.promoted and "slice 'negation'" in d2.reason and "0.7000" in d2.reason
+    assert registry.describe(SLICED)["aliases"]["champion"] == v1
+    # within the allowed loss: promoted
+    v3 = _register_with_slice(model_uri, "k3", 0.76, 0.79, mlflow_home)
+    d3 = registry.gate(model_name=SLICED, version=v3, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negation": 0.02})
+    assert d3.promoted and "no guarded slice regressed" in d3.reason
+    # a misspelt slice refuses, naming it; off (the default), the same regression is promoted
+    v4 = _register_with_slice(model_uri, "k4", 0.80, 0.50, mlflow_home)
+    d4 = registry.gate(model_name=SLICED, version=v4, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negatoin": 0.02})
+    assert not d4.promoted and "'negatoin'" in d4.reason
+    assert registry.gate(model_name=SLICED, version=v4, metric="accuracy", margin=0.0, home=mlflow_home).promoted

@@ -16,47 +16,30 @@ and a file lock for SQLite, whose file lives on one machine anyway.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from flows.paths import selfattn_home
+from flows.reliability import file_lock, pid_alive, server_unreachable
+from flows.stages.register import (
+    TAG_EVAL_DIGEST,
+    TAG_METRIC,
+    TAG_RUN_KEY,
+    TAG_SCORE,
+    Decision,
+    decide,
+)
 from selfattn.errors import UserError
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 HISTORY_TAG = "champion_history"
-
-# version tags written at registration (read back by the gate)
-TAG_RUN_KEY = "selfattn.run_key"
-TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
-TAG_METRIC = "eval.metric"
-TAG_SCORE = "eval.score"
-TAG_EVAL_DIGEST = "eval.dataset_digest"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Outcome of the champion gate, also written into the challenger's version tags."""
-
-    model_name: str
-    version: str
-    promoted: bool
-    reason: str
-    metric: str
-    challenger_score: float | None
-    champion_version: str | None
-    champion_score: float | None
-    margin: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _client():
@@ -89,9 +72,6 @@ def registry_lock(model_name: str, home: Path | None = None, timeout_s: float = 
         with _registry_lease(model_name, timeout_s):
             yield
     else:
-        from flows.paths import selfattn_home
-        from flows.reliability import file_lock
-
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
         with file_lock((home or selfattn_home()) / "locks" / f"registry-{safe}.lock", timeout_s=timeout_s, poll_s=0.05):
             yield
@@ -187,9 +167,7 @@ def _owner_gone(owner: str) -> bool:
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
-    from flows.tracking import _pid_alive
-
-    return not _pid_alive(int(pid))
+    return not pid_alive(int(pid))
 
 
 def _lease_tags(client, lock: str) -> dict[str, str]:
@@ -205,8 +183,6 @@ def _lease_tags(client, lock: str) -> dict[str, str]:
 
 
 def _reraise_outage(exc: BaseException) -> None:
-    from flows.reliability import server_unreachable
-
     if server_unreachable(exc):
         raise exc
 
@@ -273,16 +249,6 @@ def champion_version(model_name: str, client=None):
         return None
 
 
-def _score(mv, metric: str) -> float | None:
-    if mv is None or mv.tags.get(TAG_METRIC) != metric:
-        return None
-    try:
-        value = float(mv.tags.get(TAG_SCORE, "nan"))
-    except ValueError:
-        return None
-    return None if math.isnan(value) else value
-
-
 def _history(model_name: str, client) -> list[str]:
     rm = client.get_registered_model(model_name)
     raw = rm.tags.get(HISTORY_TAG, "")
@@ -306,25 +272,6 @@ def _move_champion(model_name: str, version: str, client) -> str | None:
     return str(old.version) if old is not None else None
 
 
-def slice_regression(challenger, champion, slices: dict[str, float] | None) -> str | None:
-    """Why ``challenger`` may not replace ``champion`` on the guarded ``slices``, or None.
-
-    ``slices`` maps a slice name to the most accuracy it may lose (``{"negation": 0.02}``); the
-    accuracies are the version tags ``eval.slice.<name>.accuracy`` written at registration. A slice
-    the challenger lacks refuses (a misspelt name must not pass silently); a slice the champion
-    lacks (registered before slices existed) is not compared.
-    """
-    for name, allowed in sorted((slices or {}).items()):
-        tag = f"eval.slice.{name}.accuracy"
-        mine = challenger.tags.get(tag)
-        if mine is None:
-            return f"slice {name!r} has no accuracy on version {challenger.version} (no tag {tag})"
-        theirs = champion.tags.get(tag)
-        if theirs is not None and float(mine) < float(theirs) - allowed:
-            return f"slice {name!r} accuracy {float(mine):.4f} < champion v{champion.version} {float(theirs):.4f} - allowed {allowed}"
-    return None
-
-
 def gate(
     *,
     model_name: str,
@@ -335,63 +282,23 @@ def gate(
     client=None,
     slices: dict[str, float] | None = None,
 ) -> Decision:
-    """Move ``champion`` to ``version`` if it beats the champion by ``margin`` (or there is none).
+    """Move ``champion`` to ``version`` if :func:`flows.stages.register.decide` says so.
 
-    Scores come from the version tags ``eval.score``/``eval.metric``; the two are compared only
-    when both were evaluated on the same data (``eval.dataset_digest``). Higher is better.
-    With ``slices`` a better challenger is still refused when it loses more accuracy than allowed
-    on a named slice (:func:`slice_regression`). The decision and both scores are written into the
-    challenger's version tags.
+    Under the registry lock: read the challenger's and the champion's version tags, decide,
+    move the alias when promoted, and write the decision into the challenger's version tags.
     """
     client = client or _client()
     version = str(version)
     with registry_lock(model_name, home):
         mv = client.get_model_version(model_name, version)
-        score = _score(mv, metric)
         champ = champion_version(model_name, client)
-        champ_score = _score(champ, metric)
-        champ_v = str(champ.version) if champ is not None else None
-        if score is None:
-            promoted, reason = False, f"version {version} has no {metric!r} score tag"
-        elif champ is None:
-            promoted, reason = True, "no champion yet"
-        elif champ_v == version:
-            promoted, reason = True, "already champion"
-        elif champ.tags.get(TAG_EVAL_DIGEST) != mv.tags.get(TAG_EVAL_DIGEST):
-            promoted, reason = False, (
-                f"champion v{champ_v} was evaluated on different data "
-                f"({champ.tags.get(TAG_EVAL_DIGEST)} vs {mv.tags.get(TAG_EVAL_DIGEST)}); promote manually"
-            )
-        elif champ_score is None:
-            promoted, reason = True, f"champion v{champ_v} has no {metric!r} score"
-        elif score > champ_score + margin:
-            promoted, reason = True, f"{metric} {score:.4f} > champion {champ_score:.4f} + margin {margin}"
-        else:
-            promoted, reason = False, f"{metric} {score:.4f} <= champion {champ_score:.4f} + margin {margin}"
-        if promoted and slices and champ is not None and champ_v != version:
-            why = slice_regression(mv, champ, slices)
-            promoted, reason = (False, why) if why else (True, f"{reason}; no guarded slice regressed ({', '.join(sorted(slices))})")
-        if promoted:
-            _move_champion(model_name, version, client)
-        decision = Decision(
-            model_name=model_name,
-            version=version,
-            promoted=promoted,
-            reason=reason,
-            metric=metric,
-            challenger_score=score,
-            champion_version=champ_v,
-            champion_score=champ_score,
-            margin=margin,
+        decision = decide(
+            model_name=model_name, version=version, tags=mv.tags, metric=metric, margin=margin, slices=slices,
+            champion_version=str(champ.version) if champ is not None else None, champion_tags=champ.tags if champ is not None else None,
         )
-        for k, v in {
-            "promotion.decision": "promoted" if promoted else "rejected",
-            "promotion.reason": reason,
-            "promotion.challenger_score": "" if score is None else f"{score:.6f}",
-            "promotion.champion_version": champ_v or "",
-            "promotion.champion_score": "" if champ_score is None else f"{champ_score:.6f}",
-            "promotion.margin": str(margin),
-        }.items():
+        if decision.promoted:
+            _move_champion(model_name, version, client)
+        for k, v in decision.tags().items():
             client.set_model_version_tag(model_name, version, k, v)
     return decision
 
@@ -457,6 +364,9 @@ def _registry_uri() -> str:
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
+    "TAG_EVAL_DIGEST",
+    "TAG_METRIC",
+    "TAG_SCORE",
     "Decision",
     "champion_version",
     "describe",

@@ -1,4 +1,5 @@
-"""MLflow helpers: the store, stage runs, batched step metrics, datasets, stale-run cleanup.
+"""MLflow runs: the store, the pipeline's run and its stage runs, and :func:`log_stage`, the one
+place a stage's declarations (``flows.stages.base.Logged``) are recorded.
 
 Everything is set up by the flow at run time (``configure``), never on import. Runs carry the
 tags ``selfattn.host`` and ``selfattn.pid`` so the next start can mark runs whose process died
@@ -14,22 +15,24 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
-from selfattn.errors import UserError
-from selfattn.train import Callback
-from selfattn.utils import flatten
+import yaml
+from pydantic import BaseModel, ConfigDict
 
-from flows.paths import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
+from flows.config import PipelineConfig
 from flows.console import STAGE_LOGGER
-from flows.reliability import server_unreachable
+from flows.paths import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
+from flows.reliability import pid_alive, server_unreachable
+from flows.stages.base import Dataset, Logged, StageOutput, code_version
+from selfattn.errors import UserError
+from selfattn.utils import flatten
 
 TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
 TAG_STAGE = "selfattn.stage"
 TAG_HOST = "selfattn.host"
 TAG_PID = "selfattn.pid"
 TAG_GIT = "mlflow.source.git.commit"
-TAG_DATA_DIGEST = "selfattn.data_digest"
 # The MLflow 3 UI picks its layout from this experiment tag (values in its JS bundle:
 # genai_development, custom_model_development, finetuning, ...); without it an experiment
 # whose runs have no logged model yet opens in GenAI mode (traces, "Detect issues").
@@ -84,16 +87,6 @@ def process_tags() -> dict[str, str]:
     return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def mark_stale_runs(experiment_id: str) -> list[str]:
     """Runs left RUNNING by a dead process on this host -> ``KILLED``; returns their ids.
 
@@ -109,7 +102,7 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
         tags = run.data.tags
         if tags.get(TAG_HOST) != host or not tags.get(TAG_PID, "").isdigit():
             continue
-        if int(tags[TAG_PID]) == os.getpid() or _pid_alive(int(tags[TAG_PID])):
+        if int(tags[TAG_PID]) == os.getpid() or pid_alive(int(tags[TAG_PID])):
             continue
         client.set_tag(run.info.run_id, "selfattn.stale", "process died; marked KILLED on the next start")
         client.set_terminated(run.info.run_id, status="KILLED")
@@ -194,38 +187,69 @@ def git_commit(repo: Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
+class RunContext(BaseModel):
+    """Where a stage logs: the pipeline's MLflow run (the parent of every stage run) and ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    home: str
+    experiment_id: str
+    parent_run_id: str
+    pipeline_run_id: str
+
+
 @contextlib.contextmanager
-def stage_run(
-    name: str,
-    *,
-    parent_run_id: str | None,
-    experiment_id: str,
-    tags: dict[str, str] | None = None,
-    params: dict[str, Any] | None = None,
-    log_system_metrics: bool | None = None,
-) -> Iterator[Any]:
-    """A nested MLflow run (``mlflow.start_run``) under ``parent_run_id``; FAILED on an exception.
+def pipeline_run(cfg: PipelineConfig, *, kind: str, pipeline_run_id: str, home: Path) -> Iterator[RunContext]:
+    """The MLflow run of a pipeline (``kind="pipeline"``) or tune run: stale runs marked KILLED
+    first, the resolved config logged, FAILED (or one outage paragraph) on an exception."""
+    import mlflow
+
+    home.mkdir(parents=True, exist_ok=True)
+    configure(home)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, home)
+    if stale := mark_stale_runs(experiment_id):
+        logging.getLogger(__name__).info("marked %d stale MLflow run(s) KILLED: %s", len(stale), ", ".join(stale))
+    tags = {**process_tags(), TAG_PIPELINE_RUN_ID: pipeline_run_id, "selfattn.config": cfg.name, "selfattn.code_version": code_version()}
+    if kind != "pipeline":
+        tags[TAG_STAGE] = kind
+    if commit := git_commit():
+        tags[TAG_GIT] = commit
+    name = f"{cfg.name}-{pipeline_run_id[:8]}" if kind == "pipeline" else f"tune-{cfg.search.study_name}"
+    parent = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, log_system_metrics=cfg.tracking.system_metrics)
+    try:
+        log_params(parent.info.run_id, cfg.model_dump(mode="json"))
+        mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
+        yield RunContext(home=str(home), experiment_id=experiment_id, parent_run_id=parent.info.run_id, pipeline_run_id=pipeline_run_id)
+    except BaseException as exc:
+        end_failed_run(exc)
+        if (clear := outage_error(exc)) is not None:
+            raise clear from None  # one paragraph, not the client's retry traceback
+        raise
+    else:
+        mlflow.end_run()
+
+
+@contextlib.contextmanager
+def stage_run(name: str, ctx: RunContext, *, log_system_metrics: bool | None = None) -> Iterator[str]:
+    """A nested MLflow run under the pipeline's run; yields its id; FAILED on an exception.
 
     Works whether or not the parent is the active run of this thread (Prefect may run a
     task in another thread).
     """
     import mlflow
 
-    active = mlflow.active_run()
-    all_tags = {**process_tags(), TAG_STAGE: name, **(tags or {})}
-    kwargs: dict[str, Any] = {"run_name": name, "tags": all_tags, "log_system_metrics": log_system_metrics, "experiment_id": experiment_id}
-    if active is not None:
+    all_tags = {**process_tags(), TAG_STAGE: name, TAG_PIPELINE_RUN_ID: ctx.pipeline_run_id}
+    kwargs: dict[str, Any] = {"run_name": name, "tags": all_tags, "log_system_metrics": log_system_metrics, "experiment_id": ctx.experiment_id}
+    if mlflow.active_run() is not None:
         kwargs["nested"] = True  # under the active run (the parent, or the stage run of a trial)
     else:
-        kwargs["parent_run_id"] = parent_run_id
+        kwargs["parent_run_id"] = ctx.parent_run_id
     run = mlflow.start_run(**kwargs)
     stages_log = logging.getLogger(STAGE_LOGGER)
     stages_log.info("> %s", name)
     t0 = time.monotonic()
     try:
-        if params:
-            log_params(run.info.run_id, params)
-        yield run
+        yield run.info.run_id
     except BaseException as exc:
         end_failed_run(exc)
         stages_log.info("x %s failed after %.1f s: %s", name, time.monotonic() - t0, type(exc).__name__)
@@ -233,6 +257,81 @@ def stage_run(
     else:
         mlflow.end_run()
         stages_log.info("  %s done in %.1f s", name, time.monotonic() - t0)
+
+
+# --------------------------------------------------------------------------- recording what a stage declares
+
+
+def log_stage(run_id: str, out: StageOutput, ctx: RunContext) -> None:
+    """Record ``out.log`` on the stage's run (with the stage's key, cache state and directory as
+    tags) and ``out.log.pipeline`` on the pipeline's run; datasets are listed on both."""
+    stage_tags = {"selfattn.stage_key": out.key, "selfattn.cached": str(out.cached).lower(), "selfattn.stage_dir": out.dir}
+    log(run_id, out.log, extra_tags={TAG_PIPELINE_RUN_ID: ctx.pipeline_run_id, **stage_tags})
+    _log_datasets(ctx.parent_run_id, out.log.datasets)
+    if out.log.pipeline is not None:
+        log(ctx.parent_run_id, out.log.pipeline)
+
+
+def log(run_id: str, logged: Logged, *, extra_tags: dict[str, str] | None = None) -> None:
+    """Record ``logged`` on run ``run_id``: params, then tags and metrics in one request, then files."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient()
+    if logged.params:
+        log_params(run_id, logged.params)
+    now = int(time.time() * 1000)
+    tags = [RunTag(k, v) for k, v in {**(extra_tags or {}), **logged.tags}.items()]
+    metrics = [Metric(k, float(v), now, 0) for k, v in logged.metrics.items()]
+    if tags or metrics:
+        client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)  # one request
+    for name, value in logged.dicts.items():
+        client.log_dict(run_id, value, name)
+    for name, text in logged.texts.items():
+        client.log_text(run_id, text, name)
+    for a in logged.artifacts:
+        if Path(a.path).is_dir():
+            client.log_artifacts(run_id, a.path, a.to or None)
+        else:
+            client.log_artifact(run_id, a.path, a.to or None)
+    for t in logged.tables:
+        import pandas as pd
+
+        client.log_table(run_id, pd.read_csv(t.path, sep="\t", keep_default_na=False), t.artifact_file)
+    _log_datasets(run_id, logged.datasets)
+
+
+def _log_datasets(run_id: str, datasets: list[Dataset]) -> None:
+    """Each file as a run input (digest + source); one the client cannot read is the data gate's to report."""
+    for d in datasets:
+        try:
+            log_dataset(d, run_id)
+        except Exception as exc:  # an unreadable file is the data gate's to report, not a crash here
+            logging.getLogger(__name__).info("could not log dataset %s: %s", d.name, exc)
+
+
+def log_dataset(d: Dataset, run_id: str) -> None:
+    """``d`` as an input of run ``run_id``: a TSV with its target column, a text file one line per row."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    path = Path(d.path)
+    if path.suffix == ".tsv":
+        df, targets = pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False), d.targets
+    else:
+        df, targets = pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()}), None
+    ds = mlflow.data.from_pandas(df, source=str(path), name=d.name, targets=targets, digest=d.digest[:36] if d.digest else None)
+    MlflowClient().log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, d.context)])])
+
+
+def download(uri: str) -> Path:
+    """A ``models:/`` or ``runs:/`` URI (or any artifact URI) downloaded from the configured store."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -247,98 +346,6 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     items = [p for p in items if p.key not in existing]  # a resumed run must not re-log different values
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
-
-
-class MlflowCallback(Callback):
-    """Training callback that logs to MLflow: step metrics batched, eval metrics, checkpoints.
-
-    Step metrics are buffered and sent with one ``log_batch`` call every ``log_every`` steps
-    (not one request per step); eval metrics go out at each eval, prefixed ``val_`` unless the
-    engine already named them so.
-    """
-
-    def __init__(self, *, run_id: str, log_every: int = 20, prefix: str = "", mirror_run_ids: Sequence[str] = ()) -> None:
-        from mlflow import MlflowClient
-
-        if log_every <= 0:
-            raise ValueError(f"log_every ({log_every}) must be > 0")
-        self.run_id = run_id
-        # runs that get the same metric batches (not params or tags): the pipeline's parent run,
-        # so the compare view of two pipeline runs draws their learning curves on one chart
-        self.mirror_run_ids = [r for r in mirror_run_ids if r and r != run_id]
-        self.log_every = log_every
-        self.prefix = prefix
-        self._client = MlflowClient()
-        self._buffer: list[Any] = []
-        self._since_flush = 0
-
-    def _metric(self, key: str, value: Any, step: int):
-        from mlflow.entities import Metric
-
-        return Metric(f"{self.prefix}{key}", float(value), int(time.time() * 1000), int(step))
-
-    def _add(self, metrics: dict[str, Any], step: int, name=lambda k: k) -> None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._buffer.append(self._metric(name(k), v, step))
-
-    def flush(self) -> None:
-        # a batch re-sent after a lost response is not doubled: the store skips identical
-        # (key, value, timestamp, step) rows
-        for run_id in (self.run_id, *self.mirror_run_ids):
-            for i in range(0, len(self._buffer), 1000):
-                self._client.log_batch(run_id, metrics=self._buffer[i : i + 1000], synchronous=True)
-        self._buffer = []
-        self._since_flush = 0
-
-    def on_train_start(self, info: dict) -> None:
-        params = {k: v for k, v in (info or {}).items() if isinstance(v, (int, float, str, bool))}
-        if params:
-            log_params(self.run_id, {f"{self.prefix}info.{k}": v for k, v in params.items()})
-
-    def on_step(self, step: int, metrics: dict) -> None:
-        self._add(metrics, step)
-        self._since_flush += 1
-        if self._since_flush >= self.log_every:
-            self.flush()
-
-    def on_eval(self, step: int, metrics: dict) -> None:
-        self._add(metrics, step, name=lambda k: k if k.startswith(("val", "eval")) else f"val_{k}")
-        self.flush()
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        self._client.set_tag(self.run_id, f"{self.prefix}last_checkpoint", f"{path} (step {step})")
-
-    def on_train_end(self, result: Any) -> None:
-        self.flush()
-
-
-def log_dataset(
-    path: Path, *, name: str, context: str, targets: str | None = None, digest: str | None = None,
-    also_run_ids: Sequence[str] = (),
-) -> None:
-    """``mlflow.log_input`` for a TSV/text file on the active run (digest + source), and on
-    ``also_run_ids`` (the parent run, whose page and compare view list the datasets)."""
-    import mlflow
-    import pandas as pd
-    from mlflow import MlflowClient
-    from mlflow.entities import InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    path = Path(path)
-    if path.suffix == ".tsv":
-        df = pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False)
-    else:
-        df = pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()})
-        targets = None
-    ds = mlflow.data.from_pandas(df, source=str(path), name=name, targets=targets, digest=digest[:36] if digest else None)
-    mlflow.log_input(ds, context=context)
-    active = mlflow.active_run()
-    for run_id in also_run_ids:
-        if active is None or run_id != active.info.run_id:
-            MlflowClient().log_inputs(
-                run_id, [mlflow.entities.DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
-            )
 
 
 def run_url(run_id: str, experiment_id: str) -> str:
@@ -364,43 +371,3 @@ def ui_url(base: str, route: str, **query: str) -> str:
     return f"{base.rstrip('/')}/#/{route.lstrip('/')}?{params}"
 
 
-class TrialRuns:
-    """Logs each Optuna trial as a nested MLflow run under ``parent_run_id``.
-
-    ``factory(trial, params)`` (passed as the search stage's ``trial_callbacks``) opens the run,
-    logs the sampled params and returns the engine callback that streams the trial's metrics;
-    the instance itself is an Optuna study callback that closes the run with the trial's state
-    and value once the trial is over (complete, pruned or failed).
-    """
-
-    def __init__(self, *, parent_run_id: str, experiment_id: str, log_every: int = 20, tags: dict[str, str] | None = None) -> None:
-        self.parent_run_id = parent_run_id
-        self.experiment_id = experiment_id
-        self.log_every = log_every
-        self.tags = tags or {}
-        self.runs: dict[int, str] = {}
-
-    def factory(self, trial: Any, params: dict[str, Any]) -> list[Callback]:
-        from mlflow import MlflowClient
-
-        client = MlflowClient()
-        run = client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{trial.number}",
-            tags={"mlflow.parentRunId": self.parent_run_id, TAG_STAGE: "trial", "optuna.trial": str(trial.number), **process_tags(), **self.tags},
-        )
-        self.runs[trial.number] = run.info.run_id
-        log_params(run.info.run_id, params)
-        return [MlflowCallback(run_id=run.info.run_id, log_every=self.log_every)]
-
-    def __call__(self, study: Any, frozen: Any) -> None:
-        from mlflow import MlflowClient
-
-        run_id = self.runs.pop(frozen.number, None)
-        if run_id is None:
-            return
-        client = MlflowClient()
-        client.set_tag(run_id, "optuna.state", frozen.state.name)
-        if frozen.value is not None:
-            client.log_metric(run_id, "objective", float(frozen.value))
-        client.set_terminated(run_id, status="FAILED" if frozen.state.name == "FAIL" else "FINISHED")

@@ -13,36 +13,53 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.stages import Stage, StageOutput
+from flows.config import PipelineConfig
+from flows.stages.base import Artifact, Logged, Stage, StageOutput
+from selfattn.data.paths import file_digest
 from selfattn.errors import UserError
+from selfattn.io.checkpoint import Pretrained, load_pretrained
+from selfattn.nn.models import num_parameters
 
 HF_PREFIX = "hf:"
 
 
 def _source_files(d: Path) -> dict[str, str]:
-    from selfattn.data.paths import file_digest
-
     names = sorted(p.name for p in d.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".txt"))
     return {n: file_digest((d / n).resolve()) for n in names}
 
 
-def init_from_stage(cfg: Any, home: Path) -> StageOutput:
+def init_from_stage(cfg: PipelineConfig, home: Path) -> StageOutput:
     """The model ``cfg.init_from`` names, as a selfattn checkpoint: ``result['best_dir']``."""
-    from selfattn.io.checkpoint import load_pretrained
-
     spec = str(cfg.init_from)
-    if spec.startswith(HF_PREFIX):
-        from selfattn.io.hf import convert_from_hf
-        from selfattn.io.sources import resolve_source
+    out = _import_hf(spec, home) if spec.startswith(HF_PREFIX) else _existing(spec, home)
+    r = out.result
+    tokenizer = Path(r["best_dir"]) / "tokenizer"
+    return out.declare(
+        Logged(
+            params={"init_from": spec},
+            metrics={"n_params": float(r["n_params"])},
+            tags={"selfattn.init_from": spec},
+            artifacts=[Artifact(path=str(tokenizer), to="tokenizer")] if tokenizer.is_dir() else [],
+        )
+    )
 
-        source = resolve_source(spec[len(HF_PREFIX) :])
-        stage = Stage(home, "init_from", {"hf": _source_files(source)})
-        with stage.claim() as (out, out_dir):
-            if out is not None:
-                return out
+
+def _import_hf(spec: str, home: Path) -> StageOutput:
+    """A Hugging Face checkpoint converted once into the stage's directory."""
+    from selfattn.io.hf import convert_from_hf
+    from selfattn.io.sources import resolve_source
+
+    source = resolve_source(spec[len(HF_PREFIX) :])
+    stage = Stage(home, "init_from", {"hf": _source_files(source)})
+    with stage.claim() as (out, out_dir):
+        if out is None:
             best = convert_from_hf(source, out_dir / "model")
-            pre = load_pretrained(best)
-            return stage.finish({"best_dir": str(best), "source": spec, "resolved": str(source), "metrics": {}, **_describe(pre)})
+            out = stage.finish({"best_dir": str(best), "source": spec, "resolved": str(source), "metrics": {}, **_describe(load_pretrained(best))})
+    return out
+
+
+def _existing(spec: str, home: Path) -> StageOutput:
+    """A selfattn checkpoint directory used where it is (nothing written)."""
     d = Path(spec).expanduser()
     if not (d / "config.json").is_file() and (d / "best" / "config.json").is_file():
         d = d / "best"
@@ -52,27 +69,9 @@ def init_from_stage(cfg: Any, home: Path) -> StageOutput:
     if pre.tokenizer is None:
         raise UserError(f"init_from {d} has no tokenizer/; fine-tuning needs the tokenizer the model was trained with")
     stage = Stage(home, "init_from", {"selfattn": _source_files(d)})
-    return StageOutput(stage="init_from", key=stage.key, dir=str(d), cached=False, result={"best_dir": str(d.resolve()), "source": spec, "metrics": {}, **_describe(pre)})
+    result = {"best_dir": str(d.resolve()), "source": spec, "metrics": {}, **_describe(pre)}
+    return StageOutput(stage="init_from", key=stage.key, dir=str(d), cached=False, result=result)
 
 
-def _describe(pre: Any) -> dict[str, Any]:
-    from selfattn.nn.models import num_parameters
-
+def _describe(pre: Pretrained) -> dict[str, Any]:
     return {"task": pre.task, "n_params": num_parameters(pre.model), "tokenizer": getattr(pre.tokenizer, "kind", None), "vocab_size": pre.config.vocab_size}
-
-
-def init_from_flow(cfg: Any, ctx: Any) -> StageOutput:
-    """The stage under its own MLflow run (same place the pretraining stage logs)."""
-    import mlflow
-
-    from flows import tracking
-
-    params = {"init_from": str(cfg.init_from)}
-    with tracking.stage_run("init_from", parent_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id, tags={tracking.TAG_PIPELINE_RUN_ID: ctx.pipeline_run_id}, params=params):
-        out = init_from_stage(cfg, Path(ctx.home))
-        mlflow.log_metric("n_params", float(out.result["n_params"]))
-        mlflow.set_tag("selfattn.init_from", str(cfg.init_from))
-        tok = Path(out.result["best_dir"]) / "tokenizer"
-        if tok.is_dir():
-            mlflow.log_artifacts(str(tok), "tokenizer")
-    return out

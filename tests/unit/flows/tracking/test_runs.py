@@ -1,4 +1,4 @@
-"""MLflow helpers: batched step metrics, stale RUNNING runs marked KILLED, nested stage runs."""
+"""MLflow runs: batched step metrics, stale RUNNING runs marked KILLED, nested stage runs, log_stage."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ def test_callback_batches_steps_and_logs_every_step(mlflow_home):
     import mlflow
     from mlflow import MlflowClient
 
-    from flows import tracking
+    from flows.tracking.callbacks import MlflowCallback
+    from flows.tracking.runs import ensure_experiment
 
-    exp = tracking.ensure_experiment("unit", mlflow_home)
+    exp = ensure_experiment("unit", mlflow_home)
     client = MlflowClient()
     run = client.create_run(exp)
-    cb = tracking.MlflowCallback(run_id=run.info.run_id, log_every=3)
+    cb = MlflowCallback(run_id=run.info.run_id, log_every=3)
     calls = []
     real = cb._client.log_batch
     cb._client.log_batch = lambda *a, **k: (calls.append(len(k.get("metrics", ()))), real(*a, **k))[1]
@@ -37,7 +38,7 @@ def test_callback_batches_steps_and_logs_every_step(mlflow_home):
 def test_stale_running_runs_of_dead_processes_are_killed(mlflow_home):
     from mlflow import MlflowClient
 
-    from flows import tracking
+    from flows.tracking import runs as tracking
 
     exp = tracking.ensure_experiment("unit-stale", mlflow_home)
     client = MlflowClient()
@@ -51,25 +52,42 @@ def test_stale_running_runs_of_dead_processes_are_killed(mlflow_home):
     assert client.get_run(other_host.info.run_id).info.status == "RUNNING"
 
 
-def test_stage_run_nests_and_fails_on_error(mlflow_home):
+def test_stage_run_nests_fails_on_error_and_log_stage_records_the_declarations(mlflow_home, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    from flows import tracking
+    from flows.stages.base import Artifact, Logged, StageOutput
+    from flows.tracking import runs
 
-    exp = tracking.ensure_experiment("unit-nest", mlflow_home)
+    exp = runs.ensure_experiment("unit-nest", mlflow_home)
+    (tmp_path / "plot.png").write_bytes(b"png")
+    (tmp_path / "cases.tsv").write_text("text\tfailed\nnot good\t1\nfine\t0\n")
+    logged = Logged(
+        params={"x": {"y": 1}}, metrics={"acc": 0.5}, tags={"t": "v"}, dicts={"d.json": {"k": 1}}, texts={"note.txt": "hi"},
+        artifacts=[Artifact(path=str(tmp_path / "plot.png"), to="plots")], tables=[{"path": str(tmp_path / "cases.tsv"), "artifact_file": "cases.json"}],
+        pipeline=Logged(metrics={"headline": 1.0}),
+    )
+    out = StageOutput(stage="a", key="k1", dir=str(tmp_path), cached=True, log=logged)
     with mlflow.start_run(experiment_id=exp) as parent:
-        with tracking.stage_run("a", parent_run_id=parent.info.run_id, experiment_id=exp, params={"x": {"y": 1}}) as a:
-            pass
+        ctx = runs.RunContext(home=str(mlflow_home), experiment_id=exp, parent_run_id=parent.info.run_id, pipeline_run_id="p1")
+        with runs.stage_run("a", ctx) as a:
+            runs.log_stage(a, out, ctx)
         with pytest.raises(RuntimeError):
-            with tracking.stage_run("b", parent_run_id=parent.info.run_id, experiment_id=exp) as b:
+            with runs.stage_run("b", ctx) as b:
                 raise RuntimeError("boom")
     client = MlflowClient()
-    ra, rb = client.get_run(a.info.run_id), client.get_run(b.info.run_id)
+    ra, rb = client.get_run(a), client.get_run(b)
     assert ra.data.tags["mlflow.parentRunId"] == parent.info.run_id and ra.data.params == {"x.y": "1"}
     assert ra.info.status == "FINISHED" and rb.info.status == "FAILED" and "boom" in rb.data.tags["selfattn.error"]
     assert ra.info.experiment_id == rb.info.experiment_id == exp
+    # everything declared, on the stage's run; the pipeline's part on the parent
+    assert ra.data.metrics == {"acc": 0.5} and client.get_run(parent.info.run_id).data.metrics == {"headline": 1.0}
+    assert {k: ra.data.tags[k] for k in ("t", "selfattn.stage_key", "selfattn.cached", "selfattn.pipeline_run_id")} == {
+        "t": "v", "selfattn.stage_key": "k1", "selfattn.cached": "true", "selfattn.pipeline_run_id": "p1"}
+    files = {f.path for f in client.list_artifacts(a)} | {f.path for f in client.list_artifacts(a, "plots")}
+    assert {"d.json", "note.txt", "cases.json", "plots/plot.png"} <= files
+    assert mlflow.artifacts.load_dict(f"runs:/{a}/cases.json")["data"] == [["not good", 1], ["fine", 0]]
     # without an active run (another thread), the parent is set explicitly
-    with tracking.stage_run("c", parent_run_id=parent.info.run_id, experiment_id=exp) as c:
+    with runs.stage_run("c", ctx) as c:
         pass
-    assert client.get_run(c.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert client.get_run(c).data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -1,10 +1,10 @@
-"""Done markers: keys follow the inputs, markers are atomic, finished stages are skipped."""
+"""Stage directories: keys follow the inputs, markers are atomic, finished stages are skipped, claims lock."""
 
 from __future__ import annotations
 
 import json
 
-from flows import stages
+from flows.stages import base as stages
 
 
 def test_stage_key_depends_on_inputs_and_marker_roundtrip(tmp_path):
@@ -27,23 +27,6 @@ def test_corrupt_marker_means_not_done(tmp_path):
     s.start()
     (s.dir / stages.MARKER).write_text("{not json")
     assert s.done() is None
-
-
-def test_prepare_data_subsamples_and_caches(selfattn_home, data_dir, monkeypatch):
-    from flows.config import load_pipeline_config
-
-    monkeypatch.setenv("SELFATTN_DATA_DIR", str(data_dir))
-    cfg = load_pipeline_config("smoke", ["data.train_rows=50", "data.dev_rows=20", "data.corpus_chars=1000"])
-    out = stages.prepare_data(cfg, selfattn_home)
-    files = out.result["files"]
-    assert len(open(files["train.tsv"]).read().splitlines()) == 51
-    assert len(open(files["dev.tsv"]).read().splitlines()) == 21
-    assert len(open(files["corpus.txt"]).read()) == 1000
-    assert stages.file_digest(__import__("pathlib").Path(files["dev.tsv"])) == out.result["digests"]["dev.tsv"]
-    again = stages.prepare_data(cfg, selfattn_home)
-    assert again.cached and again.dir == out.dir
-    changed = stages.prepare_data(load_pipeline_config("smoke", ["data.train_rows=60", "data.dev_rows=20", "data.corpus_chars=1000"]), selfattn_home)
-    assert not changed.cached and changed.dir != out.dir
 
 
 def test_concurrent_claims_do_the_work_once(tmp_path):

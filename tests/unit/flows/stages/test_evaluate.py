@@ -1,5 +1,5 @@
-"""The evaluate stage's calibration (on its own copy of the model) and behaviour results in
-MLflow, the model that registration logs, and the gate's slice rule."""
+"""The evaluate stage: calibration (on its own copy of the model), behaviour results declared and
+logged, and the model that registration logs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flows import behaviour_stage, registry, stages
 from flows.config import PipelineConfig
-from flows.stages import StageOutput
+from flows.stages import evaluate
+from flows.stages.base import StageOutput
 from selfattn.eval.calibration import temperature_of
 
 NAME = "slice-model"
@@ -58,7 +58,7 @@ def test_evaluate_stage_calibrates_on_holdout_and_logs_the_behaviour_table(tiny_
     before = _file_digests(ft.dir)
     cfg = PipelineConfig.model_validate({"evaluation": {"behaviour_cases": 10, "length_bins": [4]}})
 
-    out = stages.evaluate_stage(cfg, data, ft, mlflow_home)
+    out = evaluate.evaluate_stage(cfg, data, ft, mlflow_home)
     m = out.result["metrics"]
     # the temperature is in the stage's own copy; the fine-tune's directory is byte for byte as it was
     assert Path(out.result["model_dir"]) == Path(out.dir) / "model"
@@ -72,9 +72,15 @@ def test_evaluate_stage_calibrates_on_holdout_and_logs_the_behaviour_table(tiny_
         assert 0.0 <= m[f"behaviour.{test}.failure_rate"] <= 1.0 and m[f"behaviour.{test}.n"] > 0
     assert m["slice.negation.n"] + m["slice.no_negation.n"] == 16 == m["slice.len_le4.n"] + m["slice.len_gt4.n"]
 
+    from flows.tracking.runs import log
+
+    # what the stage declared, as log_stage records it: the table beside the files, headline metrics apart
+    assert "behaviour.negation.n" in out.log.metrics and "behaviour.negation.n" not in out.log.pipeline.metrics
+    assert out.log.pipeline.metrics["accuracy"] == m["accuracy"]
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        behaviour_stage.log_results(out.result)
+        log(run.info.run_id, out.log)
     client = MlflowClient()
+    assert client.get_run(run.info.run_id).data.metrics["calibration.temperature"] == pytest.approx(t)
     files = {f.path for f in client.list_artifacts(run.info.run_id, "behaviour")}
     assert {"behaviour/cases.json", "behaviour/cases.tsv", "behaviour/summary.json"} <= files
     # the table artifact as mlflow.log_table wrote it (mlflow.load_table searches only the active experiment)
@@ -88,9 +94,9 @@ def test_evaluate_stage_calibrates_on_holdout_and_logs_the_behaviour_table(tiny_
     # turned off: no temperature is left in the model, no behaviour files
     calibrated = shutil.copytree(out.result["model_dir"], tmp_path / "calibrated")
     off = PipelineConfig.model_validate({"evaluation": {"calibrate": False, "behaviour": False}})
-    assert behaviour_stage.calibrate(off, calibrated, train_data, dev) == {}
+    assert evaluate.calibrate(off, calibrated, train_data, dev) == {}
     assert _temperature(calibrated) == 1.0
-    assert behaviour_stage.behaviour(off, calibrated, dev, tmp_path / "off") == {} and not (tmp_path / "off").exists()
+    assert evaluate.behaviour(off, calibrated, dev, tmp_path / "off") == {} and not (tmp_path / "off").exists()
 
 
 def test_a_cached_evaluate_stage_still_registers_the_model_it_scored(tiny_classifier_dir, mlflow_home, tmp_path, monkeypatch):
@@ -99,16 +105,17 @@ def test_a_cached_evaluate_stage_still_registers_the_model_it_scored(tiny_classi
     although the run in between evaluated the same fine-tune without one."""
     import mlflow
 
-    from flows import pipeline, tracking
+    from flows import pipeline
+    from flows.tracking import runs
 
     data, ft = _upstream(tiny_classifier_dir, tmp_path)
     before = _file_digests(ft.dir)
     on = PipelineConfig.model_validate({"evaluation": {"calibrate": True, "behaviour": False}, "registry": {"model_name": NAME}})
     off = on.model_copy(update={"evaluation": on.evaluation.model_copy(update={"calibrate": False})})
 
-    first = stages.evaluate_stage(on, data, ft, mlflow_home)
-    plain = stages.evaluate_stage(off, data, ft, mlflow_home)
-    again = stages.evaluate_stage(on, data, ft, mlflow_home)
+    first = evaluate.evaluate_stage(on, data, ft, mlflow_home)
+    plain = evaluate.evaluate_stage(off, data, ft, mlflow_home)
+    again = evaluate.evaluate_stage(on, data, ft, mlflow_home)
     assert not first.cached and not plain.cached and again.cached and again.key == first.key != plain.key
     reported = again.result["metrics"]["calibration.temperature"]
     assert reported != 1.0 and "calibration.temperature" not in plain.result["metrics"]
@@ -117,9 +124,9 @@ def test_a_cached_evaluate_stage_still_registers_the_model_it_scored(tiny_classi
     # register_flow as the pipeline runs it, its Prefect tasks called as plain functions
     for name in ("log_model_task", "register_task", "gate_task"):
         monkeypatch.setattr(pipeline, name, getattr(pipeline, name).fn)
-    experiment_id = tracking.ensure_experiment("evaluate-copy", mlflow_home)  # artifacts under the home
+    experiment_id = runs.ensure_experiment("evaluate-copy", mlflow_home)  # artifacts under the home
     with mlflow.start_run(experiment_id=experiment_id) as parent:
-        ctx = pipeline.RunContext(home=str(mlflow_home), experiment_id=experiment_id, parent_run_id=parent.info.run_id, pipeline_run_id="p1")
+        ctx = runs.RunContext(home=str(mlflow_home), experiment_id=experiment_id, parent_run_id=parent.info.run_id, pipeline_run_id="p1")
         reg = pipeline.register_flow.fn(on, ft, again, ctx)
     registered = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}/{reg['version']}"))
     configs = [p for p in registered.rglob("config.json") if (p.parent / "model.safetensors").is_file()]
@@ -133,49 +140,12 @@ def test_calibration_refuses_the_dev_file(tiny_classifier_dir, tmp_path, selfatt
 
     dev = _tsv(tmp_path / "dev.tsv", 8)
     with pytest.raises(UserError, match="dev file"):
-        behaviour_stage.calibrate(PipelineConfig(), tiny_classifier_dir, {"train_path": str(dev), "val_path": str(dev)}, dev)
-
-
-@pytest.fixture()
-def model_uri(tiny_classifier_dir, experiment_id):
-    import mlflow
-
-    from flows.serving import log_model
-
-    with mlflow.start_run(experiment_id=experiment_id):
-        return log_model(str(tiny_classifier_dir)).model_uri
-
-
-def _register(uri, key, score, negation, home):
-    tags = {registry.TAG_METRIC: "accuracy", registry.TAG_SCORE: f"{score}", registry.TAG_EVAL_DIGEST: "d1"}
-    if negation is not None:
-        tags["eval.slice.negation.accuracy"] = f"{negation}"
-    return str(registry.register(model_uri=uri, model_name=NAME, run_key=key, tags=tags, home=home).version)
-
-
-def test_gate_refuses_a_slice_regression_only_when_asked(model_uri, mlflow_home):
-    v1 = _register(model_uri, "k1", 0.70, 0.80, mlflow_home)
-    assert registry.gate(model_name=NAME, version=v1, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negation": 0.02}).promoted
-
-    # better overall, but 0.10 worse on negation: refused with the slice named
-    v2 = _register(model_uri, "k2", 0.75, 0.70, mlflow_home)
-    d2 = registry.gate(model_name=NAME, version=v2, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negation": 0.02})
-    assert not d2.promoted and "slice 'negation'" in d2.reason and "0.7000" in d2.reason
-    assert registry.describe(NAME)["aliases"]["champion"] == v1
-    # within the allowed loss: promoted
-    v3 = _register(model_uri, "k3", 0.76, 0.79, mlflow_home)
-    d3 = registry.gate(model_name=NAME, version=v3, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negation": 0.02})
-    assert d3.promoted and "no guarded slice regressed" in d3.reason
-    # a misspelt slice refuses, naming it; off (the default), the same regression is promoted
-    v4 = _register(model_uri, "k4", 0.80, 0.50, mlflow_home)
-    d4 = registry.gate(model_name=NAME, version=v4, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negatoin": 0.02})
-    assert not d4.promoted and "'negatoin'" in d4.reason
-    assert registry.gate(model_name=NAME, version=v4, metric="accuracy", margin=0.0, home=mlflow_home).promoted
+        evaluate.calibrate(PipelineConfig(), tiny_classifier_dir, {"train_path": str(dev), "val_path": str(dev)}, dev)
 
 
 def test_promotion_slices_are_off_by_default_and_validated():
-    from selfattn.errors import UserError
     from selfattn.config import load_config
+    from selfattn.errors import UserError
 
     assert PipelineConfig().promotion.slices == {}
     cfg = load_config(PipelineConfig, None, ["promotion.slices={negation: 0.02}"])
