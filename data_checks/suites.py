@@ -45,6 +45,30 @@ class GXCheck:
     example_column: str | None = None  # column holding the offending values (for example rows)
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row of a suite table: the check's name, its expectation built from the suite's context
+    (``expectation(gx, ctx)``), how its result reads (``describe(ctx, result, success) -> (observed,
+    detail)``), the column whose values make the example rows, and whether it runs (``when(ctx)``)."""
+
+    name: str
+    expectation: Callable[[Any, Any], Any]
+    describe: Callable[[Any, dict, bool], tuple[Any, str]]
+    example_column: Callable[[Any], str | None] = lambda ctx: None
+    when: Callable[[Any], bool] = lambda ctx: True
+
+
+def build(table: Sequence[Row], ctx: Any) -> list[GXCheck]:
+    """The table's checks for one file (``ctx``: what its expectations and describers read)."""
+    import great_expectations as gx
+
+    return [
+        GXCheck(row.name, row.expectation(gx, ctx), functools.partial(row.describe, ctx), row.example_column(ctx))
+        for row in table
+        if row.when(ctx)
+    ]
+
+
 def nonprintable_pattern(*, count_replacement_char: bool) -> str:
     extra = "\ufffd" if count_replacement_char else ""
     return f"[{_NONPRINTABLE}{extra}]"
@@ -73,61 +97,63 @@ def _unexpected(result: dict) -> tuple[int, int, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Corpus:
+    frame: "pd.DataFrame"  # non-blank lines: ``line``, ``line_length``
+    th: CheckThresholds
+
+    @property
+    def longest(self) -> int:
+        return int(self.frame["line_length"].max())
+
+
+def _corpus_non_empty(c: _Corpus, r: dict, ok: bool) -> tuple[Any, str]:
+    n = r.get("observed_value")
+    if ok:
+        return n, f"{n} non-blank lines"
+    return n, f"corpus has {n} non-blank lines, needs >= {c.th.min_lines}: the file is empty or holds only whitespace"
+
+
+def _line_length(c: _Corpus, r: dict, ok: bool) -> tuple[Any, str]:
+    k, n, _ = _unexpected(r)
+    if ok:
+        return c.longest, f"longest line {c.longest:,} chars (bound {c.th.max_line_chars:,})"
+    return c.longest, (
+        f"{k} line(s) longer than max_line_chars={c.th.max_line_chars:,}; the longest has {c.longest:,} "
+        "chars (one huge line: not line-structured text, or a missing newline conversion?)"
+    )
+
+
+def _duplicate_lines(c: _Corpus, r: dict, ok: bool) -> tuple[Any, str]:
+    unique = r.get("observed_value")
+    if unique is None:
+        return None, "could not compute the duplicate-line rate"
+    rate = 1.0 - float(unique)
+    msg = f"{_pct(rate)} of non-blank lines repeat another (bound {_pct(c.th.max_duplicate_line_rate)})"
+    return round(rate, 4), msg if ok else f"duplicate-line rate too high: {msg}"
+
+
+CORPUS: tuple[Row, ...] = (
+    Row("corpus_non_empty", lambda gx, c: gx.expectations.ExpectTableRowCountToBeBetween(min_value=c.th.min_lines), _corpus_non_empty),
+    Row(
+        "line_length",
+        lambda gx, c: gx.expectations.ExpectColumnValuesToBeBetween(column="line_length", min_value=1, max_value=c.th.max_line_chars),
+        _line_length,
+        example_column=lambda c: "line",
+        when=lambda c: len(c.frame) > 0,
+    ),
+    Row(
+        "duplicate_lines",
+        lambda gx, c: gx.expectations.ExpectColumnProportionOfUniqueValuesToBeBetween(column="line", min_value=1.0 - c.th.max_duplicate_line_rate),
+        _duplicate_lines,
+        when=lambda c: len(c.frame) > 0,
+    ),
+)
+
+
 def corpus_gx_checks(frame: "pd.DataFrame", th: CheckThresholds) -> list[GXCheck]:
     """Non-empty, line length bound, duplicate-line rate (GX on the frame of non-blank lines)."""
-    import great_expectations as gx
-
-    n_lines = len(frame)
-    checks = [
-        GXCheck(
-            "corpus_non_empty",
-            gx.expectations.ExpectTableRowCountToBeBetween(min_value=th.min_lines),
-            lambda r, ok: (
-                r.get("observed_value"),
-                f"{r.get('observed_value')} non-blank lines"
-                if ok
-                else f"corpus has {r.get('observed_value')} non-blank lines, needs >= {th.min_lines}: "
-                "the file is empty or holds only whitespace",
-            ),
-        )
-    ]
-    if n_lines == 0:
-        return checks
-    longest = int(frame["line_length"].max())
-
-    def describe_length(r: dict, ok: bool) -> tuple[Any, str]:
-        k, n, _ = _unexpected(r)
-        if ok:
-            return longest, f"longest line {longest:,} chars (bound {th.max_line_chars:,})"
-        return longest, (
-            f"{k} line(s) longer than max_line_chars={th.max_line_chars:,}; the longest has {longest:,} "
-            "chars (one huge line: not line-structured text, or a missing newline conversion?)"
-        )
-
-    def describe_dupes(r: dict, ok: bool) -> tuple[Any, str]:
-        unique = r.get("observed_value")
-        rate = 1.0 - float(unique) if unique is not None else None
-        if rate is None:
-            return None, "could not compute the duplicate-line rate"
-        msg = f"{_pct(rate)} of non-blank lines repeat another (bound {_pct(th.max_duplicate_line_rate)})"
-        return round(rate, 4), msg if ok else f"duplicate-line rate too high: {msg}"
-
-    checks += [
-        GXCheck(
-            "line_length",
-            gx.expectations.ExpectColumnValuesToBeBetween(column="line_length", min_value=1, max_value=th.max_line_chars),
-            describe_length,
-            example_column="line",
-        ),
-        GXCheck(
-            "duplicate_lines",
-            gx.expectations.ExpectColumnProportionOfUniqueValuesToBeBetween(
-                column="line", min_value=1.0 - th.max_duplicate_line_rate
-            ),
-            describe_dupes,
-        ),
-    ]
-    return checks
+    return build(CORPUS, _Corpus(frame, th))
 
 
 def most_repeated(values: "pd.Series", n: int, *, prefix: str = "") -> list[str]:
@@ -148,35 +174,44 @@ def add_labelled_columns(frame: "pd.DataFrame", *, text_column: str, label_colum
     frame["labels_per_text"] = per_text.fillna(0).astype("int64")
 
 
+@dataclass(frozen=True)
+class _Schema:
+    text_column: str
+    label_column: str
+    columns: Sequence[str]
+    suffix: str
+    th: CheckThresholds
+
+
+def _column_present(role: str) -> Callable[[_Schema, dict, bool], tuple[Any, str]]:
+    def describe(c: _Schema, r: dict, ok: bool) -> tuple[Any, str]:
+        col = c.text_column if role == "text" else c.label_column
+        if ok:
+            return col, f"{role} column {col!r} present"
+        return None, f"no {role} column {col!r}; the file has columns {list(c.columns)}" + _delimiter_hint(c.columns, c.suffix)
+
+    return describe
+
+
+def _row_count(c: _Schema, r: dict, ok: bool) -> tuple[Any, str]:
+    n = r.get("observed_value")
+    if ok:
+        return n, f"{n} rows"
+    return n, f"{n} data rows, needs >= {c.th.min_rows}" + (" (header only?)" if n == 0 else "")
+
+
+SCHEMA: tuple[Row, ...] = (
+    Row("text_column", lambda gx, c: gx.expectations.ExpectColumnToExist(column=c.text_column), _column_present("text")),
+    Row("label_column", lambda gx, c: gx.expectations.ExpectColumnToExist(column=c.label_column), _column_present("label")),
+    Row("row_count", lambda gx, c: gx.expectations.ExpectTableRowCountToBeBetween(min_value=c.th.min_rows), _row_count),
+)
+
+
 def labelled_schema_checks(
     *, text_column: str, label_column: str, columns: Sequence[str], suffix: str, th: CheckThresholds
 ) -> list[GXCheck]:
     """Required columns present and enough rows: run always, even when the rest cannot run."""
-    import great_expectations as gx
-
-    def describe_column(col: str, role: str) -> Callable[[dict, bool], tuple[Any, str]]:
-        def describe(r: dict, ok: bool) -> tuple[Any, str]:
-            if ok:
-                return col, f"{role} column {col!r} present"
-            return None, f"no {role} column {col!r}; the file has columns {list(columns)}" + _delimiter_hint(columns, suffix)
-
-        return describe
-
-    return [
-        GXCheck("text_column", gx.expectations.ExpectColumnToExist(column=text_column), describe_column(text_column, "text")),
-        GXCheck("label_column", gx.expectations.ExpectColumnToExist(column=label_column), describe_column(label_column, "label")),
-        GXCheck(
-            "row_count",
-            gx.expectations.ExpectTableRowCountToBeBetween(min_value=th.min_rows),
-            lambda r, ok: (
-                r.get("observed_value"),
-                f"{r.get('observed_value')} rows"
-                if ok
-                else f"{r.get('observed_value')} data rows, needs >= {th.min_rows}"
-                + (" (header only?)" if r.get("observed_value") == 0 else ""),
-            ),
-        ),
-    ]
+    return build(SCHEMA, _Schema(text_column, label_column, columns, suffix, th))
 
 
 def _delimiter_hint(columns: Sequence[str], suffix: str) -> str:
@@ -193,123 +228,126 @@ def _delimiter_hint(columns: Sequence[str], suffix: str) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class _Labelled:
+    frame: "pd.DataFrame"  # with the derived columns of :func:`add_labelled_columns`
+    text_column: str
+    label_column: str
+    labels: list[str] | None
+    th: CheckThresholds
+
+    @property
+    def quantiles(self) -> list[float]:
+        return sorted(self.th.text_length_quantiles)
+
+    @property
+    def ranges(self) -> list[list[float | None]]:
+        return [list(self.th.text_length_quantiles[q]) for q in self.quantiles]
+
+
+def _not_null(role: str) -> Callable[[_Labelled, dict, bool], tuple[Any, str]]:
+    def describe(c: _Labelled, r: dict, ok: bool) -> tuple[Any, str]:
+        k, n, frac = _unexpected(r)
+        if ok:
+            return 0, f"no missing {role}s"
+        col = c.text_column if role == "text" else c.label_column
+        return k, f"{k} of {n} rows ({_pct(frac)}) have a missing or blank {role} in column {col!r}"
+
+    return describe
+
+
+def _labels_in_set(c: _Labelled, r: dict, ok: bool) -> tuple[Any, str]:
+    k, n, frac = _unexpected(r)
+    labels = ", ".join(c.labels or [])
+    if ok:
+        return 0, f"all in {{{labels}}}"
+    bad = sorted({str(v) for v in r.get("partial_unexpected_list") or []})
+    return k, f"{k} of {n} labelled rows ({_pct(frac)}) have a label outside the configured set {{{labels}}}: {', '.join(repr(b) for b in bad)}"
+
+
+def _text_length(c: _Labelled, r: dict, ok: bool) -> tuple[Any, str]:
+    k, n, frac = _unexpected(r)
+    lengths = c.frame["text_length"]
+    observed = f"{int(lengths.min())}-{int(lengths.max())}" if lengths.notna().any() else None
+    bound = f"{c.th.min_text_chars}-{c.th.max_text_chars:,} chars"
+    if ok:
+        return observed, f"all within {bound}"
+    return observed, f"{k} of {n} texts ({_pct(frac)}) outside the length bound {bound} (observed {observed})"
+
+
+def _length_quantiles(c: _Labelled, r: dict, ok: bool) -> tuple[Any, str]:
+    obs = (r.get("observed_value") or {}).get("values") or []
+    shown = ", ".join(
+        f"q{q:g}={v:g} [{lo if lo is not None else '-'}, {hi if hi is not None else '-'}]"
+        for q, v, (lo, hi) in zip(c.quantiles, obs, c.ranges)
+    )
+    observed = {f"q{q:g}": v for q, v in zip(c.quantiles, obs)}
+    return observed, (f"chars {shown}" if ok else f"text length quantiles out of bounds: {shown}")
+
+
+def _duplicate_rows(c: _Labelled, r: dict, ok: bool) -> tuple[Any, str]:
+    k, n, frac = _unexpected(r)
+    msg = f"{k} of {n} rows ({_pct(frac)}) have an identical (text, label) copy (bound {_pct(c.th.max_duplicate_rate)})"
+    return round(frac, 4), msg if ok else f"too many exact duplicates: {msg}"
+
+
+def _conflicting_labels(c: _Labelled, r: dict, ok: bool) -> tuple[Any, str]:
+    k, n, frac = _unexpected(r)
+    n_texts = int(c.frame.loc[c.frame["labels_per_text"] > 1, c.text_column].nunique())
+    msg = (
+        f"{k} of {n} rows ({_pct(frac)}; {n_texts} texts) have a copy of their text with another label "
+        f"(bound {_pct(c.th.max_conflicting_label_rate)})"
+    )
+    return k, msg if ok else f"conflicting labels: {msg}"
+
+
+def _text_column(c: _Labelled) -> str:
+    return c.text_column
+
+
+LABELLED: tuple[Row, ...] = (
+    Row("text_not_null", lambda gx, c: gx.expectations.ExpectColumnValuesToNotBeNull(column=c.text_column), _not_null("text"), _text_column),
+    Row("label_not_null", lambda gx, c: gx.expectations.ExpectColumnValuesToNotBeNull(column=c.label_column), _not_null("label"), _text_column),
+    Row(
+        "labels_in_set",
+        lambda gx, c: gx.expectations.ExpectColumnValuesToBeInSet(column=c.label_column, value_set=list(c.labels)),
+        _labels_in_set,
+        example_column=lambda c: c.label_column,
+        when=lambda c: c.labels is not None,
+    ),
+    Row(
+        "text_length",
+        lambda gx, c: gx.expectations.ExpectColumnValuesToBeBetween(column="text_length", min_value=c.th.min_text_chars, max_value=c.th.max_text_chars),
+        _text_length,
+        example_column=lambda c: "text_length",
+    ),
+    Row(
+        "text_length_quantiles",
+        lambda gx, c: _quantiles_expectation_class()(column="text_length", quantile_ranges={"quantiles": c.quantiles, "value_ranges": c.ranges}),
+        _length_quantiles,
+    ),
+    Row(
+        "duplicate_rows",
+        lambda gx, c: gx.expectations.ExpectCompoundColumnsToBeUnique(column_list=[c.text_column, c.label_column], mostly=1.0 - c.th.max_duplicate_rate),
+        _duplicate_rows,
+        _text_column,
+    ),
+    Row(
+        "conflicting_labels",
+        lambda gx, c: gx.expectations.ExpectColumnValuesToBeBetween(
+            column="labels_per_text", min_value=0, max_value=1, mostly=1.0 - c.th.max_conflicting_label_rate
+        ),
+        _conflicting_labels,
+        _text_column,
+    ),
+)
+
+
 def labelled_value_checks(
     frame: "pd.DataFrame", *, text_column: str, label_column: str, labels: list[str] | None, th: CheckThresholds
 ) -> list[GXCheck]:
     """Nulls, label set, text lengths and their quantiles, duplicates, conflicting labels."""
-    import great_expectations as gx
-
-    def describe_nulls(col: str, role: str) -> Callable[[dict, bool], tuple[Any, str]]:
-        def describe(r: dict, ok: bool) -> tuple[Any, str]:
-            k, n, frac = _unexpected(r)
-            if ok:
-                return 0, f"no missing {role}s"
-            return k, f"{k} of {n} rows ({_pct(frac)}) have a missing or blank {role} in column {col!r}"
-
-        return describe
-
-    def describe_in_set(r: dict, ok: bool) -> tuple[Any, str]:
-        k, n, frac = _unexpected(r)
-        if ok:
-            return 0, f"all in {{{', '.join(labels or [])}}}"
-        bad = sorted({str(v) for v in r.get("partial_unexpected_list") or []})
-        return k, (
-            f"{k} of {n} labelled rows ({_pct(frac)}) have a label outside the configured set "
-            f"{{{', '.join(labels or [])}}}: {', '.join(repr(b) for b in bad)}"
-        )
-
-    def describe_length(r: dict, ok: bool) -> tuple[Any, str]:
-        k, n, frac = _unexpected(r)
-        lengths = frame["text_length"]
-        observed = f"{int(lengths.min())}-{int(lengths.max())}" if lengths.notna().any() else None
-        bound = f"{th.min_text_chars}-{th.max_text_chars:,} chars"
-        if ok:
-            return observed, f"all within {bound}"
-        return observed, f"{k} of {n} texts ({_pct(frac)}) outside the length bound {bound} (observed {observed})"
-
-    quantiles = sorted(th.text_length_quantiles)
-    ranges = [list(th.text_length_quantiles[q]) for q in quantiles]
-
-    def describe_quantiles(r: dict, ok: bool) -> tuple[Any, str]:
-        obs = (r.get("observed_value") or {}).get("values") or []
-        shown = ", ".join(
-            f"q{q:g}={v:g} [{lo if lo is not None else '-'}, {hi if hi is not None else '-'}]"
-            for q, v, (lo, hi) in zip(quantiles, obs, ranges)
-        )
-        observed = {f"q{q:g}": v for q, v in zip(quantiles, obs)}
-        return observed, (f"chars {shown}" if ok else f"text length quantiles out of bounds: {shown}")
-
-    def describe_dupes(r: dict, ok: bool) -> tuple[Any, str]:
-        k, n, frac = _unexpected(r)
-        msg = f"{k} of {n} rows ({_pct(frac)}) have an identical (text, label) copy (bound {_pct(th.max_duplicate_rate)})"
-        return round(frac, 4), msg if ok else f"too many exact duplicates: {msg}"
-
-    def describe_conflicts(r: dict, ok: bool) -> tuple[Any, str]:
-        k, n, frac = _unexpected(r)
-        n_texts = int(frame.loc[frame["labels_per_text"] > 1, text_column].nunique())
-        msg = (
-            f"{k} of {n} rows ({_pct(frac)}; {n_texts} texts) have a copy of their text with another label "
-            f"(bound {_pct(th.max_conflicting_label_rate)})"
-        )
-        return k, msg if ok else f"conflicting labels: {msg}"
-
-    checks = [
-        GXCheck(
-            "text_not_null",
-            gx.expectations.ExpectColumnValuesToNotBeNull(column=text_column),
-            describe_nulls(text_column, "text"),
-            example_column=text_column,
-        ),
-        GXCheck(
-            "label_not_null",
-            gx.expectations.ExpectColumnValuesToNotBeNull(column=label_column),
-            describe_nulls(label_column, "label"),
-            example_column=text_column,
-        ),
-    ]
-    if labels is not None:
-        checks.append(
-            GXCheck(
-                "labels_in_set",
-                gx.expectations.ExpectColumnValuesToBeInSet(column=label_column, value_set=list(labels)),
-                describe_in_set,
-                example_column=label_column,
-            )
-        )
-    checks += [
-        GXCheck(
-            "text_length",
-            gx.expectations.ExpectColumnValuesToBeBetween(
-                column="text_length", min_value=th.min_text_chars, max_value=th.max_text_chars
-            ),
-            describe_length,
-            example_column="text_length",
-        ),
-        GXCheck(
-            "text_length_quantiles",
-            _quantiles_expectation_class()(
-                column="text_length", quantile_ranges={"quantiles": quantiles, "value_ranges": ranges}
-            ),
-            describe_quantiles,
-        ),
-        GXCheck(
-            "duplicate_rows",
-            gx.expectations.ExpectCompoundColumnsToBeUnique(
-                column_list=[text_column, label_column], mostly=1.0 - th.max_duplicate_rate
-            ),
-            describe_dupes,
-            example_column=text_column,
-        ),
-        GXCheck(
-            "conflicting_labels",
-            gx.expectations.ExpectColumnValuesToBeBetween(
-                column="labels_per_text", min_value=0, max_value=1, mostly=1.0 - th.max_conflicting_label_rate
-            ),
-            describe_conflicts,
-            example_column=text_column,
-        ),
-    ]
-    return checks
+    return build(LABELLED, _Labelled(frame, text_column, label_column, labels, th))
 
 
 @functools.lru_cache(maxsize=1)
@@ -384,68 +422,73 @@ def add_split_columns(frame: "pd.DataFrame", train: "pd.DataFrame", *, text_colu
     frame["in_train_normalized"] = frame["normalized_text"].isin(train_norm).astype("int64")
 
 
+@dataclass(frozen=True)
+class _Split:
+    frame: "pd.DataFrame"  # with the derived columns of :func:`add_split_columns`
+    train: "pd.DataFrame"
+    label_column: str
+    train_path: Path
+    th: CheckThresholds
+
+    @property
+    def train_distribution(self) -> tuple[list[str], list[float]]:
+        """The train file's labels and their fractions (empty without labelled rows)."""
+        counts = self.train[self.label_column].dropna().value_counts()
+        total = float(counts.sum())
+        return [str(v) for v in counts.index], ([float(n) / total for n in counts.to_numpy()] if total else [])
+
+
+def _leakage(what: str, bound: Callable[[CheckThresholds], float]) -> Callable[[_Split, dict, bool], tuple[Any, str]]:
+    def describe(c: _Split, r: dict, ok: bool) -> tuple[Any, str]:
+        k, n, frac = _unexpected(r)
+        msg = f"{k} of {n} rows ({_pct(frac)}) also in {c.train_path.name}{what}"
+        limit = _pct(bound(c.th))
+        return k, (msg + f" (bound {limit})") if ok else f"train/eval leakage: {msg} (bound {limit})"
+
+    return describe
+
+
+def _label_distribution(c: _Split, r: dict, ok: bool) -> tuple[Any, str]:
+    kl = r.get("observed_value")
+    details = r.get("details") or {}
+    obs = details.get("observed_partition") or {}
+    exp = details.get("expected_partition") or {}
+    dist = ", ".join(f"{v}: {_pct(o)}/{_pct(e)}" for v, o, e in zip(obs.get("values", []), obs.get("weights", []), exp.get("weights", [])))
+    kl_text = "inf (labels the train file lacks)" if kl is None else f"{kl:.4f}"
+    msg = f"KL(eval||train) {kl_text} nats (bound {c.th.max_label_kl}); eval vs train: {dist}"
+    return (None if kl is None else round(float(kl), 5)), msg if ok else f"label distribution differs from train: {msg}"
+
+
+def _kl_expectation(gx: Any, c: _Split) -> Any:
+    values, weights = c.train_distribution
+    partition = {"values": values, "weights": weights}
+    return gx.expectations.ExpectColumnKLDivergenceToBeLessThan(column=c.label_column, partition_object=partition, threshold=c.th.max_label_kl)
+
+
+SPLIT: tuple[Row, ...] = (
+    Row(
+        "leakage_exact",
+        lambda gx, c: gx.expectations.ExpectColumnValuesToBeInSet(column="in_train_exact", value_set=[0], mostly=1.0 - c.th.max_exact_leak_rate),
+        _leakage("", lambda th: th.max_exact_leak_rate),
+        example_column=lambda c: "in_train_exact",
+    ),
+    Row(
+        "leakage_normalized",
+        lambda gx, c: gx.expectations.ExpectColumnValuesToBeInSet(
+            column="in_train_normalized", value_set=[0], mostly=1.0 - c.th.max_normalized_leak_rate
+        ),
+        _leakage(" once case/punctuation/spaces are normalised", lambda th: th.max_normalized_leak_rate),
+        example_column=lambda c: "in_train_normalized",
+    ),
+    Row("label_distribution", _kl_expectation, _label_distribution, when=lambda c: bool(c.train_distribution[1])),
+)
+
+
 def split_checks(
     frame: "pd.DataFrame", train: "pd.DataFrame", *, label_column: str, train_path: Path, th: CheckThresholds
 ) -> list[GXCheck]:
     """No exact / normalised overlap with the train file; label distribution close to train's."""
-    import great_expectations as gx
-
-    def describe_leak(what: str, bound: float) -> Callable[[dict, bool], tuple[Any, str]]:
-        def describe(r: dict, ok: bool) -> tuple[Any, str]:
-            k, n, frac = _unexpected(r)
-            msg = f"{k} of {n} rows ({_pct(frac)}) also in {train_path.name}{what}"
-            return k, (msg + f" (bound {_pct(bound)})") if ok else f"train/eval leakage: {msg} (bound {_pct(bound)})"
-
-        return describe
-
-    train_counts = train[label_column].dropna().value_counts()
-    total = float(train_counts.sum())
-    values = [str(v) for v in train_counts.index]
-    weights = [float(c) / total for c in train_counts.to_numpy()] if total else []
-
-    def describe_kl(r: dict, ok: bool) -> tuple[Any, str]:
-        kl = r.get("observed_value")
-        details = r.get("details") or {}
-        obs = details.get("observed_partition") or {}
-        exp = details.get("expected_partition") or {}
-        dist = ", ".join(
-            f"{v}: {_pct(o)}/{_pct(e)}" for v, o, e in zip(obs.get("values", []), obs.get("weights", []), exp.get("weights", []))
-        )
-        kl_text = "inf (labels the train file lacks)" if kl is None else f"{kl:.4f}"
-        msg = f"KL(eval||train) {kl_text} nats (bound {th.max_label_kl}); eval vs train: {dist}"
-        return (None if kl is None else round(float(kl), 5)), msg if ok else f"label distribution differs from train: {msg}"
-
-    checks = [
-        GXCheck(
-            "leakage_exact",
-            gx.expectations.ExpectColumnValuesToBeInSet(
-                column="in_train_exact", value_set=[0], mostly=1.0 - th.max_exact_leak_rate
-            ),
-            describe_leak("", th.max_exact_leak_rate),
-            example_column="in_train_exact",
-        ),
-        GXCheck(
-            "leakage_normalized",
-            gx.expectations.ExpectColumnValuesToBeInSet(
-                column="in_train_normalized", value_set=[0], mostly=1.0 - th.max_normalized_leak_rate
-            ),
-            describe_leak(" once case/punctuation/spaces are normalised", th.max_normalized_leak_rate),
-            example_column="in_train_normalized",
-        ),
-    ]
-    if weights:
-        checks.append(
-            GXCheck(
-                "label_distribution",
-                gx.expectations.ExpectColumnKLDivergenceToBeLessThan(
-                    column=label_column,
-                    partition_object={"values": values, "weights": weights},
-                    threshold=th.max_label_kl,
-                ),
-                describe_kl,
-            )
-        )
-    return checks
+    return build(SPLIT, _Split(frame, train, label_column, train_path, th))
 
 
 # ---------------------------------------------------------------------------------------------

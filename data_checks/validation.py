@@ -15,12 +15,11 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from selfattn.errors import UserError
-
 from data_checks import suites
 from data_checks.config import CheckThresholds, resolve_severity
 from data_checks.readers import detect_kind, label_strings, read_corpus, read_labelled
 from data_checks.report import CheckResult, Report
+from selfattn.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -275,21 +274,7 @@ def _run_gx(
         validation = context.validation_definitions.add(
             gx.ValidationDefinition(name=f"validation_{uid}", data=batch_definition, suite=suite)
         )
-        actions = []
-        if out_dir is not None:
-            docs_dir = out_dir / _DOCS_DIRNAME
-            docs_dir.mkdir(parents=True, exist_ok=True)
-            site = {
-                "class_name": "SiteBuilder",
-                "show_how_to_buttons": False,
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            }
-            if _DOCS_SITE in context.list_data_docs_sites():
-                context.update_data_docs_site(_DOCS_SITE, site)
-            else:
-                context.add_data_docs_site(_DOCS_SITE, site)
-            actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[_DOCS_SITE]))
+        actions = [] if out_dir is None else [_data_docs_action(context, out_dir / _DOCS_DIRNAME)]
         checkpoint = context.checkpoints.add(
             gx.Checkpoint(
                 name=f"checkpoint_{uid}",
@@ -308,11 +293,26 @@ def _run_gx(
             context.suites.delete(suite.name)
     (suite_result,) = outcome.run_results.values()
     by_name = {r.expectation_config.meta.get("check"): r for r in suite_result.results}
-    out = []
-    for check in checks:
-        r = by_name[check.name]
-        out.append(_to_check_result(check, r, frame, sev=sev, th=th, where=where, text_column=text_column, label_column=label_column))
-    return out
+    common = {"sev": sev, "th": th, "where": where, "text_column": text_column, "label_column": label_column}
+    return [_to_check_result(check, by_name[check.name], frame, **common) for check in checks]
+
+
+def _data_docs_action(context: Any, docs_dir: Path) -> Any:
+    """The checkpoint action that writes this suite's Data Docs under ``docs_dir`` (the one site, repointed)."""
+    import great_expectations as gx
+
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    site = {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    }
+    if _DOCS_SITE in context.list_data_docs_sites():
+        context.update_data_docs_site(_DOCS_SITE, site)
+    else:
+        context.add_data_docs_site(_DOCS_SITE, site)
+    return gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[_DOCS_SITE])
 
 
 def _to_check_result(
