@@ -6,8 +6,7 @@ resolved lazily on first access (so ``selfattn --help`` does not pay for ``impor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from selfattn.utils import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -43,16 +42,4 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'selfattn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, extra=["__version__"])

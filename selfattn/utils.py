@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+from selfattn.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_path", "deep_merge", "flatten", "autocast_context", "seeded_generator"]
+__all__ = [
+    "atomic_write_bytes", "atomic_write_text", "atomic_path", "deep_merge", "flatten", "autocast_context",
+    "seeded_generator", "lazy_exports", "read_json_object",
+]
 
 
 @contextlib.contextmanager
@@ -108,3 +115,36 @@ def seeded_generator(*seeds: int) -> "torch.Generator":
     g.manual_seed(int(hashlib.sha256(repr(seeds).encode()).hexdigest()[:15], 16))
     return g
 
+
+
+def read_json_object(path: str | Path, *, missing: str | None = None) -> dict[str, Any]:
+    """The JSON object (a mapping) in ``path``; a UserError naming the file when it is missing
+    (``missing``: the message to give instead), not valid UTF-8 JSON, or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing or f"file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data
+
+
+def lazy_exports(package: str, exports: Mapping[str, str], extra: Sequence[str] = ()) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``(__getattr__, __dir__)`` for a package whose public names (``exports``: name -> defining
+    module) are imported on first access (PEP 562), so importing the package stays cheap."""
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)  # resolved once
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(exports) + list(extra)
+
+    return __getattr__, __dir__

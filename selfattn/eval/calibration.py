@@ -98,14 +98,11 @@ def temperature_of(extra: Mapping[str, Any] | None) -> float:
 def save_temperature(model_dir: str | Path, temperature: float | None, info: Mapping[str, Any] | None = None) -> Path:
     """Store ``temperature`` (and ``info``: where it was fitted, NLL/ECE before and after) in
     ``model_dir/config.json`` under ``extra.calibration``; ``None`` removes it. Atomic rewrite."""
-    from selfattn.errors import UserError
     from selfattn.io.checkpoint import CONFIG_FILE
-    from selfattn.utils import atomic_write_text
+    from selfattn.utils import atomic_write_text, read_json_object
 
     path = Path(model_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{model_dir} is not a checkpoint: {CONFIG_FILE} is missing")
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta = read_json_object(path, missing=f"{model_dir} is not a checkpoint: {CONFIG_FILE} is missing")
     extra = meta.setdefault("extra", {}) or {}
     if temperature is None:
         if CALIBRATION_KEY not in extra:

@@ -19,7 +19,7 @@ from selfattn.eval.metrics import (  # noqa: F401 - re-exported
     perplexity,
     reliability_bins,
 )
-from selfattn.utils import atomic_write_text, autocast_context
+from selfattn.utils import atomic_write_text, autocast_context, read_json_object
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -140,13 +140,7 @@ def data_config_for(model_dir: str | Path, data: str, overrides: Sequence[str] =
     from selfattn.config import load_config
     from selfattn.data.config import ClassificationDataConfig, LMDataConfig
 
-    meta_file = Path(model_dir) / "config.json"
-    if not meta_file.is_file():
-        raise UserError(f"{model_dir} is not a checkpoint: config.json is missing")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{meta_file} is not valid JSON: {exc}") from None
+    meta = read_json_object(Path(model_dir) / "config.json", missing=f"{model_dir} is not a checkpoint: config.json is missing")
     schema = ClassificationDataConfig if meta.get("task") == "classifier" else LMDataConfig
     if data.endswith((".yaml", ".yml")):
         return load_config(schema, data, overrides)

@@ -383,6 +383,16 @@ def _encode(tokenizer: CharTokenizer | BPETokenizer, text: str) -> tuple[list[in
     return ids, spans
 
 
+@dataclass
+class _Encoded:
+    """A text ready to explain: its index in the input, token ids and character spans, and a note."""
+
+    index: int
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    note: str = ""
+
+
 def explain(
     model: SequenceClassifier,
     tokenizer: CharTokenizer | BPETokenizer,
@@ -407,7 +417,34 @@ def explain(
     longer texts are cut with a note. Work per batch: ``batch_size`` texts, and for integrated
     gradients ``batch_size * steps`` interpolation rows in chunks of ``max_rows``. The model runs
     in eval mode and is restored; its parameters get no ``.grad``.
+
+    Three steps: :func:`_prepare` (encode, cut, set empty texts aside), :func:`_pad` (a batch as
+    ``[B, T]`` ids and mask), :func:`_score` (probabilities, targets, the method's scores).
     """
+    limit = _check_explain_args(model, method, temperature, baseline, steps, max_tokens, targets, texts)
+    results, todo = _prepare(tokenizer, texts, limit, method)
+    device = model.tok_emb.weight.device
+    baseline_id = tokenizer.pad_id if baseline == "pad" else tokenizer.unk_id
+    score = {"method": method, "steps": steps, "baseline_id": baseline_id, "max_rows": max_rows, "temperature": temperature}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(todo), max(1, batch_size)):
+            chunk = todo[start : start + max(1, batch_size)]
+            input_ids, mask = _pad(chunk, tokenizer.pad_id, device)
+            wanted = [targets[e.index] if targets is not None else None for e in chunk]
+            for e, attribution in zip(chunk, _score(model, texts, chunk, input_ids, mask, wanted, **score)):
+                results[e.index] = attribution
+    finally:
+        model.train(was_training)
+    return [r for r in results if r is not None]
+
+
+def _check_explain_args(
+    model: SequenceClassifier, method: str, temperature: float, baseline: str, steps: int,
+    max_tokens: int | None, targets: Sequence[int | None] | None, texts: Sequence[str],
+) -> int:
+    """The token limit per text; a UserError (ValueError for mismatched ``targets``) naming the bad argument."""
     check_explainable(model, method)
     check_temperature(temperature)
     if baseline not in BASELINES:
@@ -419,67 +456,71 @@ def explain(
         raise UserError(f"max_tokens ({max_tokens}) must be >= 1")
     if targets is not None and len(targets) != len(texts):
         raise ValueError(f"targets ({len(targets)}) must have one entry per text ({len(texts)})")
-    device = model.tok_emb.weight.device
-    baseline_id = tokenizer.pad_id if baseline == "pad" else tokenizer.unk_id
+    return limit
 
+
+def _prepare(
+    tokenizer: CharTokenizer | BPETokenizer, texts: Sequence[str], limit: int, method: str
+) -> tuple[list[Attribution | None], list[_Encoded]]:
+    """Results with empty texts already answered, and the texts to score (cut to ``limit`` tokens, with a note)."""
     results: list[Attribution | None] = [None] * len(texts)
-    todo = []  # (index, ids, spans)
+    todo = []
     for i, text in enumerate(texts):
         ids, spans = _encode(tokenizer, text)
-        note = ""
         if not ids:
             results[i] = Attribution(text, [], [], [], method, None, [], note="empty text: nothing to explain")
             continue
+        note = ""
         if len(ids) > limit:
             note = f"truncated from {len(ids)} to {limit} tokens; only the first {limit} are explained"
             ids, spans = ids[:limit], spans[:limit]
-        todo.append((i, ids, spans, note))
+        todo.append(_Encoded(i, ids, spans, note))
+    return results, todo
 
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(todo), max(1, batch_size)):
-            chunk = todo[start : start + max(1, batch_size)]
-            T = max(len(ids) for _, ids, _, _ in chunk)
-            input_ids = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long, device=device)  # [B, T]
-            mask = torch.zeros((len(chunk), T), dtype=torch.bool, device=device)  # [B, T]
-            for j, (_, ids, _, _) in enumerate(chunk):
-                input_ids[j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                mask[j, : len(ids)] = True
-            with torch.no_grad():
-                logits = model(input_ids, mask).logits
-                probs = _probs(logits, temperature)  # [B, C]
-            wanted = [targets[i] if targets is not None else None for i, _, _, _ in chunk]
-            target = torch.tensor(
-                [int(t) if t is not None else int(p.argmax()) for t, p in zip(wanted, probs)], device=device
-            )  # [B]
-            delta = None
-            if method == "integrated_gradients":
-                scores, delta = integrated_gradients(
-                    model, input_ids, mask, target, steps=steps, baseline_id=baseline_id, max_rows=max_rows,
-                    temperature=temperature,
-                )
-            elif method == "gradient_x_input":
-                scores = gradient_x_input(model, input_ids, mask, target, temperature)
-            else:
-                scores = attention_scores(model, input_ids, mask, method)
-            scores = scores.detach().double().cpu()
-            for j, (i, ids, spans, note) in enumerate(chunk):
-                text = texts[i]
-                results[i] = Attribution(
-                    text=text,
-                    tokens=[text[a:b] for a, b in spans],
-                    scores=scores[j, : len(ids)].tolist(),
-                    spans=[(int(a), int(b)) for a, b in spans],
-                    method=method,
-                    target=int(target[j]),
-                    probs=probs[j].tolist(),
-                    note=note,
-                    delta=float(delta[j]) if delta is not None else None,
-                )
-    finally:
-        model.train(was_training)
-    return [r for r in results if r is not None]
+
+def _pad(chunk: Sequence[_Encoded], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``input_ids [B, T]`` right-padded with ``pad_id`` and ``mask [B, T]`` (True = real token)."""
+    T = max(len(e.ids) for e in chunk)
+    input_ids = torch.full((len(chunk), T), pad_id, dtype=torch.long, device=device)  # [B, T]
+    mask = torch.zeros((len(chunk), T), dtype=torch.bool, device=device)  # [B, T]
+    for j, e in enumerate(chunk):
+        input_ids[j, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        mask[j, : len(e.ids)] = True
+    return input_ids, mask
+
+
+def _score(
+    model: SequenceClassifier, texts: Sequence[str], chunk: Sequence[_Encoded], input_ids: Tensor, mask: Tensor,
+    wanted: Sequence[int | None], *, method: str, steps: int, baseline_id: int, max_rows: int, temperature: float,
+) -> list[Attribution]:
+    """The batch's probabilities, explained classes (``wanted`` or the predicted one) and scores, per text."""
+    with torch.no_grad():
+        probs = _probs(model(input_ids, mask).logits, temperature)  # [B, C]
+    target = torch.tensor([int(t) if t is not None else int(p.argmax()) for t, p in zip(wanted, probs)], device=input_ids.device)  # [B]
+    delta = None
+    if method == "integrated_gradients":
+        scores, delta = integrated_gradients(
+            model, input_ids, mask, target, steps=steps, baseline_id=baseline_id, max_rows=max_rows, temperature=temperature
+        )
+    elif method == "gradient_x_input":
+        scores = gradient_x_input(model, input_ids, mask, target, temperature)
+    else:
+        scores = attention_scores(model, input_ids, mask, method)
+    scores = scores.detach().double().cpu()
+    return [
+        Attribution(
+            text=texts[e.index],
+            tokens=[texts[e.index][a:b] for a, b in e.spans],
+            scores=scores[j, : len(e.ids)].tolist(),
+            spans=[(int(a), int(b)) for a, b in e.spans],
+            method=method,
+            target=int(target[j]),
+            probs=probs[j].tolist(),
+            note=e.note,
+            delta=float(delta[j]) if delta is not None else None,
+        )
+        for j, e in enumerate(chunk)
+    ]
 
 
 def score_colour(score: float, scale: float) -> str:

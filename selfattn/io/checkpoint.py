@@ -37,6 +37,7 @@ from selfattn.data.tokenization import BPETokenizer, CharTokenizer, load_tokeniz
 from selfattn.errors import UserError
 from selfattn.nn.lora import merged_state_dict
 from selfattn.nn.models import DecoderLM, SequenceClassifier
+from selfattn.utils import read_json_object
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -331,12 +332,7 @@ def _check_layout(d: Path) -> None:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} must hold a JSON object")
+    meta = read_json_object(path)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")

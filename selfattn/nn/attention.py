@@ -55,15 +55,41 @@ if TYPE_CHECKING:
 
 __all__ = ["MultiHeadAttention"]
 
-
 _ATTENTION_KINDS = ("full", "sliding_window", "low_rank")
-
-
 _POSITION_KINDS = ("rope", "learned", "alibi", "none")
 
 
+def _check_heads(d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None) -> int:
+    """The per-head size (``head_dim`` or ``d_model // n_heads``); ValueError naming the sizes that do not fit."""
+    if d_model < 1 or n_heads < 1 or n_kv_heads < 1:
+        raise ValueError(f"d_model ({d_model}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) must be >= 1")
+    if head_dim is None and d_model % n_heads:
+        raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model}), or give head_dim")
+    if head_dim is not None and head_dim < 1:
+        raise ValueError(f"head_dim ({head_dim}) must be >= 1")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+    return head_dim or d_model // n_heads
 
 
+def _check_variant(attention: str, position: str, dropout: float, window: int | None, low_rank_k: int | None, max_len: int | None) -> None:
+    """ValueError naming the value when the attention kind, position kind or their sizes do not fit."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
+    if attention not in _ATTENTION_KINDS:
+        raise ValueError(f"attention ({attention!r}) must be one of {_ATTENTION_KINDS}")
+    if position not in _POSITION_KINDS:
+        raise ValueError(f"position ({position!r}) must be one of {_POSITION_KINDS}")
+    if attention == "sliding_window" and (window is None or window < 1):
+        raise ValueError(f"attention='sliding_window' needs window >= 1 (keys per query), got {window}")
+    if attention != "low_rank":
+        return
+    if low_rank_k is None or low_rank_k < 1:
+        raise ValueError(f"attention='low_rank' needs low_rank_k >= 1, got {low_rank_k}")
+    if max_len is None or max_len < 1:
+        raise ValueError(f"attention='low_rank' needs max_len >= 1 (longest sequence), got {max_len}")
+    if position == "alibi":
+        raise ValueError("attention='low_rank' cannot use position='alibi' (projected keys have no position)")
 
 
 class MultiHeadAttention(nn.Module):
@@ -98,30 +124,8 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if d_model < 1 or n_heads < 1 or n_kv_heads < 1:
-            raise ValueError(f"d_model ({d_model}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) must be >= 1")
-        if head_dim is None and d_model % n_heads:
-            raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model}), or give head_dim")
-        if head_dim is not None and head_dim < 1:
-            raise ValueError(f"head_dim ({head_dim}) must be >= 1")
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
-        if attention not in _ATTENTION_KINDS:
-            raise ValueError(f"attention ({attention!r}) must be one of {_ATTENTION_KINDS}")
-        if position not in _POSITION_KINDS:
-            raise ValueError(f"position ({position!r}) must be one of {_POSITION_KINDS}")
-        if attention == "sliding_window" and (window is None or window < 1):
-            raise ValueError(f"attention='sliding_window' needs window >= 1 (keys per query), got {window}")
-        if attention == "low_rank":
-            if low_rank_k is None or low_rank_k < 1:
-                raise ValueError(f"attention='low_rank' needs low_rank_k >= 1, got {low_rank_k}")
-            if max_len is None or max_len < 1:
-                raise ValueError(f"attention='low_rank' needs max_len >= 1 (longest sequence), got {max_len}")
-            if position == "alibi":
-                raise ValueError("attention='low_rank' cannot use position='alibi' (projected keys have no position)")
-        head_dim = head_dim or d_model // n_heads
+        head_dim = _check_heads(d_model, n_heads, n_kv_heads, head_dim)
+        _check_variant(attention, position, dropout, window, low_rank_k, max_len)
         if position == "rope" and head_dim % 2:
             raise ValueError(f"position='rope' needs an even head_dim, got {head_dim} (d_model={d_model}, n_heads={n_heads})")
 
@@ -209,6 +213,27 @@ class MultiHeadAttention(nn.Module):
         key_mask = self._key_mask(attention_mask, B, T, S)  # [B, 1, 1, S] bool or None
 
         q, k, v = self._project(x, offset)  # [B, H, T, hd], [B, H_kv, T, hd] x 2
+        if kv_cache is not None:
+            self._check_cache(kv_cache, is_causal)
+            k, v = kv_cache.update(layer_idx, k, v)  # [B, H_kv, S, hd]
+            if k.shape[-2] < S:  # a rolling cache keeps only the last keys: align the mask to them
+                S = k.shape[-2]
+                key_mask = None if key_mask is None else key_mask[..., -S:]
+
+        dropout_p = self.dropout if self.training else 0.0
+        if self._use_local_window(is_causal, return_weights):
+            out = self._local_window(q, k, v, key_mask, dropout_p, cached=kv_cache is not None)  # [B, H, T, hd]
+            return self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        mask, causal = self._dense_mask(key_mask, is_causal, T, S, x.device, q.dtype)
+        result = scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p, return_weights=return_weights
+        )
+        out, weights = result if return_weights else (result, None)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
+        return (out, weights) if return_weights else out
+
+    def _check_cache(self, kv_cache: KVCache | RollingKVCache, is_causal: bool) -> None:
+        """A rolling cache drops keys older than its window: only a causal window no wider may use it."""
         if isinstance(kv_cache, RollingKVCache) and (
             self.attention != "sliding_window" or not is_causal or kv_cache.window < (self.window or 0)
         ):
@@ -217,49 +242,37 @@ class MultiHeadAttention(nn.Module):
                 f"window <= {kv_cache.window}; this layer has attention={self.attention!r}, window={self.window}, "
                 f"is_causal={is_causal}"
             )
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer_idx, k, v)  # [B, H_kv, S, hd]
-            if k.shape[-2] < S:  # a rolling cache keeps only the last keys: align the mask to them
-                S = k.shape[-2]
-                key_mask = None if key_mask is None else key_mask[..., -S:]
 
-        dropout_p = self.dropout if self.training else 0.0
-        if self._use_local_window(is_causal, return_weights):
-            assert self.window is not None
-            kernel = choose_window_kernel(
-                self.window_kernel, cuda=q.is_cuda, training=self.training, cached=kv_cache is not None,
-                padded=key_mask is not None, dropout_p=dropout_p, flex_available=flex_attention_available(),
-                head_dim=self.head_dim,
-            )
-            if kernel == "flex":
-                flex_mask = None if key_mask is None else key_mask[:, 0, 0, :]  # [B, S]
-                out = flex_masked_attention(q, k, v, causal=True, window=self.window, key_mask=flex_mask)
-            else:
-                out = sliding_window_attention(
-                    q, k, v, self.window, key_mask=key_mask, dropout_p=dropout_p, block_size=self.window_block
-                )  # [B, H, T, hd]
-            return self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+    def _local_window(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float, *, cached: bool) -> Tensor:
+        """Causal sliding window on the block-local kernel or flex attention: ``[B, H, T, hd]``."""
+        assert self.window is not None
+        kernel = choose_window_kernel(
+            self.window_kernel, cuda=q.is_cuda, training=self.training, cached=cached,
+            padded=key_mask is not None, dropout_p=dropout_p, flex_available=flex_attention_available(),
+            head_dim=self.head_dim,
+        )
+        if kernel == "flex":
+            flex_mask = None if key_mask is None else key_mask[:, 0, 0, :]  # [B, S]
+            return flex_masked_attention(q, k, v, causal=True, window=self.window, key_mask=flex_mask)
+        return sliding_window_attention(q, k, v, self.window, key_mask=key_mask, dropout_p=dropout_p, block_size=self.window_block)
 
-        mask = key_mask
-        causal = is_causal
+    def _dense_mask(
+        self, key_mask: Tensor | None, is_causal: bool, T: int, S: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor | None, bool]:
+        """``(attn_mask, is_causal)`` for the dense kernel: padding, the window's band, ALiBi's bias."""
+        mask, causal = key_mask, is_causal
         if self.attention == "sliding_window":
             assert self.window is not None
-            band = sliding_window_mask(T, S, self.window, x.device, causal=is_causal)  # [T, S]
+            band = sliding_window_mask(T, S, self.window, device, causal=is_causal)  # [T, S]
             mask = band if mask is None else mask & band
             causal = False  # the band is already causal
         if self.position == "alibi":
-            bias = alibi_bias(self.alibi_slopes, T, S, device=x.device, dtype=q.dtype)  # [H, T, S]
+            bias = alibi_bias(self.alibi_slopes, T, S, device=device, dtype=dtype)  # [H, T, S]
             if causal:
-                mask = causal_mask(T, S, x.device) if mask is None else mask & causal_mask(T, S, x.device)
+                mask = causal_mask(T, S, device) if mask is None else mask & causal_mask(T, S, device)
                 causal = False
             mask = bias if mask is None else torch.where(mask, bias, float("-inf"))  # [B?, H, T, S]
-
-        result = scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p, return_weights=return_weights
-        )
-        out, weights = result if return_weights else (result, None)
-        out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
-        return (out, weights) if return_weights else out
+        return mask, causal
 
     def _project(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         """``x [B, T, D]`` -> q ``[B, H, T, hd]``, k, v ``[B, H_kv, T, hd]``; RoPE from position ``offset``."""

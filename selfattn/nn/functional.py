@@ -88,6 +88,19 @@ def _validate(
 
     Raises ``ValueError`` naming the offending shapes/values.
     """
+    _check_qkv(q, k, v)
+    batch = _batch_shape(q, k)
+    if attn_mask is not None:
+        _check_mask(attn_mask, (*batch, q.shape[-2], k.shape[-2]), q, k)
+    if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p ({dropout_p}) must be in [0, 1)")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"scale ({scale}) must be a finite number or None")
+    return batch
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Tensors of one rank and floating dtype, q/k sharing E, k/v sharing Lk and leading dims."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -115,6 +128,9 @@ def _validate(
     if _shape(k)[:-2] != _shape(v)[:-2]:
         raise ValueError(f"k and v must have the same leading dims, got k {_shape(k)} and v {_shape(v)}")
 
+
+def _batch_shape(q: Tensor, k: Tensor) -> tuple[int, ...]:
+    """The leading dims ``[...]`` q and k/v broadcast to (k/v heads expanded to q's for grouped-query)."""
     q_lead, kv_lead = list(q.shape[:-2]), list(k.shape[:-2])
     if q.dim() >= 4:
         hq, hkv = q.shape[-3], k.shape[-3]
@@ -131,23 +147,20 @@ def _validate(
             f"leading dims of q {_shape(q)} and k/v {_shape(k)} do not broadcast "
             f"({tuple(q.shape[:-2])} vs {tuple(k.shape[:-2])})"
         )
-
-    if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise ValueError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise ValueError(f"attn_mask must be bool (True = may attend) or floating (added), got {attn_mask.dtype}")
-        target = (*batch, q.shape[-2], k.shape[-2])
-        if _broadcast(_shape(attn_mask), target) != target:
-            raise ValueError(
-                f"attn_mask of shape {_shape(attn_mask)} does not broadcast to the scores' shape "
-                f"{target} = [..., Lq, Lk] (q {_shape(q)}, k {_shape(k)})"
-            )
-    if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
-        raise ValueError(f"dropout_p ({dropout_p}) must be in [0, 1)")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise ValueError(f"scale ({scale}) must be a finite number or None")
     return batch
+
+
+def _check_mask(attn_mask: Tensor, target: tuple[int, ...], q: Tensor, k: Tensor) -> None:
+    """A bool or floating mask that broadcasts to the scores' shape ``target`` = ``[..., Lq, Lk]``."""
+    if not isinstance(attn_mask, Tensor):
+        raise ValueError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise ValueError(f"attn_mask must be bool (True = may attend) or floating (added), got {attn_mask.dtype}")
+    if _broadcast(_shape(attn_mask), target) != target:
+        raise ValueError(
+            f"attn_mask of shape {_shape(attn_mask)} does not broadcast to the scores' shape "
+            f"{target} = [..., Lq, Lk] (q {_shape(q)}, k {_shape(k)})"
+        )
 
 
 # A floating mask entry at or below this removes the key: float16's minimum, the largest of the float

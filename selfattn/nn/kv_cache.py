@@ -1,16 +1,12 @@
 """KV caches for decoding: :class:`KVCache` (preallocated up to ``max_len``) and
-:class:`RollingKVCache` (the last ``window - 1`` positions of a sliding-window model).
+:class:`RollingKVCache` (the last ``window - 1`` positions of a sliding-window model), on one
+base, :class:`BaseKVCache` (per-layer tensors, positions seen, layer and shape checks, reset).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    pass
 
 
 def _check_positive_ints(owner: str, **values: int) -> None:
@@ -20,13 +16,75 @@ def _check_positive_ints(owner: str, **values: int) -> None:
             raise ValueError(f"{owner} {name} ({value}) must be a positive int")
 
 
-class KVCache:
+class BaseKVCache:
+    """Keys and values per layer, ``[batch_size, n_kv_heads, held, head_dim]`` each (kv heads
+    unexpanded, keys already rotated when RoPE is used), and the positions each layer has seen.
+
+    ``length`` is the number of positions seen by every layer (the next token's position);
+    ``layer_length(i)`` is one layer's count. Subclasses decide what ``update`` keeps.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        held: int,
+        limits: dict[str, int],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        sizes = {"n_layers": n_layers, "batch_size": batch_size, "n_kv_heads": n_kv_heads, "head_dim": head_dim, **limits}
+        _check_positive_ints(type(self).__name__, **sizes)
+        self.n_layers = n_layers
+        self.batch_size = batch_size
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        shape = (batch_size, n_kv_heads, held, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self._lengths = [0] * n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions seen by every layer (the absolute position of the next token)."""
+        return min(self._lengths)
+
+    def layer_length(self, layer_idx: int) -> int:
+        self._check_layer(layer_idx)
+        return self._lengths[layer_idx]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values of every layer."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def reset(self) -> None:
+        """Forget every position (a :class:`KVCache` keeps its memory and overwrites it)."""
+        self._lengths = [0] * self.n_layers
+
+    def _check_layer(self, layer_idx: int) -> None:
+        if not 0 <= layer_idx < self.n_layers:
+            raise ValueError(f"layer_idx ({layer_idx}) must be in [0, {self.n_layers}) for this {type(self).__name__}")
+
+    def _check_update(self, layer_idx: int, k: Tensor, v: Tensor) -> None:
+        """``k, v`` must be ``[batch_size, n_kv_heads, t, head_dim]`` (the same shape) for a valid layer."""
+        self._check_layer(layer_idx)
+        expected = (self.batch_size, self.n_kv_heads, k.shape[-2] if k.dim() == 4 else -1, self.head_dim)
+        if k.dim() != 4 or tuple(k.shape) != expected or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(
+                f"{type(self).__name__}.update expects k and v of shape [batch={self.batch_size}, "
+                f"n_kv_heads={self.n_kv_heads}, t, head_dim={self.head_dim}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+
+
+class KVCache(BaseKVCache):
     """Preallocated keys/values for incremental decoding, one pair of tensors per layer.
 
-    Each layer holds ``k, v [batch_size, n_kv_heads, max_len, head_dim]`` (kv heads unexpanded, keys
-    already rotated when RoPE is used). ``update(layer_idx, k, v)`` writes the new positions after the
-    ones already held and returns views of everything so far. ``length`` is the number of positions
-    held by every layer (what the next token's position is); ``layer_length(i)`` is one layer's count.
+    Each layer holds ``k, v [batch_size, n_kv_heads, max_len, head_dim]``. ``update(layer_idx, k, v)``
+    writes the new positions after the ones already held and returns views of everything so far.
     """
 
     def __init__(
@@ -40,39 +98,15 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        _check_positive_ints("KVCache", n_layers=n_layers, batch_size=batch_size, n_kv_heads=n_kv_heads, head_dim=head_dim, max_len=max_len)
-        self.n_layers = n_layers
-        self.batch_size = batch_size
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = head_dim
+        super().__init__(
+            n_layers=n_layers, batch_size=batch_size, n_kv_heads=n_kv_heads, head_dim=head_dim,
+            held=max_len, limits={"max_len": max_len}, device=device, dtype=dtype,
+        )
         self.max_len = max_len
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self._lengths = [0] * n_layers
-
-    @property
-    def length(self) -> int:
-        """Positions held by every layer (the position of the next token)."""
-        return min(self._lengths)
-
-    def layer_length(self, layer_idx: int) -> int:
-        self._check_layer(layer_idx)
-        return self._lengths[layer_idx]
-
-    def _check_layer(self, layer_idx: int) -> None:
-        if not 0 <= layer_idx < self.n_layers:
-            raise ValueError(f"layer_idx ({layer_idx}) must be in [0, {self.n_layers}) for this KVCache")
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append ``k, v [B, n_kv_heads, t, head_dim]``; return ``(k_all, v_all) [B, n_kv_heads, S, head_dim]``."""
-        self._check_layer(layer_idx)
-        expected = (self.batch_size, self.n_kv_heads, k.shape[-2] if k.dim() == 4 else -1, self.head_dim)
-        if k.dim() != 4 or tuple(k.shape) != expected or tuple(v.shape) != tuple(k.shape):
-            raise ValueError(
-                f"KVCache.update expects k and v of shape [batch={self.batch_size}, n_kv_heads={self.n_kv_heads}, "
-                f"t, head_dim={self.head_dim}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
-            )
+        self._check_update(layer_idx, k, v)
         start, t = self._lengths[layer_idx], k.shape[-2]
         if start + t > self.max_len:
             raise ValueError(
@@ -83,17 +117,8 @@ class KVCache:
         self._lengths[layer_idx] = start + t
         return self.k[layer_idx][:, :, : start + t], self.v[layer_idx][:, :, : start + t]
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the preallocated keys and values of every layer."""
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def reset(self) -> None:
-        """Forget every position (the memory is kept and overwritten)."""
-        self._lengths = [0] * self.n_layers
-
-
-class RollingKVCache:
+class RollingKVCache(BaseKVCache):
     """A KV cache that keeps only the last ``window - 1`` positions per layer (sliding-window models).
 
     A causal sliding window of ``window`` keys means the next query sees itself and the ``window - 1``
@@ -116,49 +141,20 @@ class RollingKVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        _check_positive_ints("RollingKVCache", n_layers=n_layers, batch_size=batch_size, n_kv_heads=n_kv_heads, head_dim=head_dim, window=window)
-        self.n_layers = n_layers
-        self.batch_size = batch_size
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = head_dim
+        super().__init__(
+            n_layers=n_layers, batch_size=batch_size, n_kv_heads=n_kv_heads, head_dim=head_dim,
+            held=0, limits={"window": window}, device=device, dtype=dtype,
+        )
         self.window = window
-        empty = (batch_size, n_kv_heads, 0, head_dim)
-        self.k = [torch.zeros(empty, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(empty, device=device, dtype=dtype) for _ in range(n_layers)]
-        self._lengths = [0] * n_layers
-
-    @property
-    def length(self) -> int:
-        """Positions seen by every layer (the absolute position of the next token)."""
-        return min(self._lengths)
-
-    def layer_length(self, layer_idx: int) -> int:
-        self._check_layer(layer_idx)
-        return self._lengths[layer_idx]
 
     def held(self, layer_idx: int) -> int:
         """Positions actually kept for one layer (at most ``window - 1``)."""
         self._check_layer(layer_idx)
         return self.k[layer_idx].shape[-2]
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the cached keys and values of every layer."""
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-    def _check_layer(self, layer_idx: int) -> None:
-        if not 0 <= layer_idx < self.n_layers:
-            raise ValueError(f"layer_idx ({layer_idx}) must be in [0, {self.n_layers}) for this RollingKVCache")
-
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``k, v [B, n_kv_heads, t, head_dim]``; return the kept ones then the new ones ``[B, n_kv_heads, <= window - 1 + t, head_dim]``."""
-        self._check_layer(layer_idx)
-        expected = (self.batch_size, self.n_kv_heads, k.shape[-2] if k.dim() == 4 else -1, self.head_dim)
-        if k.dim() != 4 or tuple(k.shape) != expected or tuple(v.shape) != tuple(k.shape):
-            raise ValueError(
-                f"RollingKVCache.update expects k and v of shape [batch={self.batch_size}, "
-                f"n_kv_heads={self.n_kv_heads}, t, head_dim={self.head_dim}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
-            )
+        self._check_update(layer_idx, k, v)
         k_all = torch.cat([self.k[layer_idx], k], dim=-2)  # [B, H_kv, held + t, hd]
         v_all = torch.cat([self.v[layer_idx], v], dim=-2)
         keep = min(self.window - 1, k_all.shape[-2])
@@ -169,7 +165,7 @@ class RollingKVCache:
         return k_all, v_all
 
     def reset(self) -> None:
-        """Forget every position."""
+        """Forget every position (and the kept keys and values)."""
+        super().reset()
         self.k = [t[:, :, :0] for t in self.k]
         self.v = [t[:, :, :0] for t in self.v]
-        self._lengths = [0] * self.n_layers

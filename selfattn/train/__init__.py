@@ -13,8 +13,7 @@ Names resolve lazily, so importing ``selfattn.train.config`` stays light (no tor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from selfattn.utils import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "PretrainConfig": "selfattn.train.config",
@@ -38,16 +37,4 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'selfattn.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -27,8 +27,8 @@ def _module_name(path: Path) -> str:
 
 def _imports(path: Path, module: str, modules: set[str]) -> tuple[set[str], set[str]]:
     """Our modules imported anywhere in the file: module level and inside functions, relative
-    imports resolved, ``importlib.import_module`` targets named by string literals (lazy exports)
-    included. Blocks under ``if TYPE_CHECKING:`` never run and are skipped."""
+    imports resolved, ``importlib.import_module`` / ``lazy_exports`` targets named by string
+    literals (lazy exports) included. Blocks under ``if TYPE_CHECKING:`` never run and are skipped."""
     tree = ast.parse(path.read_text(), filename=str(path))
     is_pkg = path.name == "__init__.py"
     skipped: set[int] = set()
@@ -37,7 +37,7 @@ def _imports(path: Path, module: str, modules: set[str]) -> tuple[set[str], set[
             skipped.update(id(n) for child in node.body for n in ast.walk(child))
     found: set[str] = set()
     tops: set[str] = set()  # top-level package of every import, ours or not
-    lazy = "import_module" in path.read_text()
+    lazy = "import_module" in path.read_text() or "lazy_exports(" in path.read_text()
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue

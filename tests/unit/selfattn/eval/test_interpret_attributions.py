@@ -241,3 +241,18 @@ def test_gradients_work_after_an_inference_mode_forward(tok):
     assert abs(a.delta) < 0.05 and len(a.scores) == 8
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids, mask).logits, before)
+
+
+def test_explain_targets_the_predicted_class_unless_told(tok):
+    """Default: the class the model predicts (argmax of its probabilities); ``targets`` overrides it per text."""
+    model = _classifier(tok.vocab_size)
+    input_ids, mask = _batch(tok, TEXTS)
+    with torch.no_grad():
+        predicted = model(input_ids, mask).logits.argmax(-1).tolist()
+    assert len(set(predicted)) == 2  # both classes occur: a wrong default cannot pass by luck
+    default = explain(model, tok, TEXTS, method="gradient_x_input", batch_size=3)
+    assert [a.target for a in default] == predicted
+    assert all(a.target == max(range(2), key=lambda c: a.probs[c]) for a in default)
+    flipped = explain(model, tok, TEXTS, method="gradient_x_input", targets=[1 - p for p in predicted], batch_size=3)
+    assert [a.target for a in flipped] == [1 - p for p in predicted]
+    assert all(f.scores != pytest.approx(d.scores) for f, d in zip(flipped, default))
