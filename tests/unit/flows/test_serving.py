@@ -82,3 +82,27 @@ def test_logged_pyfunc_roundtrip(tiny_classifier_dir, mlflow_home, experiment_id
     files = {p.name for p in (Path(local) / "artifacts" / "model").rglob("*") if p.is_file()}
     assert "model.safetensors" in files and not any(f.endswith((".pt", ".pkl", ".bin")) for f in files)
     assert not list(Path(local).rglob("*.pkl"))  # models-from-code: nothing pickled
+
+
+# flows/pyfunc_model.py as MLflow stored it beside every model registered so far (models-from-code):
+# at load time that copy runs, so the import path it names must keep working
+STORED_ENTRY_POINT = """import mlflow
+
+from flows.serving import SelfattnClassifier
+
+mlflow.models.set_model(SelfattnClassifier())
+"""
+
+
+def test_models_registered_before_keep_loading(tiny_classifier_dir, monkeypatch):
+    import mlflow
+
+    from flows import pyfunc_model
+
+    built = []
+    monkeypatch.setattr(mlflow.models, "set_model", built.append)
+    exec(compile(STORED_ENTRY_POINT, "python_model.py", "exec"), {})
+    [model] = built
+    assert isinstance(model, SelfattnClassifier) and pyfunc_model.SelfattnClassifier is SelfattnClassifier
+    frame = model.load(str(tiny_classifier_dir)).predict_texts(["great fun"])
+    assert abs(frame["prob_0"][0] + frame["prob_1"][0] - 1) < 1e-6
