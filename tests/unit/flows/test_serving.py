@@ -103,6 +103,8 @@ def test_models_registered_before_keep_loading(tiny_classifier_dir, monkeypatch)
     monkeypatch.setattr(mlflow.models, "set_model", built.append)
     exec(compile(STORED_ENTRY_POINT, "python_model.py", "exec"), {})
     [model] = built
-    assert isinstance(model, SelfattnClassifier) and pyfunc_model.SelfattnClassifier is SelfattnClassifier
+    # by name: loading a logged pyfunc elsewhere in the session may have re-imported flows.serving
+    assert (type(model).__module__, type(model).__name__) == ("flows.serving", "SelfattnClassifier")
+    assert "from flows.serving import SelfattnClassifier" in open(pyfunc_model.__file__, encoding="utf-8").read()
     frame = model.load(str(tiny_classifier_dir)).predict_texts(["great fun"])
     assert abs(frame["prob_0"][0] + frame["prob_1"][0] - 1) < 1e-6
