@@ -24,7 +24,15 @@ import pytest
 
 from flows.tracking.runs import EXPERIMENT_KIND, ui_url
 
-from .conftest import REPO, _clean_env, mlflow_get, mlflow_post, real_data_dir, selfattn_cmd, wait_for
+from .conftest import (
+    REPO,
+    _clean_env,
+    mlflow_get,
+    mlflow_post,
+    real_data_dir,
+    selfattn_cmd,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -24,11 +24,11 @@ def _listed() -> set[str]:
 
 def _commands() -> set[str]:
     """The commands the ``selfattn`` CLI registers, its plugins' included."""
+    import typer
+
     from data_checks.cli import register as register_checks
     from flows.cli import register as register_flows
     from selfattn.cli import app
-
-    import typer
 
     full = typer.Typer()
     full.registered_commands = list(app.registered_commands)

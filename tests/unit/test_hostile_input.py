@@ -114,8 +114,7 @@ def test_optuna_storage_outside_the_roots_is_refused(isolated, capsys):
 
 
 def test_paths_inside_the_roots_are_accepted(isolated, tmp_path):
-    from flows.config import load_pipeline_config
-    from flows.config import check_config_paths
+    from flows.config import check_config_paths, load_pipeline_config
 
     cfg = load_pipeline_config("smoke", [f"search.storage=sqlite:///{isolated}/studies/optuna.db"])
     paths = check_config_paths(cfg)
@@ -130,10 +129,10 @@ def tiny_clf(tmp_path) -> Path:
     """A real save_pretrained classifier (2 layers, 32 dims, char tokenizer)."""
     import torch
 
-    from selfattn.io.checkpoint import save_pretrained
     from selfattn.config import ModelConfig
-    from selfattn.nn.models import build_classifier
     from selfattn.data.tokenization import CharTokenizer
+    from selfattn.io.checkpoint import save_pretrained
+    from selfattn.nn.models import build_classifier
 
     torch.manual_seed(0)
     tok = CharTokenizer.train(["a gripping , beautifully acted film .", "a dull , lifeless mess ."])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from selfattn.config import ModelConfig
+from selfattn.data.tokenization import BPETokenizer, CharTokenizer
 from selfattn.errors import UserError
 from selfattn.eval.interpret import (
     METHODS,
@@ -18,7 +19,6 @@ from selfattn.eval.interpret import (
     score_colour,
 )
 from selfattn.nn.models import DecoderLM, SequenceClassifier
-from selfattn.data.tokenization import BPETokenizer, CharTokenizer
 
 TEXTS = ["a gripping , beautifully acted film .", "a dull , lifeless mess .", "not good", "fun"]
 
