@@ -1,14 +1,17 @@
-"""Tokenizers: character-level and byte-level BPE (HF ``tokenizers``), saved as JSON only.
+"""Tokenizers: character-level, byte-level BPE and imported (Hugging Face) ones, saved as JSON only.
 
-Both tokenizers share one small interface (:class:`Tokenizer`) and the same four special
-tokens, in this order, so ``<pad>`` is always id 0::
+All share one small interface (:class:`Tokenizer`). The two over HF ``tokenizers`` share one base,
+:class:`HFBackedTokenizer` (special ids, ``encode``, ``encode_batch``, ``decode``, ``save``). The
+char and BPE tokenizers trained here have the same four special tokens, in this order, so ``<pad>``
+is always id 0::
 
     <pad> = 0, <unk> = 1, <bos> = 2, <eos> = 3
 
-``encode`` never adds special tokens unless asked (``add_bos`` / ``add_eos``); ``decode``
-drops them unless ``skip_special_tokens=False``. ``save(dir)`` writes JSON only
-(``vocab.json`` for the char tokenizer, HF's ``tokenizer.json`` for BPE) and
-``load_tokenizer(dir)`` reads it back without unpickling anything.
+``encode`` never adds special tokens unless asked (``add_bos`` / ``add_eos``), except an imported
+encoder tokenizer, which adds what ``transformers`` adds (``[CLS] ... [SEP]``); ``decode`` drops
+them unless ``skip_special_tokens=False``. ``save(dir)`` writes JSON only (``vocab.json`` for the
+char tokenizer, HF's ``tokenizer.json`` for the others) and ``load_tokenizer(dir)`` reads it back
+without unpickling anything.
 """
 
 from __future__ import annotations
@@ -173,181 +176,41 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-# --------------------------------------------------------------------------- byte-level BPE
+# --------------------------------------------------------------------------- over HF tokenizers
 
 
-class BPETokenizer:
-    """Byte-level BPE (GPT-2 style) trained and run by HF ``tokenizers``.
+class HFBackedTokenizer:
+    """The shared half of :class:`BPETokenizer` and :class:`HFTokenizer`: a ``tokenizers.Tokenizer``
+    and the ids of its special tokens.
 
-    Every byte is in the base alphabet, so any text round-trips exactly and ``<unk>`` is never
-    produced; it exists so both tokenizers expose the same special ids.
+    ``ids`` maps ``pad_id``, ``unk_id``, ``bos_id``, ``eos_id`` (always) and ``mask_id``, ``cls_id``,
+    ``sep_id`` (when the tokenizer has them) to token ids. ``template`` applies the tokenizer's
+    post-processor in ``encode`` (BERT's ``[CLS] ... [SEP]``, RoBERTa's ``<s> ... </s>``), as
+    ``transformers``' ``AutoTokenizer(text)`` does; without it ``encode`` adds nothing unless asked
+    (``add_bos`` / ``add_eos``). Padding and truncation stored in ``tokenizer.json`` are switched off:
+    batches are padded by the data code, which also builds the attention mask.
     """
 
-    kind = "bpe"
+    kind = "hf-backed"
+    REQUIRED = ("pad_id", "unk_id", "bos_id", "eos_id")
+    OPTIONAL = ("mask_id", "cls_id", "sep_id")
 
-    def __init__(self, *, tokenizer: "RawTokenizer") -> None:
-        self._tok = tokenizer
-        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"BPE tokenizer lacks special tokens {missing}")
-        if ids[PAD] != 0:
-            raise ValueError(f"BPE tokenizer must have {PAD} at id 0, found it at {ids[PAD]}")
-        self._ids = ids
-
-    @classmethod
-    def train(cls, texts: Iterable[str] | str, vocab_size: int, min_frequency: int = 2) -> "BPETokenizer":
-        """Learn merges on ``texts`` until ``vocab_size`` tokens (fewer if the corpus runs out of pairs)."""
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        smallest = len(alphabet) + len(SPECIAL_TOKENS)
-        if vocab_size < smallest:
-            raise ValueError(
-                f"vocab_size ({vocab_size}) must be at least {smallest} "
-                f"({len(alphabet)} bytes + {len(SPECIAL_TOKENS)} special tokens)"
-            )
-        if min_frequency < 1:
-            raise ValueError(f"min_frequency ({min_frequency}) must be >= 1")
-        if isinstance(texts, str):
-            texts = [texts]
-        tok = HFTokenizer(models.BPE(unk_token=UNK))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
-            initial_alphabet=alphabet,
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer=trainer)
-        return cls(tokenizer=tok)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def pad_id(self) -> int:
-        return self._ids[PAD]
-
-    @property
-    def unk_id(self) -> int:
-        return self._ids[UNK]
-
-    @property
-    def bos_id(self) -> int:
-        return self._ids[BOS]
-
-    @property
-    def eos_id(self) -> int:
-        return self._ids[EOS]
-
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return _wrap(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
-
-    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
-        bos, eos = (self.bos_id if add_bos else None), (self.eos_id if add_eos else None)
-        return [_wrap(e.ids, bos, eos) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """``(ids, spans)``: ``text[start:end]`` is what token ``i`` covers (HF offsets; the bytes of one
-        character split over two tokens give both tokens that character's span)."""
-        enc = self._tok.encode(text, add_special_tokens=False)
-        return list(enc.ids), [tuple(o) for o in enc.offsets]
-
-    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
-        return _hf_decode(self._tok, self.vocab_size, ids, skip_special_tokens)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``<directory>/tokenizer.json`` (HF format); returns the directory."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(d / BPE_FILE))
-        return d
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = Path(directory) / BPE_FILE
-        _read_json(path)  # a clear error for a missing or malformed file
-        try:
-            tok = HFTokenizer.from_file(str(path))
-            return cls(tokenizer=tok)
-        except Exception as exc:  # tokenizers raises plain Exception subclasses
-            raise UserError(f"{path} is not a usable HF tokenizer file: {exc}") from None
-
-    def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size})"
-
-
-# --------------------------------------------------------------------------- imported (Hugging Face)
-
-
-class HFTokenizer:
-    """Any ``tokenizer.json`` (a pretrained model's, e.g. GPT-2's or Llama's), run by HF ``tokenizers``.
-
-    Unlike :class:`BPETokenizer` its special tokens are the model's own, so the ids are stored:
-    ``save(dir)`` writes ``tokenizer.json`` and ``special_tokens.json`` (``pad_id``, ``unk_id``,
-    ``bos_id``, ``eos_id`` and their strings). A model without a pad (or unk / bos) token uses
-    its eos token there, as GPT-2 fine-tuning recipes do; the attention mask keeps padding out.
-    ``encode`` never adds the model's template tokens (same rule as the other tokenizers).
-    """
-
-    kind = "hf"
-
-    def __init__(self, *, tokenizer: "RawTokenizer", pad_id: int, unk_id: int, bos_id: int, eos_id: int) -> None:
+    def __init__(self, *, tokenizer: "RawTokenizer", ids: dict[str, int], template: bool = False) -> None:
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self._tok = tokenizer
         n = tokenizer.get_vocab_size(with_added_tokens=True)
-        ids = {"pad_id": pad_id, "unk_id": unk_id, "bos_id": bos_id, "eos_id": eos_id}
-        bad = {k: v for k, v in ids.items() if not isinstance(v, int) or not 0 <= v < n}
+        unknown = sorted(set(ids) - set(self.REQUIRED) - set(self.OPTIONAL))
+        if unknown:
+            raise ValueError(f"unknown special token names {unknown}; known: {self.REQUIRED + self.OPTIONAL}")
+        missing = [k for k in self.REQUIRED if k not in ids]
+        if missing:
+            raise ValueError(f"special token ids {missing} are missing")
+        bad = {k: v for k, v in ids.items() if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n}
         if bad:
             raise ValueError(f"special token ids {bad} are outside the tokenizer's vocabulary (size {n})")
-        self._ids = ids
-
-    @classmethod
-    def from_pretrained_dir(cls, directory: str | Path, model_config: dict | None = None) -> "HFTokenizer":
-        """Read ``tokenizer.json`` (+ ``tokenizer_config.json``, ``config.json`` ids) of a HF model directory."""
-        from tokenizers import Tokenizer as _HF
-
-        d = Path(directory)
-        path = d / BPE_FILE
-        _read_json(path)
-        try:
-            tok = _HF.from_file(str(path))
-        except Exception as exc:  # tokenizers raises plain Exception subclasses
-            raise UserError(f"{path} is not a usable HF tokenizer file: {exc}") from None
-        conf = _read_json(d / HF_TOKENIZER_CONFIG) if (d / HF_TOKENIZER_CONFIG).is_file() else {}
-        conf = conf if isinstance(conf, dict) else {}
-        model_config = model_config or {}
-
-        def resolve(name: str) -> int | None:
-            value = conf.get(f"{name}_token")
-            if isinstance(value, dict):
-                value = value.get("content")
-            if isinstance(value, str) and tok.token_to_id(value) is not None:
-                return tok.token_to_id(value)
-            value = model_config.get(f"{name}_token_id")
-            if isinstance(value, list):
-                value = value[0] if value else None
-            return value if isinstance(value, int) else None
-
-        eos = resolve("eos")
-        bos = resolve("bos")
-        eos = eos if eos is not None else bos
-        if eos is None:
-            raise UserError(f"{d}: the tokenizer names no eos (nor bos) token in {HF_TOKENIZER_CONFIG} or config.json")
-        bos = bos if bos is not None else eos
-        pad = resolve("pad")
-        unk = resolve("unk")
-        try:
-            return cls(tokenizer=tok, pad_id=eos if pad is None else pad, unk_id=eos if unk is None else unk, bos_id=bos, eos_id=eos)
-        except ValueError as exc:
-            raise UserError(f"{d}: {exc}") from None
+        self._ids = dict(ids)
+        self.template = template
 
     @property
     def vocab_size(self) -> int:
@@ -369,59 +232,205 @@ class HFTokenizer:
     def eos_id(self) -> int:
         return self._ids["eos_id"]
 
+    @property
+    def mask_id(self) -> int | None:
+        """The masked-LM token (``[MASK]``, ``<mask>``), or None when the tokenizer has none."""
+        return self._ids.get("mask_id")
+
     def token(self, i: int) -> str:
         return self._tok.id_to_token(i)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(text, add_special_tokens=self.template).ids
         return _wrap(ids, self.bos_id if add_bos else None, self.eos_id if add_eos else None)
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
         bos, eos = (self.bos_id if add_bos else None), (self.eos_id if add_eos else None)
-        return [_wrap(e.ids, bos, eos) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [_wrap(e.ids, bos, eos) for e in self._tok.encode_batch(list(texts), add_special_tokens=self.template)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, spans)``: ``text[start:end]`` is what token ``i`` covers (HF offsets; the bytes of one
+        character split over two tokens give both tokens that character's span; template tokens ``(0, 0)``)."""
+        enc = self._tok.encode(text, add_special_tokens=self.template)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         return _hf_decode(self._tok, self.vocab_size, ids, skip_special_tokens)
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``tokenizer.json`` and ``special_tokens.json`` into ``directory``; returns it."""
+        """Write ``<directory>/tokenizer.json`` (HF format) and whatever the subclass adds; returns the directory."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(d / BPE_FILE))
-        payload = {"kind": self.kind, **self._ids, **{k.replace("_id", "_token"): self.token(v) for k, v in self._ids.items()}}
-        (d / HF_SPECIAL_FILE).write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        self._save_extra(d)
         return d
+
+    def _save_extra(self, d: Path) -> None:
+        """Files beside ``tokenizer.json`` (none here)."""
+
+    @staticmethod
+    def _read_raw(path: Path) -> "RawTokenizer":
+        """A ``tokenizers.Tokenizer`` from ``path``; a UserError for a missing, malformed or unusable file."""
+        from tokenizers import Tokenizer as _Raw
+
+        _read_json(path)  # a clear error for a missing or malformed file
+        try:
+            return _Raw.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise UserError(f"{path} is not a usable HF tokenizer file: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+# --------------------------------------------------------------------------- byte-level BPE
+
+
+class BPETokenizer(HFBackedTokenizer):
+    """Byte-level BPE (GPT-2 style) trained and run by HF ``tokenizers``.
+
+    Every byte is in the base alphabet, so any text round-trips exactly and ``<unk>`` is never
+    produced; it exists so both tokenizers expose the same special ids.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, *, tokenizer: "RawTokenizer") -> None:
+        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"BPE tokenizer lacks special tokens {missing}")
+        if ids[PAD] != 0:
+            raise ValueError(f"BPE tokenizer must have {PAD} at id 0, found it at {ids[PAD]}")
+        super().__init__(tokenizer=tokenizer, ids={"pad_id": ids[PAD], "unk_id": ids[UNK], "bos_id": ids[BOS], "eos_id": ids[EOS]})
+
+    @classmethod
+    def train(cls, texts: Iterable[str] | str, vocab_size: int, min_frequency: int = 2) -> "BPETokenizer":
+        """Learn merges on ``texts`` until ``vocab_size`` tokens (fewer if the corpus runs out of pairs)."""
+        from tokenizers import Tokenizer as _Raw
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        smallest = len(alphabet) + len(SPECIAL_TOKENS)
+        if vocab_size < smallest:
+            raise ValueError(
+                f"vocab_size ({vocab_size}) must be at least {smallest} "
+                f"({len(alphabet)} bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            )
+        if min_frequency < 1:
+            raise ValueError(f"min_frequency ({min_frequency}) must be >= 1")
+        if isinstance(texts, str):
+            texts = [texts]
+        tok = _Raw(models.BPE(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=alphabet,
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer=tok)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "BPETokenizer":
+        tok = cls._read_raw(Path(directory) / BPE_FILE)
+        try:
+            return cls(tokenizer=tok)
+        except ValueError as exc:
+            raise UserError(f"{Path(directory) / BPE_FILE} is not a usable HF tokenizer file: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+# --------------------------------------------------------------------------- imported (Hugging Face)
+
+
+class HFTokenizer(HFBackedTokenizer):
+    """Any ``tokenizer.json`` (a pretrained model's, e.g. GPT-2's, Llama's or BERT's), run by HF ``tokenizers``.
+
+    Unlike :class:`BPETokenizer` its special tokens are the model's own, so the ids are stored:
+    ``save(dir)`` writes ``tokenizer.json`` and ``special_tokens.json`` (the ids, their strings and
+    ``template``). A model without a pad (or unk / bos) token uses its eos token there, as GPT-2
+    fine-tuning recipes do; the attention mask keeps padding out. An encoder's tokenizer (BERT:
+    ``[CLS]`` / ``[SEP]``) has no bos/eos: ``[CLS]`` and ``[SEP]`` stand in for them.
+    ``template`` (encoders) makes ``encode`` add what the tokenizer's post-processor adds.
+    """
+
+    kind = "hf"
+
+    def __init__(
+        self, *, tokenizer: "RawTokenizer", pad_id: int, unk_id: int, bos_id: int, eos_id: int,
+        mask_id: int | None = None, cls_id: int | None = None, sep_id: int | None = None, template: bool = False,
+    ) -> None:  # fmt: skip
+        named = {"pad_id": pad_id, "unk_id": unk_id, "bos_id": bos_id, "eos_id": eos_id, "mask_id": mask_id, "cls_id": cls_id, "sep_id": sep_id}
+        super().__init__(tokenizer=tokenizer, ids={k: v for k, v in named.items() if v is not None or k in self.REQUIRED}, template=template)
+
+    @classmethod
+    def from_pretrained_dir(cls, directory: str | Path, model_config: dict | None = None, *, template: bool = False) -> "HFTokenizer":
+        """Read ``tokenizer.json`` (+ ``tokenizer_config.json``, ``config.json`` ids) of a HF model directory."""
+        d = Path(directory)
+        tok = cls._read_raw(d / BPE_FILE)
+        conf = _read_json(d / HF_TOKENIZER_CONFIG) if (d / HF_TOKENIZER_CONFIG).is_file() else {}
+        conf = conf if isinstance(conf, dict) else {}
+        model_config = model_config or {}
+
+        def resolve(name: str) -> int | None:
+            value = conf.get(f"{name}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and tok.token_to_id(value) is not None:
+                return tok.token_to_id(value)
+            value = model_config.get(f"{name}_token_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        found = {name: resolve(name) for name in ("pad", "unk", "bos", "eos", "mask", "cls", "sep")}
+        eos = next((found[n] for n in ("eos", "sep", "bos", "cls") if found[n] is not None), None)
+        if eos is None:
+            raise UserError(f"{d}: the tokenizer names no eos (nor bos, sep, cls) token in {HF_TOKENIZER_CONFIG} or config.json")
+        bos = next((found[n] for n in ("bos", "cls") if found[n] is not None), eos)
+        ids = {"pad_id": found["pad"], "unk_id": found["unk"], "bos_id": bos, "eos_id": eos}
+        ids = {k: (eos if v is None else v) for k, v in ids.items()}
+        ids.update({f"{n}_id": found[n] for n in ("mask", "cls", "sep") if found[n] is not None})
+        try:
+            return cls(tokenizer=tok, **ids, template=template)
+        except ValueError as exc:
+            raise UserError(f"{d}: {exc}") from None
+
+    def _named(self) -> dict[str, str]:
+        """``{"pad_token": "[PAD]", ...}`` for every special id held."""
+        return {k.replace("_id", "_token"): self.token(v) for k, v in self._ids.items()}
+
+    def _save_extra(self, d: Path) -> None:
+        payload = {"kind": self.kind, **self._ids, **self._named(), "template": self.template}
+        (d / HF_SPECIAL_FILE).write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     def save_hf(self, directory: str | Path) -> Path:
         """Write the Hugging Face layout (``tokenizer.json`` + ``tokenizer_config.json``) into ``directory``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(d / BPE_FILE))
-        conf = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **{k.replace("_id", "_token"): self.token(v) for k, v in self._ids.items()},
-            "model_max_length": 1_000_000_000,
-        }
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", **self._named(), "model_max_length": 1_000_000_000}
         (d / HF_TOKENIZER_CONFIG).write_text(json.dumps(conf, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         return d
 
     @classmethod
     def load(cls, directory: str | Path) -> "HFTokenizer":
-        from tokenizers import Tokenizer as _HF
-
         d = Path(directory)
         data = _read_json(d / HF_SPECIAL_FILE)
         if not isinstance(data, dict) or data.get("kind") != cls.kind:
             raise UserError(f"{d / HF_SPECIAL_FILE} is not an imported tokenizer's special_tokens.json (kind 'hf')")
-        _read_json(d / BPE_FILE)
+        tok = cls._read_raw(d / BPE_FILE)
+        ids = {k: data.get(k) for k in cls.REQUIRED} | {k: data[k] for k in cls.OPTIONAL if k in data}
         try:
-            tok = _HF.from_file(str(d / BPE_FILE))
-            return cls(tokenizer=tok, **{k: data.get(k) for k in ("pad_id", "unk_id", "bos_id", "eos_id")})
-        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            return cls(tokenizer=tok, **ids, template=bool(data.get("template", False)))
+        except ValueError as exc:
             raise UserError(f"{d}: not a usable imported tokenizer: {exc}") from None
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
 # --------------------------------------------------------------------------- loading
