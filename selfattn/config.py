@@ -23,6 +23,8 @@ NormKind = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "swiglu"]
 PoolingKind = Literal["mean", "max", "last", "first"]
 GeluApprox = Literal["none", "tanh"]
+NormPosition = Literal["pre", "post"]
+PoolerKind = Literal["none", "tanh", "relu"]
 
 
 class StrictModel(BaseModel):
@@ -76,7 +78,7 @@ class RopeScaling(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """Architecture of a decoder LM or a sequence classifier (same trunk)."""
+    """Architecture of a decoder LM, an encoder (plain, masked LM) or a sequence classifier: one trunk."""
 
     vocab_size: int = Field(gt=0)
     context_length: int = Field(default=256, gt=0)
@@ -103,9 +105,21 @@ class ModelConfig(StrictModel):
     mlp: MLPKind = "gelu"
     gelu_approximate: GeluApprox = Field(default="none", description="'tanh' = GPT-2's gelu_new")
     tie_embeddings: bool = True
+    # encoder options (BERT, RoBERTa, DistilBERT); the defaults are the decoder trunk
+    norm_position: NormPosition = Field(
+        default="pre", description="pre: x + f(norm(x)) and a final norm (GPT-2, Llama); post: norm(x + f(x)), no final norm (BERT)"
+    )
+    type_vocab_size: int = Field(default=0, ge=0, description="token-type (segment) embeddings added to every token (BERT: 2); 0 = none")
+    embedding_norm: bool = Field(default=False, description="a norm over the summed embeddings (BERT, RoBERTa, DistilBERT)")
+    position_offset: int = Field(
+        default=0, ge=0, description="learned positions: table row of the first token (RoBERTa: pad_token_id + 1; pad tokens take row position_offset - 1)"
+    )
     # classifier head (ignored by the LM)
     n_classes: int | None = Field(default=None, ge=2)
     pooling: PoolingKind = "mean"
+    pooler: PoolerKind = Field(
+        default="none", description="a dense layer + activation over the pooled vector before the head (BERT, RoBERTa: tanh; DistilBERT: relu)"
+    )
     causal: bool = Field(default=False, description="classifier trunk: causal (as pretrained LM) or bidirectional")
     pad_token_id: int = Field(default=0, ge=0)
 
@@ -124,6 +138,8 @@ class ModelConfig(StrictModel):
             raise ValueError(f"position='rope' needs an even head_dim, got {self.head_dim}")
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError(f"rope_scaling needs position='rope', got position={self.position!r}")
+        if self.position_offset and self.position != "learned":
+            raise ValueError(f"position_offset ({self.position_offset}) needs position='learned', got position={self.position!r}")
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id ({self.pad_token_id}) must be < vocab_size ({self.vocab_size})")
         return self

@@ -51,6 +51,29 @@ def lm_loss(model: "torch.nn.Module", batches: Iterable[tuple["torch.Tensor", "t
     return float(total) / count
 
 
+def masked_lm_loss(model: "torch.nn.Module", batches: Iterable[dict[str, "torch.Tensor"]], *, device: "torch.device", amp_dtype: "torch.dtype | None" = None) -> float:
+    """Mean masked-token loss over ``batches`` of ``{"input_ids", "labels"}`` (weighted by masked tokens)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    with torch.no_grad():
+        for b in batches:
+            x, y = b["input_ids"].to(device), b["labels"].to(device)
+            n = int((y != -100).sum())
+            if n == 0:
+                continue
+            with autocast_context(device, amp_dtype):
+                out = model(x, labels=y)
+            total += out.loss.double() * n
+            count += n
+    model.train(was_training)
+    if count == 0:
+        raise UserError("no masked validation tokens to evaluate")
+    return float(total) / count
+
+
 def classifier_predictions(model: "torch.nn.Module", batches: Iterable[tuple["torch.Tensor", dict[str, "torch.Tensor"]]], n: int, *, device: "torch.device", amp_dtype: "torch.dtype | None" = None) -> tuple["np.ndarray", "np.ndarray", float]:
     """``(probs [N, C], labels [N], mean loss)`` with rows put back in data order."""
     import numpy as np
@@ -110,6 +133,8 @@ def evaluate_checkpoint(model_dir: str | Path, data: "ClassificationDataConfig |
         if not isinstance(data, ClassificationDataConfig):
             raise UserError(f"checkpoint {model_dir} is a classifier; evaluate it on labelled data (a ClassificationDataConfig or a file)")
         metrics = _evaluate_classifier(pre, data, plots, batch_size=batch_size, device=dev, n_attention_examples=n_attention_examples)
+    elif pre.task == "encoder":
+        raise UserError(f"checkpoint {model_dir} is an encoder without a head: fine-tune it (init_from) or pretrain it (objective=mlm) first")
     else:
         whole = isinstance(data, (str, Path))
         if whole:
@@ -169,8 +194,15 @@ def _evaluate_lm(pre: Any, data: "LMDataConfig", *, whole: bool, batch_size: int
             raise UserError(f"corpus {data.path!r} has {len(ids)} tokens, too few for one block of {block}")
     else:
         ids = prepare_lm_data(data.model_copy(update={"block_size": block}), pre.tokenizer).val_ids
-    loss = lm_loss(pre.model, lm_eval_batches(ids, block_size=block, batch_size=batch_size, n_batches=None), device=device)
-    return {"task": "lm", "loss": loss, "perplexity": perplexity(loss), "tokens": int(len(ids)), "block_size": block}
+    if pre.task == "mlm":  # masked tokens (a fixed seed), as the training's validation
+        from selfattn.data.mlm import MLMMasking, mlm_eval_batches
+
+        train_cfg = (pre.extra or {}).get("train_config") or {}
+        masking = MLMMasking.for_tokenizer(pre.tokenizer, train_cfg.get("mlm_probability", 0.15))
+        loss = masked_lm_loss(pre.model, mlm_eval_batches(ids, masking, block_size=block, batch_size=batch_size, n_batches=None), device=device)
+    else:
+        loss = lm_loss(pre.model, lm_eval_batches(ids, block_size=block, batch_size=batch_size, n_batches=None), device=device)
+    return {"task": pre.task, "loss": loss, "perplexity": perplexity(loss), "tokens": int(len(ids)), "block_size": block}
 
 
 def _file_data_config(pre: Any, path: str | Path) -> "ClassificationDataConfig":

@@ -4,7 +4,7 @@ Layout written by :func:`save_pretrained`::
 
     out_dir/
       model.safetensors   # tensors only (no pickle); a tied lm_head is stored once
-      config.json         # {"format_version": 1, "task": "lm" | "classifier", "model": {...},
+      config.json         # {"format_version": 1, "task": "lm" | "classifier" | "encoder" | "mlm", "model": {...},
                           #  "classifier": {"n_classes", "pooling", "causal"} | null, "extra": {...}}
       tokenizer/          # tokenizer.json (BPE) or vocab.json (char), if a tokenizer was given
 
@@ -36,7 +36,15 @@ from selfattn.config import ModelConfig, format_validation_error
 from selfattn.data.tokenization import BPETokenizer, CharTokenizer, load_tokenizer
 from selfattn.errors import UserError
 from selfattn.nn.lora import merged_state_dict
-from selfattn.nn.models import DecoderLM, SequenceClassifier
+from selfattn.nn.models import (
+    TASKS,
+    DecoderLM,
+    Encoder,
+    MaskedLM,
+    SequenceClassifier,
+    task_of,
+    tied_aliases,
+)
 from selfattn.utils import read_json_object
 
 FORMAT_VERSION = 1
@@ -51,10 +59,10 @@ TOKENIZER_SUFFIXES = {".json", ".txt"}
 class Pretrained:
     """What :func:`load_pretrained` returns. ``model`` is in eval mode on ``map_location``."""
 
-    model: DecoderLM | SequenceClassifier
+    model: DecoderLM | SequenceClassifier | Encoder | MaskedLM
     tokenizer: CharTokenizer | BPETokenizer | None
     config: ModelConfig
-    task: str  # "lm" | "classifier"
+    task: str  # "lm" | "classifier" | "encoder" | "mlm"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,7 +75,10 @@ META_CONFIG, META_DIGEST = "selfattn_config", "selfattn_config_sha256"
 
 # fields added after digests were first recorded, with the value that means "as before": left out
 # of the digest while they hold it, so every model saved before they existed keeps its digest
-_DIGEST_ADDED: dict[str, Any] = {"rope_scaling": None, "head_size": None, "qk_norm": False}
+_DIGEST_ADDED: dict[str, Any] = {
+    "rope_scaling": None, "head_size": None, "qk_norm": False,
+    "norm_position": "pre", "type_vocab_size": 0, "embedding_norm": False, "position_offset": 0, "pooler": "none",
+}  # fmt: skip
 
 
 def _digest_fields(cfg: ModelConfig) -> dict[str, Any]:
@@ -120,7 +131,7 @@ def save_pretrained(
     tokenizer: CharTokenizer | BPETokenizer | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (a DecoderLM or SequenceClassifier), its config, and ``tokenizer`` to ``out_dir``.
+    """Write ``model`` (a DecoderLM, SequenceClassifier, Encoder or MaskedLM), its config, and ``tokenizer`` to ``out_dir``.
 
     ``extra`` is any JSON-serializable mapping (metrics, data hashes, training config) stored under
     ``"extra"`` in ``config.json``. An existing ``out_dir`` is replaced only if it is a checkpoint
@@ -194,28 +205,26 @@ def _staged_dir(out: Path) -> Iterator[Path]:
 
 
 def _task_of(model: nn.Module) -> str:
-    if isinstance(model, SequenceClassifier):
-        return "classifier"
-    if isinstance(model, DecoderLM):
-        return "lm"
-    raise ValueError(f"save_pretrained takes a DecoderLM or SequenceClassifier, got {type(model).__name__}")
+    try:
+        return task_of(model)
+    except ValueError as exc:
+        raise ValueError(f"save_pretrained: {exc}") from None
 
 
 def _tensors_to_save(model: nn.Module) -> dict[str, Tensor]:
     """Plain (LoRA-merged) state dict, each storage once: tied aliases such as lm_head are dropped."""
     state = merged_state_dict(model)
     tied = set(_tied_aliases(model))
-    if "lm_head.weight" in tied and not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
-        # e.g. LoRA on a tied lm_head: the merged head no longer equals the embedding
-        raise ValueError("lm_head.weight differs from tok_emb.weight although cfg.tie_embeddings is True")
+    for key in tied:
+        if not torch.equal(state[key], state["tok_emb.weight"]):
+            # e.g. LoRA on a tied lm_head: the merged head no longer equals the embedding
+            raise ValueError(f"{key} differs from tok_emb.weight although cfg.tie_embeddings is True")
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if k not in tied}
 
 
 def _tied_aliases(model: nn.Module) -> list[str]:
     """State-dict keys that are the same tensor as an earlier key (recreated by the constructor)."""
-    if isinstance(model, DecoderLM) and model.cfg.tie_embeddings:
-        return ["lm_head.weight"]
-    return []
+    return tied_aliases(model)
 
 
 def assign_weights(model: nn.Module, tensors: dict[str, Tensor], rebuild: Callable[[], nn.Module]) -> nn.Module:
@@ -237,6 +246,8 @@ def assign_weights(model: nn.Module, tensors: dict[str, Tensor], rebuild: Callab
         model.load_state_dict(tensors, strict=False, assign=True)
         if "lm_head.weight" in _tied_aliases(model):
             model.lm_head.weight = model.tok_emb.weight  # type: ignore[union-attr]
+        if "mlm_head.decoder.weight" in _tied_aliases(model):
+            model.mlm_head.decoder.weight = model.tok_emb.weight  # type: ignore[union-attr]
     return model.eval()
 
 
@@ -287,7 +298,7 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{d / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
 
-    build = SequenceClassifier if task == "classifier" else DecoderLM
+    build = TASKS[task]
     try:
         with torch.device("meta"):  # shapes only: no random init, no second copy of the weights
             model: nn.Module = build(cfg)
@@ -336,8 +347,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
-    if meta.get("task") not in ("lm", "classifier"):
-        raise UserError(f"{path}: task {meta.get('task')!r} must be 'lm' or 'classifier'")
+    if meta.get("task") not in TASKS:
+        raise UserError(f"{path}: task {meta.get('task')!r} must be one of {', '.join(repr(t) for t in TASKS)}")
     if not isinstance(meta.get("model"), dict):
         raise UserError(f"{path}: 'model' must be a mapping of ModelConfig fields")
     return meta

@@ -47,7 +47,7 @@ from selfattn.io.hf_families import (
 )
 from selfattn.io.sources import resolve_source
 from selfattn.nn.lora import LoRALinear, lora_modules, merged_state_dict
-from selfattn.nn.models import DecoderLM
+from selfattn.nn.models import TASKS, DecoderLM, task_of
 
 __all__ = [
     "SUPPORTED",
@@ -195,9 +195,12 @@ def config_to_hf(cfg: ModelConfig, tokenizer: HFTokenizer | None = None, dtype: 
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     common = {
         "architectures": [fam.architectures[task]], "model_type": fam.model_types[0], "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tie_embeddings, "dtype": str(dtype).removeprefix("torch."), **ids,
+        "tie_word_embeddings": cfg.tie_embeddings, "dtype": str(dtype).removeprefix("torch."),
     }  # fmt: skip
-    return {**common, **fam.config_out(cfg)}
+    if task == "classifier" and cfg.n_classes:
+        labels = {str(i): f"LABEL_{i}" for i in range(cfg.n_classes)}
+        common.update(id2label=labels, label2id={v: int(k) for k, v in labels.items()}, classifier_dropout=None)
+    return {**common, **fam.config_out(cfg), **ids}
 
 
 # --------------------------------------------------------------------------- weights
@@ -329,9 +332,11 @@ def state_dict_to_hf(state: dict[str, Tensor], cfg: ModelConfig, family: str, ta
 # --------------------------------------------------------------------------- import
 
 
-def import_hf(src: str | Path, *, dtype: torch.dtype | None = None) -> tuple[DecoderLM, HFTokenizer | None, dict[str, Any]]:
+def import_hf(src: str | Path, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, HFTokenizer | None, dict[str, Any]]:
     """``(model, tokenizer, hf_config)`` from a HF directory, ``pkg:`` path or hub id; the model is in eval mode.
 
+    A decoder family gives a :class:`DecoderLM`; an encoder family an :class:`Encoder` (``*Model``),
+    a :class:`MaskedLM` (MLM head in the file) or a :class:`SequenceClassifier` (classifier head).
     ``dtype`` None keeps the file's (one floating dtype) or float32 (mixed). Raises
     :class:`UserError` for an unsupported architecture, pickled weights, NaN/Inf weights, a
     tokenizer larger than the embedding, or tensors that do not fit the config.
@@ -340,10 +345,54 @@ def import_hf(src: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Dec
     hf = _read_json(d / "config.json")
     where = str(d / "config.json")
     fam = _family(hf, where)
-    tokenizer = _read_tokenizer(d, hf)
-    cfg = config_from_hf(hf, where=where, pad_token_id=tokenizer.pad_id if tokenizer else None)
-    tensors = state_dict_from_hf(_read_weights(d), cfg, fam.name)
-    return _assemble(DecoderLM, cfg, tensors, d, fam, dtype), tokenizer, hf
+    encoder = "lm" not in fam.architectures
+    tokenizer = _read_tokenizer(d, hf, template=encoder)
+    cfg = config_from_hf(hf, where=where, pad_token_id=None if encoder or tokenizer is None else tokenizer.pad_id)
+    if encoder and tokenizer is not None and tokenizer.pad_id != cfg.pad_token_id:
+        raise UserError(f"{d}: the tokenizer's pad token is id {tokenizer.pad_id} but config.json's pad_token_id is {cfg.pad_token_id}")
+    raw = _read_weights(d)
+    task = _task_of_tensors(raw, fam)
+    cfg = _head_config(cfg, raw, fam, task, d)
+    tensors = state_dict_from_hf(raw, cfg, fam.name, task)
+    return _assemble(TASKS[task], cfg, tensors, d, fam, dtype), tokenizer, hf
+
+
+def _task_of_tensors(tensors: dict[str, Tensor], fam: Family) -> str:
+    """``lm`` for a decoder family; for an encoder the head its tensors hold: classifier, mlm or none."""
+    if "lm" in fam.architectures:
+        return "lm"
+    for task in ("classifier", "mlm"):
+        if any(_match(k, fam.heads[task]) for k in tensors):
+            return task
+    return "encoder"
+
+
+def _head_config(cfg: ModelConfig, tensors: dict[str, Tensor], fam: Family, task: str, d: Path) -> ModelConfig:
+    """An encoder's pooler (when the file has one), classes (classifier) and pooling (sentence-transformers' own)."""
+    if task == "lm":
+        return cfg
+    renamed = [(_match(k.removeprefix(fam.prefix), fam.trunk) or _match(k, fam.heads[task]) or ("", "", ""))[1] for k in tensors]
+    updates: dict[str, Any] = {}
+    if "pooler" in renamed:
+        updates["pooler"] = "relu" if fam.name == "distilbert" else "tanh"
+    if task == "classifier":
+        head = next(t for k, t in tensors.items() if (_match(k, fam.heads[task]) or ("", "", ""))[1] == "head" and k.endswith(".weight"))
+        updates["n_classes"] = head.shape[0]
+    if task == "encoder":
+        updates["pooling"] = _sentence_pooling(d) or cfg.pooling
+    return HFConfig({}, str(d / "config.json")).model_config({**cfg.model_dump(), **updates})
+
+
+def _sentence_pooling(d: Path) -> str | None:
+    """The pooling a sentence-transformers directory declares (``1_Pooling/config.json``), if any."""
+    path = d / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return None
+    conf = _read_json(path)
+    for key, pooling in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "first"), ("pooling_mode_max_tokens", "max")):
+        if conf.get(key) is True:
+            return pooling
+    return None
 
 
 def _assemble(build: type[nn.Module], cfg: ModelConfig, tensors: dict[str, Tensor], d: Path, fam: Family, dtype: torch.dtype | None) -> nn.Module:
@@ -414,28 +463,51 @@ def _export_state(model: nn.Module, unmerged: bool) -> dict[str, Tensor]:
     return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
-def export_hf(model: DecoderLM, dst: str | Path, tokenizer: Any = None, *, unmerged: bool = False) -> Path:
+def _export_task(model: nn.Module, fam: Family) -> str:
+    """The HF class ``model`` exports as; a UserError when that family has none or the head differs."""
+    try:
+        task = task_of(model)
+    except ValueError as exc:
+        raise UserError(f"cannot export to Hugging Face: {exc}") from None
+    if task not in fam.architectures:
+        kinds = ", ".join(f"{t} -> {a}" for t, a in fam.architectures.items())
+        raise UserError(f"a {task} of the {fam.name} family has no Hugging Face class here ({kinds})")
+    cfg = model.cfg
+    if task == "classifier" and (cfg.pooling != "first" or cfg.pooler == "none"):
+        raise UserError(
+            f"{fam.architectures[task]} classifies the first token through its pooler; this classifier uses "
+            f"pooling={cfg.pooling!r}, pooler={cfg.pooler!r}. Fine-tune with head.pooling=first from an encoder with a "
+            "pooler to export it, or export the encoder alone"
+        )
+    if task == "encoder" and cfg.pooler != "none" and "pooler" not in fam.trunk.values():
+        raise UserError(f"{fam.architectures[task]} has no pooler; this encoder has pooler={cfg.pooler!r}")
+    return task
+
+
+def export_hf(model: nn.Module, dst: str | Path, tokenizer: Any = None, *, unmerged: bool = False) -> Path:
     """Write ``model`` as a HF checkpoint (``config.json``, ``model.safetensors``, tokenizer files).
 
-    LoRA adapters are folded in, unless ``unmerged`` (the base weights alone, for
-    :func:`export_peft`). An imported tokenizer is written in the HF layout; a selfattn BPE
-    tokenizer as its ``tokenizer.json``.
+    A DecoderLM loads with ``AutoModelForCausalLM``; an encoder-family Encoder / MaskedLM /
+    SequenceClassifier with ``AutoModel`` / ``AutoModelForMaskedLM`` /
+    ``AutoModelForSequenceClassification``. LoRA adapters are folded in, unless ``unmerged`` (the
+    base weights alone, for :func:`export_peft`). An imported tokenizer is written in the HF layout;
+    a selfattn BPE tokenizer as its ``tokenizer.json``.
     """
     from safetensors.torch import save_file
 
-    if not isinstance(model, DecoderLM):
-        raise UserError(f"only a DecoderLM exports to Hugging Face (AutoModelForCausalLM), got {type(model).__name__}")
     cfg = model.cfg
     fam = family_of_config(cfg)
+    task = _export_task(model, fam)
     state = _export_state(model, unmerged)
-    hf_cfg = config_to_hf(cfg, tokenizer, dtype=state["tok_emb.weight"].dtype)
-    tensors = state_dict_to_hf(state, cfg, fam.name)
+    hf_cfg = config_to_hf(cfg, tokenizer, dtype=state["tok_emb.weight"].dtype, task=task)
+    tensors = state_dict_to_hf(state, cfg, fam.name, task)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-        generation = {k: v for k, v in hf_cfg.items() if k.endswith("_token_id")} | {"do_sample": False}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        if task == "lm":
+            generation = {k: v for k, v in hf_cfg.items() if k.endswith("_token_id")} | {"do_sample": False}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         if isinstance(tokenizer, HFTokenizer):
             tokenizer.save_hf(tmp)
         elif tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
@@ -445,10 +517,8 @@ def export_hf(model: DecoderLM, dst: str | Path, tokenizer: Any = None, *, unmer
 
 
 def convert_to_hf(src: str | Path, dst: str | Path) -> Path:
-    """A selfattn checkpoint directory (an LM) -> a HF directory."""
+    """A selfattn checkpoint directory -> a HF directory (the class follows the model: see :func:`export_hf`)."""
     pre = load_pretrained(src)
-    if pre.task != "lm":
-        raise UserError(f"{src} is a {pre.task}; only language models export to Hugging Face (AutoModelForCausalLM)")
     return export_hf(pre.model, dst, pre.tokenizer)
 
 

@@ -181,8 +181,15 @@ def _gpt2_misfits(cfg: ModelConfig) -> list[str]:
 
 
 def _decoder_trunk_misfits(cfg: ModelConfig) -> list[str]:
-    """What a decoder family needs of the trunk's encoder options (none yet)."""
-    return []
+    """What every decoder family needs: none of the encoder options."""
+    checks = [
+        (cfg.norm_position == "pre", f"norm_position={cfg.norm_position!r} (needs 'pre')"),
+        (cfg.type_vocab_size == 0, f"type_vocab_size={cfg.type_vocab_size} (needs 0)"),
+        (not cfg.embedding_norm, "embedding_norm=True (needs False)"),
+        (cfg.position_offset == 0, f"position_offset={cfg.position_offset} (needs 0)"),
+        (cfg.pooler == "none", f"pooler={cfg.pooler!r} (needs 'none')"),
+    ]
+    return [what for ok, what in checks if not ok]
 
 
 # ---- Llama-like (Llama, Mistral, Qwen2, Qwen3)
@@ -410,8 +417,164 @@ QWEN2 = _llama_like("qwen2", "Qwen2ForCausalLM", _qwen2_in, _qwen_out)
 MISTRAL = _llama_like("mistral", "MistralForCausalLM", _mistral_in, lambda cfg: {**_llama_like_out(cfg), "sliding_window": cfg.window})
 QWEN3 = _llama_like("qwen3", "Qwen3ForCausalLM", _qwen3_in, lambda cfg: {**_qwen_out(cfg), "attention_bias": False})
 
+# --------------------------------------------------------------------------- encoders: config
+
+# hidden_act -> gelu_approximate (transformers: "gelu" is the exact erf GELU)
+_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def _gelu(c: HFConfig, key: str) -> str:
+    act = c.str(key, "gelu")
+    if act not in _GELU:
+        raise UserError(f"{c.where}: {key} {act!r} is not supported ({', '.join(_GELU)}; 'gelu' is the exact erf GELU)")
+    return _GELU[act]
+
+
+def _bert_in(c: HFConfig) -> dict[str, Any]:
+    """BERT (and MiniLM, which is one): post-norm blocks, token types, LayerNorm on the embeddings."""
+    if c.str("position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"{c.where}: position_embedding_type {c.get('position_embedding_type')!r} is not supported (absolute only)")
+    if c.bool("is_decoder", False) or c.bool("add_cross_attention", False):
+        raise UserError(f"{c.where}: a BERT decoder (is_decoder / add_cross_attention) is not supported; encoders only")
+    return dict(
+        vocab_size=c.int("vocab_size"), context_length=c.int("max_position_embeddings", 512, minimum=1),
+        n_layers=c.int("num_hidden_layers", minimum=1), d_model=c.int("hidden_size", minimum=1),
+        n_heads=c.int("num_attention_heads", minimum=1), d_ff=c.int("intermediate_size", minimum=1), bias=True,
+        position="learned", norm="layernorm", norm_eps=c.float("layer_norm_eps", 1e-12, positive=True), mlp="gelu",
+        gelu_approximate=_gelu(c, "hidden_act"), norm_position="post", embedding_norm=True,
+        type_vocab_size=c.int("type_vocab_size", 2, minimum=1), tie_embeddings=c.bool("tie_word_embeddings", True),
+        causal=False, pooling="first",
+    )  # fmt: skip
+
+
+def _roberta_in(c: HFConfig) -> dict[str, Any]:
+    """RoBERTa: BERT's layout; positions start at pad_token_id + 1 and pad tokens take pad_token_id."""
+    fields = _bert_in(c)
+    offset = c.int("pad_token_id", 1, minimum=0) + 1
+    n_positions = fields["context_length"]
+    if n_positions <= offset:
+        raise UserError(f"{c.where}: max_position_embeddings ({n_positions}) must exceed pad_token_id + 1 ({offset})")
+    return {**fields, "context_length": n_positions - offset, "position_offset": offset, "type_vocab_size": c.int("type_vocab_size", 1, minimum=1)}
+
+
+def _distilbert_in(c: HFConfig) -> dict[str, Any]:
+    """DistilBERT: BERT without token types; LayerNorm eps fixed at 1e-12 in transformers."""
+    return dict(
+        vocab_size=c.int("vocab_size"), context_length=c.int("max_position_embeddings", 512, minimum=1),
+        n_layers=c.int("n_layers", minimum=1), d_model=c.int("dim", minimum=1), n_heads=c.int("n_heads", minimum=1),
+        d_ff=c.int("hidden_dim", minimum=1), bias=True, position="learned", norm="layernorm", norm_eps=1e-12, mlp="gelu",
+        gelu_approximate=_gelu(c, "activation"), norm_position="post", embedding_norm=True,
+        tie_embeddings=c.bool("tie_word_embeddings", True), causal=False, pooling="first",
+    )  # fmt: skip
+
+
+def _gelu_name(cfg: ModelConfig) -> str:
+    return "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu"
+
+
+def _bert_out(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.ff_dim, "hidden_act": _gelu_name(cfg), "max_position_embeddings": cfg.context_length + cfg.position_offset,
+        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": 1e-5 if cfg.norm_eps is None else cfg.norm_eps,
+        "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout, "position_embedding_type": "absolute",
+        "pad_token_id": cfg.pad_token_id,
+    }  # fmt: skip
+
+
+def _distilbert_out(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "dim": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "hidden_dim": cfg.ff_dim,
+        "activation": _gelu_name(cfg), "max_position_embeddings": cfg.context_length, "sinusoidal_pos_embds": False,
+        "dropout": cfg.dropout, "attention_dropout": cfg.dropout, "pad_token_id": cfg.pad_token_id,
+    }  # fmt: skip
+
+
+def _encoder_misfits(cfg: ModelConfig, family: str) -> list[str]:
+    pooler = {"bert": ("none", "tanh"), "roberta": ("none", "tanh"), "distilbert": ("none", "relu")}[family]
+    checks = [
+        (cfg.norm_position == "post", f"norm_position={cfg.norm_position!r} (needs 'post')"),
+        (cfg.embedding_norm, "embedding_norm=False (needs True)"),
+        (cfg.position == "learned", f"position={cfg.position!r} (needs 'learned')"),
+        (cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias, "needs norm='layernorm', mlp='gelu', bias=True"),
+        (_qkv_bias(cfg) and cfg.kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model, "needs plain multi-head attention with biases"),
+        (cfg.attention == "full" and not cfg.qk_norm and not cfg.causal, f"attention={cfg.attention!r}, causal={cfg.causal} (needs 'full', bidirectional)"),
+        (cfg.pooler in pooler, f"pooler={cfg.pooler!r} (needs one of {pooler})"),
+    ]
+    if family == "bert":
+        checks += [(cfg.type_vocab_size > 0, "type_vocab_size=0 (needs token types)"), (cfg.position_offset == 0, f"position_offset={cfg.position_offset} (needs 0)")]
+    elif family == "roberta":
+        checks += [(cfg.type_vocab_size > 0, "type_vocab_size=0 (needs token types)"),
+                   (cfg.position_offset == cfg.pad_token_id + 1, f"position_offset={cfg.position_offset} (needs pad_token_id + 1)")]  # fmt: skip
+    else:
+        checks += [(cfg.type_vocab_size == 0, f"type_vocab_size={cfg.type_vocab_size} (needs 0)"), (cfg.position_offset == 0, f"position_offset={cfg.position_offset} (needs 0)"),
+                   (cfg.norm_eps == 1e-12, f"norm_eps={cfg.norm_eps} (DistilBERT's is fixed at 1e-12)")]  # fmt: skip
+    return [what for ok, what in checks if not ok]
+
+
+# --------------------------------------------------------------------------- encoders: names
+
+_BERT_LAYER: dict[str, str | tuple[str, ...]] = {
+    "attention.self.query": "attn.q_proj",
+    "attention.self.key": "attn.k_proj",
+    "attention.self.value": "attn.v_proj",
+    "attention.output.dense": "attn.out_proj",
+    "attention.output.LayerNorm": "norm1",
+    "intermediate.dense": "mlp.up_proj",
+    "output.dense": "mlp.down_proj",
+    "output.LayerNorm": "norm2",
+}
+_BERT_TRUNK = {
+    "embeddings.word_embeddings": "tok_emb",
+    "embeddings.position_embeddings": "pos_emb.embedding",
+    "embeddings.token_type_embeddings": "type_emb",
+    "embeddings.LayerNorm": "emb_norm",
+    "pooler.dense": "pooler",
+}
+# integer buffers some checkpoints carry (transformers recreates them); not weights
+_EMBEDDING_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+def _bert_like(name: str, arch: str, config_in: Callable[[HFConfig], dict[str, Any]], mlm: str) -> Family:
+    """BERT and RoBERTa: the same tensor names under their own prefix and MLM / classifier heads."""
+    mlm_head = {f"{mlm}.dense": "mlm_head.dense", f"{mlm}.layer_norm": "mlm_head.norm", f"{mlm}.decoder": "mlm_head.decoder",
+                f"{mlm}.bias": "mlm_head.decoder.bias"}  # fmt: skip
+    classifier = {"classifier": "head"}
+    if name == "bert":
+        mlm_head = {"cls.predictions.transform.dense": "mlm_head.dense", "cls.predictions.transform.LayerNorm": "mlm_head.norm",
+                    "cls.predictions.decoder": "mlm_head.decoder", "cls.predictions.bias": "mlm_head.decoder.bias"}  # fmt: skip
+    else:  # RobertaClassificationHead: dense + tanh over <s>, then out_proj
+        classifier = {"classifier.dense": "pooler", "classifier.out_proj": "head"}
+    bias = "cls.predictions" if name == "bert" else mlm  # the decoder's bias is this module's own parameter, tied
+    return Family(
+        name=name, model_types=(name,), config_in=config_in, config_out=_bert_out, misfits=lambda cfg: _encoder_misfits(cfg, name),
+        architectures={"encoder": f"{arch}Model", "mlm": f"{arch}ForMaskedLM", "classifier": f"{arch}ForSequenceClassification"},
+        prefix=f"{name}.", layers="encoder.layer", trunk=_BERT_TRUNK, layer=_BERT_LAYER,
+        heads={"encoder": {}, "mlm": mlm_head, "classifier": classifier},
+        skip=(*_EMBEDDING_BUFFERS, "cls.seq_relationship.weight", "cls.seq_relationship.bias"),  # + BERT's NSP head, unused
+        aliases={f"{bias}.decoder.bias": f"{bias}.bias"}, unprefixed=("encoder",),
+    )  # fmt: skip
+
+
+BERT = _bert_like("bert", "Bert", _bert_in, "cls.predictions")
+ROBERTA = _bert_like("roberta", "Roberta", _roberta_in, "lm_head")
+DISTILBERT = Family(
+    name="distilbert", model_types=("distilbert",), config_in=_distilbert_in, config_out=_distilbert_out,
+    misfits=lambda cfg: _encoder_misfits(cfg, "distilbert"),
+    architectures={"encoder": "DistilBertModel", "mlm": "DistilBertForMaskedLM", "classifier": "DistilBertForSequenceClassification"},
+    prefix="distilbert.", layers="transformer.layer",
+    trunk={"embeddings.word_embeddings": "tok_emb", "embeddings.position_embeddings": "pos_emb.embedding", "embeddings.LayerNorm": "emb_norm"},
+    layer={"attention.q_lin": "attn.q_proj", "attention.k_lin": "attn.k_proj", "attention.v_lin": "attn.v_proj",
+           "attention.out_lin": "attn.out_proj", "sa_layer_norm": "norm1", "ffn.lin1": "mlp.up_proj", "ffn.lin2": "mlp.down_proj",
+           "output_layer_norm": "norm2"},
+    heads={"encoder": {}, "mlm": {"vocab_transform": "mlm_head.dense", "vocab_layer_norm": "mlm_head.norm", "vocab_projector": "mlm_head.decoder"},
+           "classifier": {"pre_classifier": "pooler", "classifier": "head"}},
+    skip=_EMBEDDING_BUFFERS, unprefixed=("encoder",),
+)  # fmt: skip
+
 # export tries them in this order: the first family a config fits exactly
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, MISTRAL, QWEN3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, MISTRAL, QWEN3, BERT, ROBERTA, DISTILBERT)}
+ENCODERS = ("bert", "roberta", "distilbert")
 
 
 def supported_text() -> str:

@@ -1,7 +1,10 @@
-"""Transformer building blocks: norms, the MLP and the pre-norm block.
+"""Transformer building blocks: norms, the MLP and the block (pre-norm or post-norm).
 
-A block is ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (pre-norm, as in GPT-2 and Llama):
-the residual stream is never normalised, which keeps deep stacks trainable without warm-up tricks.
+Pre-norm (``cfg.norm_position="pre"``, GPT-2 and Llama): ``x + attn(norm1(x))`` then
+``x + mlp(norm2(x))``; the residual stream is never normalised, which keeps deep stacks trainable
+without warm-up tricks, and the model ends with a final norm.
+Post-norm (``"post"``, BERT, RoBERTa, DistilBERT): ``norm1(x + attn(x))`` then
+``norm2(x + mlp(x))``; every block's output is normalised, so there is no final norm.
 """
 
 from __future__ import annotations
@@ -51,10 +54,12 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+    """Pre-norm block ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``; or post-norm (``cfg.norm_position="post"``)
+    ``norm1(x + attn(x))``, ``norm2(x + mlp(x))``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
         self.norm1 = make_norm(cfg)
         self.attn = MultiHeadAttention.from_config(cfg)
         if cfg.qkv_bias is not None and cfg.qkv_bias != cfg.bias:
@@ -76,7 +81,7 @@ class TransformerBlock(nn.Module):
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         attn_out = self.attn(
-            self.norm1(x),
+            x if self.post_norm else self.norm1(x),
             attention_mask=attention_mask,
             is_causal=is_causal,
             kv_cache=kv_cache,
@@ -86,6 +91,10 @@ class TransformerBlock(nn.Module):
         weights = None
         if return_weights:
             attn_out, weights = attn_out  # weights [B, H, T, S]
-        x = x + attn_out
-        x = x + self.mlp(self.norm2(x))
+        if self.post_norm:
+            x = self.norm1(x + attn_out)
+            x = self.norm2(x + self.mlp(x))
+        else:
+            x = x + attn_out
+            x = x + self.mlp(self.norm2(x))
         return (x, weights) if return_weights else x

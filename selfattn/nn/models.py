@@ -1,22 +1,29 @@
-"""Models: a causal decoder LM and a sequence classifier sharing one transformer trunk.
+"""Models on one transformer trunk: a causal decoder LM, a bidirectional encoder (plain and masked
+LM) and a sequence classifier.
 
-Trunk (both models, same parameter names, so weights move from one to the other)::
+Trunk (every model, same parameter names, so weights move from one to the other)::
 
-    tok_emb [V, D] (+ pos_emb when position="learned") -> dropout
-    -> blocks.0 .. blocks.{L-1} (pre-norm TransformerBlock) -> norm_f
+    tok_emb [V, D] (+ type_emb when type_vocab_size > 0) (+ pos_emb when position="learned")
+    -> emb_norm (when embedding_norm) -> dropout
+    -> blocks.0 .. blocks.{L-1} (TransformerBlock, pre- or post-norm) -> norm_f (pre-norm only)
+    (+ pooler [D, D] when cfg.pooler != "none": encoders and classifiers)
 
 ``DecoderLM`` adds ``lm_head`` (tied to ``tok_emb`` when ``cfg.tie_embeddings``) and decodes
-through a KV cache. ``SequenceClassifier`` pools the trunk's output and adds ``head``:
+through a KV cache. ``Encoder`` returns the hidden states (``last_hidden_state``, Hugging Face's
+name) and ``MaskedLM`` adds BERT's MLM head (``mlm_head``: dense, GELU, norm, a decoder tied to
+``tok_emb`` with its own bias); both attend bidirectionally and never generate.
+``SequenceClassifier`` pools the trunk's output (optionally through ``pooler``) and adds ``head``:
 
 * ``pooling="mean"``: average over real tokens (``attention_mask`` True) - the default for a
-  bidirectional encoder trained from scratch;
+  bidirectional encoder trained from scratch, and sentence-transformers' MiniLM;
 * ``pooling="last"``: the last real token - natural for a causal trunk, where only the last token
   has seen the whole sentence (the default of :meth:`SequenceClassifier.from_decoder`);
 * ``pooling="first"``: the first real token (BERT's [CLS] position; only sensible bidirectionally).
 
 The classifier's attention is bidirectional (``causal=False``) unless ``cfg.causal`` is set;
 ``from_decoder`` defaults to ``causal=True`` so the copied weights see what they saw in pretraining.
-Padding is expected on the right for ``position="learned"`` (positions count from the first slot).
+Padding is expected on the right for ``position="learned"`` (positions count from the first slot;
+RoBERTa's ``position_offset`` counts non-pad tokens, as transformers does).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfattn.config import ModelConfig
+from selfattn.errors import UserError
 from selfattn.nn.kv_cache import KVCache, RollingKVCache
 from selfattn.nn.layers import RMSNorm, TransformerBlock, make_norm
 from selfattn.nn.lora import merged_state_dict
@@ -55,16 +63,19 @@ def _as_config(cfg: ModelConfig | dict[str, Any]) -> ModelConfig:
 
 
 class _Trunk(nn.Module):
-    """Embeddings, blocks and final norm; subclasses add a head."""
+    """Embeddings, blocks and final norm (and an encoder's pooler); subclasses add a head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = LearnedPositions(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.pos_emb = LearnedPositions(cfg.context_length + cfg.position_offset, cfg.d_model) if cfg.position == "learned" else None
+        self.emb_norm = make_norm(cfg) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = make_norm(cfg)
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else None  # post-norm blocks end normalised
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler != "none" else None
 
     def _init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02) for Linear/Embedding, residual projections N(0, 0.02 / sqrt(2 L))."""
@@ -80,6 +91,40 @@ class _Trunk(nn.Module):
             if name.endswith(_RESIDUAL_PROJECTIONS):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
 
+    def _embed(self, input_ids: Tensor, token_type_ids: Tensor | None, offset: int) -> Tensor:
+        """Token (+ token type) (+ learned position) embeddings, normalised when ``cfg.embedding_norm``: ``[B, T, D]``."""
+        T = input_ids.shape[1]
+        x = self.tok_emb(input_ids)  # [B, T, D]
+        if self.type_emb is not None:
+            # every id 0 when none are given: row 0 is added all the same (BERT does)
+            x = x + (self.type_emb.weight[0] if token_type_ids is None else self.type_emb(self._check_types(token_type_ids, input_ids)))
+        elif token_type_ids is not None and bool((token_type_ids != 0).any()):
+            raise UserError("token_type_ids were given but this model has no token-type embeddings (type_vocab_size=0)")
+        if self.pos_emb is not None and self.cfg.position_offset:
+            # RoBERTa (fairseq): real tokens count from position_offset, pad tokens take position_offset - 1
+            real = (input_ids != self.cfg.pad_token_id).long()
+            x = x + self.pos_emb.embedding(real.cumsum(dim=1) * real + (self.cfg.position_offset - 1))
+        elif self.pos_emb is not None:
+            x = x + self.pos_emb(T, offset)  # [T, D] broadcast over B
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        return self.drop(x)
+
+    def _check_types(self, token_type_ids: Tensor, input_ids: Tensor) -> Tensor:
+        if token_type_ids.shape != input_ids.shape or token_type_ids.is_floating_point():
+            raise UserError(f"token_type_ids must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}, got {token_type_ids.dtype} {tuple(token_type_ids.shape)}")
+        lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
+        if lo < 0 or hi >= self.cfg.type_vocab_size:
+            bad = hi if hi >= self.cfg.type_vocab_size else lo
+            raise UserError(f"token_type_ids holds {bad}, outside the model's {self.cfg.type_vocab_size} token types (type_vocab_size)")
+        return token_type_ids
+
+    def _pool_dense(self, pooled: Tensor) -> Tensor:
+        """``pooled [B, D]`` through ``pooler`` and its activation (tanh: BERT, RoBERTa; relu: DistilBERT)."""
+        assert self.pooler is not None
+        out = self.pooler(pooled)
+        return torch.tanh(out) if self.cfg.pooler == "tanh" else F.relu(out)
+
     def _hidden_states(
         self,
         input_ids: Tensor,  # [B, T] int
@@ -88,6 +133,7 @@ class _Trunk(nn.Module):
         is_causal: bool,
         kv_cache: KVCache | None,
         return_attention: bool,
+        token_type_ids: Tensor | None = None,  # [B, T] int < type_vocab_size; None = all 0
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
@@ -98,10 +144,7 @@ class _Trunk(nn.Module):
                 f"sequence length ({offset + T} = cached {offset} + new {T}) exceeds context_length "
                 f"({self.cfg.context_length})"
             )
-        x = self.tok_emb(input_ids)  # [B, T, D]
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(T, offset)  # [T, D] broadcast over B
-        x = self.drop(x)
+        x = self._embed(input_ids, token_type_ids, offset)  # [B, T, D]
         attentions: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             out = block(
@@ -117,7 +160,9 @@ class _Trunk(nn.Module):
                 attentions.append(weights)  # [B, H, T, S]
             else:
                 x = out
-        return self.norm_f(x), (tuple(attentions) if return_attention else None)
+        if self.norm_f is not None:
+            x = self.norm_f(x)
+        return x, (tuple(attentions) if return_attention else None)
 
 
 # --------------------------------------------------------------------------- decoder LM
@@ -132,6 +177,11 @@ class DecoderLM(_Trunk):
             raise ValueError(
                 "DecoderLM needs causal attention; attention='low_rank' (Linformer) is bidirectional only - "
                 "use 'full' or 'sliding_window'"
+            )
+        if cfg.position_offset or cfg.pooler != "none":
+            raise ValueError(
+                f"DecoderLM takes no position_offset ({cfg.position_offset}) or pooler ({cfg.pooler!r}): they are encoder "
+                "options (RoBERTa positions count non-pad tokens, which a KV cache cannot)"
             )
         super().__init__(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -302,6 +352,126 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+# --------------------------------------------------------------------------- encoders
+
+
+@dataclass
+class EncoderOutput:
+    """``last_hidden_state`` ``[B, T, D]``; ``pooler_output`` ``[B, D]`` (the pooler over position 0, as
+    Hugging Face's BertModel) when the model has a pooler; ``attentions`` as in :class:`ModelOutput`."""
+
+    last_hidden_state: Tensor
+    pooler_output: Tensor | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+class _Bidirectional(_Trunk):
+    """What the two encoders share: bidirectional attention over real tokens, no generation."""
+
+    def _encode(
+        self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None, return_attention: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
+        mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        return self._hidden_states(
+            input_ids, attention_mask=mask, is_causal=False, kv_cache=None, return_attention=return_attention, token_type_ids=token_type_ids
+        )
+
+    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
+        raise UserError(
+            f"a {type(self).__name__} is a bidirectional encoder: every token sees the whole input, so it cannot "
+            "generate text left to right. Fine-tune it as a classifier (SequenceClassifier.from_encoder), or use a "
+            "decoder LM (DecoderLM, e.g. imported from GPT-2 or Llama) to generate"
+        )
+
+
+class Encoder(_Bidirectional):
+    """Bidirectional encoder (BERT, RoBERTa, DistilBERT, or a trunk trained here):
+    ``forward(input_ids [B, T], attention_mask [B, T] bool, token_type_ids [B, T]) -> EncoderOutput``."""
+
+    def __init__(self, cfg: ModelConfig | dict[str, Any]) -> None:
+        super().__init__(_as_config(cfg))
+        self._init_weights()
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [B, T]
+        attention_mask: Tensor | None = None,  # [B, T] bool, True = real token; None = all real
+        token_type_ids: Tensor | None = None,  # [B, T] int < type_vocab_size; None = all 0
+        return_attention: bool = False,
+    ) -> EncoderOutput:
+        h, attentions = self._encode(input_ids, attention_mask, token_type_ids, return_attention)  # [B, T, D]
+        pooled = self._pool_dense(h[:, 0]) if self.pooler is not None else None
+        return EncoderOutput(last_hidden_state=h, pooler_output=pooled, attentions=attentions)
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: ``decoder(norm(gelu(dense(h))))``; ``decoder.weight`` is tied to the token
+    embedding by :class:`MaskedLM` (``cfg.tie_embeddings``) and has its own bias ``[V]``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.approximate = cfg.gelu_approximate
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.norm = make_norm(cfg)
+        self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+
+    def forward(self, h: Tensor) -> Tensor:  # [..., D] -> [..., V]
+        return self.decoder(self.norm(F.gelu(self.dense(h), approximate=self.approximate)))
+
+
+class MaskedLM(_Bidirectional):
+    """Encoder + MLM head: ``forward(input_ids, attention_mask, token_type_ids, labels) -> ModelOutput``.
+
+    ``logits`` are ``[B, T, V]``; with ``labels`` (``[B, T]``, ``IGNORE_INDEX`` = not predicted) the head
+    runs on the labelled positions only (it is the costliest layer of a small encoder: ``D x V`` per
+    token) and ``logits`` holds their rows ``[N, V]`` in row-major order, ``loss`` their mean cross-entropy.
+    Masking (80 % ``[MASK]``, 10 % random, 10 % kept) is :func:`selfattn.data.mlm.mask_tokens`.
+    """
+
+    def __init__(self, cfg: ModelConfig | dict[str, Any]) -> None:
+        super().__init__(_as_config(cfg))
+        self.mlm_head = MLMHead(self.cfg)
+        self._init_weights()
+        if self.cfg.tie_embeddings:
+            self.mlm_head.decoder.weight = self.tok_emb.weight  # one [V, D] matrix for input and output
+
+    @classmethod
+    def from_encoder(cls, encoder: "Encoder | MaskedLM") -> "MaskedLM":
+        """A masked LM on a copy of ``encoder``'s trunk (its pooler dropped); a :class:`MaskedLM`'s head is
+        copied too, an :class:`Encoder` gets a new head (e.g. sentence-transformers' MiniLM, shipped
+        without one), its decoder tied to the copied embedding. For continued pretraining."""
+        if not isinstance(encoder, _Bidirectional):
+            raise ValueError(f"MaskedLM.from_encoder takes an Encoder or a MaskedLM, got {type(encoder).__name__}")
+        mlm = cls(encoder.cfg.model_copy(update={"pooler": "none", "n_classes": None}))
+        w = encoder.tok_emb.weight
+        mlm.to(device=w.device, dtype=w.dtype)
+        source = merged_state_dict(encoder)
+        mlm.load_state_dict({k: v for k, v in source.items() if k in mlm.state_dict()}, strict=False)
+        return mlm
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [B, T]
+        attention_mask: Tensor | None = None,  # [B, T] bool, True = real token
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,  # [B, T] original ids at masked positions, IGNORE_INDEX elsewhere
+        return_attention: bool = False,
+    ) -> ModelOutput:
+        h, attentions = self._encode(input_ids, attention_mask, token_type_ids, return_attention)  # [B, T, D]
+        if labels is None:
+            return ModelOutput(logits=self.mlm_head(h), attentions=attentions)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        picked = labels != IGNORE_INDEX  # [B, T]
+        logits = self.mlm_head(h[picked])  # [N, V]
+        loss = F.cross_entropy(logits.float(), labels[picked]) if logits.shape[0] else logits.sum() * 0.0
+        return ModelOutput(logits=logits, loss=loss, attentions=attentions)
+
+
 # --------------------------------------------------------------------------- classifier
 
 
@@ -342,6 +512,7 @@ class SequenceClassifier(_Trunk):
         attention_mask: Tensor | None = None,  # [B, T] bool, True = real token; None = all real
         labels: Tensor | None = None,  # [B] int in [0, n_classes)
         return_attention: bool = False,
+        token_type_ids: Tensor | None = None,  # [B, T] int < type_vocab_size; None = all 0
     ) -> ModelOutput:
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
@@ -351,9 +522,12 @@ class SequenceClassifier(_Trunk):
             )
         mask = attention_mask.to(torch.bool)
         h, attentions = self._hidden_states(
-            input_ids, attention_mask=mask, is_causal=self.cfg.causal, kv_cache=None, return_attention=return_attention
-        )
+            input_ids, attention_mask=mask, is_causal=self.cfg.causal, kv_cache=None, return_attention=return_attention,
+            token_type_ids=token_type_ids,
+        )  # fmt: skip
         pooled = pool(h, mask, self.cfg.pooling)  # [B, D]
+        if self.pooler is not None:
+            pooled = self._pool_dense(pooled)
         logits = self.head(self.head_drop(pooled))  # [B, C]
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, attentions=attentions)
@@ -383,6 +557,40 @@ class SequenceClassifier(_Trunk):
         source = merged_state_dict(lm)
         trunk = {k: source[k] for k in clf.state_dict() if not k.startswith(("head.", "head_drop."))}
         clf.load_state_dict(trunk, strict=False)
+        return clf
+
+
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder: "Encoder | MaskedLM",
+        n_classes: int,
+        pooling: str | None = None,
+        dropout: float | None = None,
+        pooler: bool | None = None,
+    ) -> "SequenceClassifier":
+        """A classifier whose trunk is a copy of ``encoder``'s (an :class:`Encoder` or a :class:`MaskedLM`,
+        LoRA folded in); ``head`` is new, attention stays bidirectional.
+
+        ``pooling`` defaults to the encoder's ``cfg.pooling``. ``pooler`` (None = keep it for
+        ``pooling="first"``, as BERT's sequence classifier uses it on [CLS], and drop it otherwise:
+        a mean-pooled MiniLM embedding is used without it) keeps or drops the encoder's pooler.
+        """
+        if not isinstance(encoder, _Bidirectional):
+            raise ValueError(f"from_encoder takes an Encoder or a MaskedLM, got {type(encoder).__name__} (a DecoderLM: use from_decoder)")
+        pooling = pooling or encoder.cfg.pooling
+        keep = (pooling == "first") if pooler is None else pooler
+        if keep and encoder.pooler is None:
+            raise ValueError("pooler=True but the encoder has no pooler")
+        updates: dict[str, Any] = {"n_classes": n_classes, "pooling": pooling, "causal": False}
+        updates["pooler"] = encoder.cfg.pooler if keep else "none"
+        if dropout is not None:
+            updates["dropout"] = dropout
+        clf = cls(ModelConfig.model_validate({**encoder.cfg.model_dump(), **updates}))
+        w = encoder.tok_emb.weight
+        clf.to(device=w.device, dtype=w.dtype)
+        source = merged_state_dict(encoder)
+        clf.load_state_dict({k: source[k] for k in clf.state_dict() if not k.startswith("head.")}, strict=False)
         return clf
 
 
@@ -419,6 +627,27 @@ def build_decoder_lm(cfg: ModelConfig | dict[str, Any]) -> DecoderLM:
 def build_classifier(cfg: ModelConfig | dict[str, Any]) -> SequenceClassifier:
     """A freshly initialised :class:`SequenceClassifier` for ``cfg`` (``cfg.n_classes`` required)."""
     return SequenceClassifier(cfg)
+
+
+# what a checkpoint's "task" names: save_pretrained writes it, load_pretrained builds the class
+TASKS: dict[str, type[nn.Module]] = {"lm": DecoderLM, "classifier": SequenceClassifier, "encoder": Encoder, "mlm": MaskedLM}
+
+
+def task_of(model: nn.Module) -> str:
+    """``"lm"``, ``"classifier"``, ``"encoder"`` or ``"mlm"``; a ValueError for anything else."""
+    for task, cls in TASKS.items():
+        if type(model) is cls:
+            return task
+    raise ValueError(f"expected one of {', '.join(c.__name__ for c in TASKS.values())}, got {type(model).__name__}")
+
+
+def tied_aliases(model: nn.Module) -> list[str]:
+    """State-dict keys that are the same tensor as ``tok_emb.weight`` (recreated by the constructor)."""
+    if isinstance(model, DecoderLM) and model.cfg.tie_embeddings:
+        return ["lm_head.weight"]
+    if isinstance(model, MaskedLM) and model.cfg.tie_embeddings:
+        return ["mlm_head.decoder.weight"]
+    return []
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -98,15 +98,20 @@ class HeadConfig(StrictModel):
 
 
 class PretrainConfig(StrictModel):
-    """Causal-LM pretraining."""
+    """Pretraining on a corpus: a causal LM (``objective="clm"``) or a masked-LM encoder (``"mlm"``)."""
 
     data: LMDataConfig
+    objective: Literal["clm", "mlm"] = Field(default="clm", description="clm: next-token DecoderLM; mlm: BERT's masked tokens, a bidirectional MaskedLM")
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="mlm: share of tokens masked (80 % mask token, 10 % random, 10 % kept)")
+    init_from: str | None = Field(default=None, description="continue from a save_pretrained directory (its model and tokenizer; mlm: an encoder or masked LM)")
     model: ArchConfig = Field(default_factory=ArchConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
+        if self.init_from is not None and "model" in self.model_fields_set:
+            raise ValueError("model (an architecture) is only for from-scratch runs; with init_from the checkpoint fixes it")
         ctx = self.model.context_length
         if ctx is not None and ctx < self.data.block_size:
             raise ValueError(f"model.context_length ({ctx}) must be >= data.block_size ({self.data.block_size})")

@@ -148,6 +148,38 @@ class _LMTask:
         return {"val_loss": loss, "val_perplexity": perplexity(loss)}
 
 
+class _MLMTask(_LMTask):
+    """Masked-LM pretraining of an encoder: the LM windows, masked per position (:mod:`selfattn.data.mlm`)."""
+
+    kind = "mlm"
+
+    def __init__(self, *, cfg: PretrainConfig, model: Any, tokenizer: Any, lm_data: Any) -> None:
+        from selfattn.data.mlm import MLMMasking
+
+        super().__init__(cfg=cfg, model=model, tokenizer=tokenizer, lm_data=lm_data)
+        self.masking = MLMMasking.for_tokenizer(tokenizer, cfg.mlm_probability)
+
+    def train_batch(self, position: int) -> tuple[dict[str, "torch.Tensor"], int]:
+        from selfattn.utils import seeded_generator
+
+        x, _ = self.batcher.get(position)  # [B, T]
+        inputs, labels = self.masking.apply(x, seeded_generator(self.cfg.train.seed, "mlm", position))
+        return {"input_ids": inputs, "labels": labels}, self.tokens_per_batch
+
+    @staticmethod
+    def loss(model: Any, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        return model(batch["input_ids"], labels=batch["labels"]).loss
+
+    def evaluate(self, model: Any, device: "torch.device", dtype: "torch.dtype | None") -> dict[str, float]:
+        from selfattn.data.mlm import mlm_eval_batches
+        from selfattn.eval.evaluate import masked_lm_loss, perplexity
+
+        t = self.cfg.train
+        batches = mlm_eval_batches(self.data.val_ids, self.masking, block_size=self.cfg.data.block_size, batch_size=t.eval_batch_size or t.batch_size, n_batches=t.eval_batches, seed=t.seed)
+        loss = masked_lm_loss(model, batches, device=device, amp_dtype=dtype)
+        return {"val_loss": loss, "val_perplexity": perplexity(loss)}
+
+
 class _ClassifierTask:
     kind = "classifier"
     metric_names = ("val_loss", "val_accuracy", "val_f1", "val_ece")
@@ -187,7 +219,8 @@ class _ClassifierTask:
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Train a DecoderLM on ``cfg.data``'s corpus; outputs under ``out_dir`` (see module docstring)."""
+    """Train a DecoderLM (``cfg.objective="clm"``) or a MaskedLM (``"mlm"``) on ``cfg.data``'s corpus, from
+    scratch or from ``cfg.init_from``; outputs under ``out_dir`` (see module docstring)."""
     return _Run(cfg, Path(out_dir), callbacks, _build_lm_task).run()
 
 
@@ -216,27 +249,49 @@ def _build_lm_task(run: "_Run") -> _LMTask:
 
     from selfattn.data.lm import load_corpus, prepare_lm_data
     from selfattn.data.tokenization import train_tokenizer
-    from selfattn.nn.models import DecoderLM
+    from selfattn.nn.models import DecoderLM, MaskedLM
     from selfattn.train.distributed import barrier
 
     cfg: PretrainConfig = run.cfg
     docs: list[str] | None = None
+    torch.manual_seed(cfg.train.seed)
+    if cfg.init_from:
+        model, tok = _pretrained_for(run, cfg)
+    else:
+        def make_tokenizer() -> Any:
+            nonlocal docs
+            docs = load_corpus(cfg.data)
+            return train_tokenizer(cfg.data.tokenizer, docs, cfg.data.vocab_size)
 
-    def make_tokenizer() -> Any:
-        nonlocal docs
-        docs = load_corpus(cfg.data)
-        return train_tokenizer(cfg.data.tokenizer, docs, cfg.data.vocab_size)
-
-    tok = _shared_tokenizer(run, make_tokenizer)
+        tok = _shared_tokenizer(run, make_tokenizer)
+        mcfg = _model_config(lambda: cfg.model.to_model_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, context_length=cfg.data.block_size))
+        torch.manual_seed(cfg.train.seed)
+        model = _model_config(lambda: (MaskedLM if cfg.objective == "mlm" else DecoderLM)(mcfg))
     if run.dist.is_main:
         lm_data = prepare_lm_data(cfg.data, tok, docs)
     barrier(run.dist)
     if not run.dist.is_main:
         lm_data = prepare_lm_data(cfg.data, tok)
-    mcfg = _model_config(lambda: cfg.model.to_model_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, context_length=cfg.data.block_size))
-    torch.manual_seed(cfg.train.seed)
-    model = _model_config(lambda: DecoderLM(mcfg))
-    return _LMTask(cfg=cfg, model=model, tokenizer=tok, lm_data=lm_data)
+    return (_MLMTask if cfg.objective == "mlm" else _LMTask)(cfg=cfg, model=model, tokenizer=tok, lm_data=lm_data)
+
+
+def _pretrained_for(run: "_Run", cfg: PretrainConfig) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``cfg.init_from`` for continued pretraining with ``cfg.objective``."""
+    from selfattn.io.checkpoint import load_pretrained
+    from selfattn.nn.models import MaskedLM
+
+    pre = load_pretrained(_init_dir(cfg.init_from or ""))
+    if pre.tokenizer is None:
+        raise UserError(f"init_from {cfg.init_from} has no tokenizer/; continued pretraining needs the tokenizer the model was trained with")
+    wanted = ("encoder", "mlm") if cfg.objective == "mlm" else ("lm",)
+    if pre.task not in wanted:
+        raise UserError(f"init_from {cfg.init_from} is a {pre.task}; objective={cfg.objective!r} continues a {' or '.join(wanted)}")
+    if cfg.data.block_size > pre.config.context_length:
+        raise UserError(f"data.block_size ({cfg.data.block_size}) exceeds init_from's context_length ({pre.config.context_length})")
+    model = MaskedLM.from_encoder(pre.model) if pre.task == "encoder" else pre.model
+    if run.dist.is_main and not (run.out_dir / "tokenizer").is_dir():
+        pre.tokenizer.save(run.out_dir / "tokenizer")
+    return model.train(), pre.tokenizer
 
 
 def _build_classifier_task(run: "_Run") -> _ClassifierTask:
@@ -262,6 +317,10 @@ def _build_classifier_task(run: "_Run") -> _ClassifierTask:
             model = SequenceClassifier.from_decoder(
                 pre.model, n_classes, pooling=cfg.head.pooling or "last", causal=True if cfg.head.causal is None else cfg.head.causal, dropout=cfg.head.dropout
             )
+        elif pre.task in ("encoder", "mlm"):
+            if cfg.head.causal:
+                raise UserError(f"init_from {cfg.init_from} is a bidirectional encoder; head.causal=true does not apply")
+            model = SequenceClassifier.from_encoder(pre.model, n_classes, pooling=cfg.head.pooling, dropout=cfg.head.dropout)
         else:
             if pre.config.n_classes != n_classes:
                 raise UserError(f"init_from {cfg.init_from} is a classifier with {pre.config.n_classes} classes but data.labels has {n_classes}: {cfg.data.labels}")
@@ -414,7 +473,7 @@ class _Run:
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.opt = build_optimizer(raw, cfg.optim, fused=dev.type in ("cuda", "cpu"))  # fused: one kernel per tensor
         self.sched = build_scheduler(self.opt, cfg.optim, t.max_steps)
-        self.metric = t.early_stopping_metric or ("val_loss" if task.kind == "lm" else "val_accuracy")
+        self.metric = t.early_stopping_metric or ("val_accuracy" if task.kind == "classifier" else "val_loss")
         if self.metric not in task.metric_names:
             raise UserError(f"train.early_stopping_metric {self.metric!r} is not computed for a {task.kind} run; choose one of {', '.join(task.metric_names)}")
         self.lower_is_better = any(s in self.metric for s in _LOWER_IS_BETTER)

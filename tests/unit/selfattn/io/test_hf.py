@@ -235,9 +235,9 @@ def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path, capsys, monkeyp
             assert n in err, err
         assert "Traceback" not in err
 
-    bert = tmp_path / "bert"
-    transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(bert)
-    refused(bert, "BertForMaskedLM", "not supported", "GPT2LMHeadModel", "LlamaForCausalLM")
+    electra = tmp_path / "electra"
+    transformers.ElectraForMaskedLM(transformers.ElectraConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(electra)
+    refused(electra, "ElectraForMaskedLM", "not supported", "GPT2LMHeadModel", "LlamaForCausalLM", "BertModel")
 
     pickled = tmp_path / "pickled"
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=32, n_layer=1, n_head=4)

@@ -46,7 +46,7 @@ def test_untouched_and_dropout_only_edits_load(tmp_path):
 
 
 def test_models_saved_before_rope_scaling_existed_keep_their_digest(tmp_path):
-    """rope_scaling, head_size and qk_norm came after the digest: at their defaults they are left out,
+    """rope_scaling, head_size, qk_norm and the encoder options came after the digest: at their defaults they are left out,
     so a checkpoint saved by an older selfattn (its metadata computed without them) still loads; set, they count."""
     import hashlib
 
@@ -55,13 +55,14 @@ def test_models_saved_before_rope_scaling_existed_keep_their_digest(tmp_path):
     from selfattn.io.checkpoint import META_DIGEST, config_digest
 
     model, d = _saved(tmp_path)
-    before = {k: v for k, v in model.cfg.model_dump(mode="json").items() if k not in ("dropout", "rope_scaling", "head_size", "qk_norm")}
+    added = ("rope_scaling", "head_size", "qk_norm", "norm_position", "type_vocab_size", "embedding_norm", "position_offset", "pooler")
+    before = {k: v for k, v in model.cfg.model_dump(mode="json").items() if k not in ("dropout", *added)}
     assert config_digest(model.cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         assert f.metadata()[META_DIGEST] == config_digest(model.cfg)
     scaled = type(model.cfg).model_validate({**model.cfg.model_dump(), "rope_scaling": {"kind": "linear", "factor": 2.0}})
     assert config_digest(scaled) != config_digest(model.cfg)
-    for field, value in (("head_size", 16), ("qk_norm", True)):
+    for field, value in (("head_size", 16), ("qk_norm", True), ("norm_position", "post"), ("type_vocab_size", 2), ("embedding_norm", True), ("pooler", "tanh")):
         assert config_digest(model.cfg.model_copy(update={field: value})) != config_digest(model.cfg)
 
 
