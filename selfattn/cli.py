@@ -57,7 +57,7 @@ def pretrain(
     overrides: list[str] = _SET_OPT,
     output: Path = typer.Option(..., "--output", "-o", help="output directory (checkpoints, best/, metrics.json, plots/)"),
 ) -> None:
-    """Pretrain a causal LM (resumes automatically when OUTPUT holds a checkpoint)."""
+    """Pretrain a causal LM, or an encoder with objective=mlm (resumes automatically when OUTPUT holds a checkpoint)."""
     from selfattn.config import load_config
     from selfattn.train import PretrainConfig
     from selfattn.train import pretrain as run_pretrain
@@ -111,12 +111,12 @@ def evaluate(
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="source: a directory, or a Hugging Face hub id with --from-hf"),
+    src: str = typer.Argument(..., help="source: a directory; with --from-hf also pkg:PACKAGE/path (inside an installed package) or a hub id"),
     dst: Path = typer.Argument(..., help="destination directory (must not exist, or be empty / a checkpoint)"),
-    from_hf: bool = typer.Option(False, "--from-hf", help="SRC is a Hugging Face model (dir or hub id) -> selfattn checkpoint"),
-    to_hf: bool = typer.Option(False, "--to-hf", help="SRC is a selfattn checkpoint -> Hugging Face directory (AutoModelForCausalLM)"),
+    from_hf: bool = typer.Option(False, "--from-hf", help="SRC is a Hugging Face model (dir, pkg: path or hub id) -> selfattn checkpoint"),
+    to_hf: bool = typer.Option(False, "--to-hf", help="SRC is a selfattn checkpoint -> Hugging Face directory (AutoModelForCausalLM, AutoModel, AutoModelForMaskedLM or AutoModelForSequenceClassification, by model)"),
 ) -> None:
-    """Convert between Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2, Qwen3) and selfattn checkpoints."""
+    """Convert between Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2, Qwen3; BERT, RoBERTa, DistilBERT) and selfattn checkpoints."""
     if from_hf == to_hf:
         raise UserError("convert needs exactly one of --from-hf (HF -> selfattn) or --to-hf (selfattn -> HF)")
     from selfattn.io.hf import convert_from_hf, convert_to_hf

@@ -118,13 +118,14 @@ def encode_labelled(texts: Sequence[str], label_ids: Sequence[int], tokenizer: "
     import torch
 
     pieces, kept_labels, kept_texts, n_trunc, n_empty = [], [], [], 0, 0
+    keep_last = getattr(tokenizer, "template", False)  # [CLS] ... [SEP]: truncate the text, keep [SEP] (as transformers does)
     for text, y, ids in zip(texts, label_ids, tokenizer.encode_batch(list(texts))):
         if not ids:
             n_empty += 1
             continue
         if len(ids) > max_length:
             n_trunc += 1
-            ids = ids[:max_length]
+            ids = ids[: max_length - 1] + ids[-1:] if keep_last else ids[:max_length]
         pieces.append(ids)
         kept_labels.append(y)
         kept_texts.append(text)
@@ -147,7 +148,8 @@ def prepare_classification_data(cfg: ClassificationDataConfig, tokenizer: "Token
 
     max_len = min(cfg.max_length, max_length) if max_length else cfg.max_length
     srcs = {"train": source_digest(cfg.train_path, cfg.split), "val": source_digest(cfg.val_path, cfg.val_split) if cfg.val_path else None}
-    key = cache_key(kind="cls", srcs=srcs, cfg=cfg.model_dump(exclude={"tokenizer", "vocab_size", "max_length", "token_dropout"}), max_len=max_len, tok=tokenizer_digest(tokenizer))
+    template = {"keep_last": True} if getattr(tokenizer, "template", False) else {}  # truncation keeps [SEP]
+    key = cache_key(kind="cls", srcs=srcs, cfg=cfg.model_dump(exclude={"tokenizer", "vocab_size", "max_length", "token_dropout"}), max_len=max_len, tok=tokenizer_digest(tokenizer), **template)
     cached = cache_load(key)
     if cached is not None:
         def part(p: str) -> ClassificationData:

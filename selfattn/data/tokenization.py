@@ -410,12 +410,15 @@ class HFTokenizer(HFBackedTokenizer):
         payload = {"kind": self.kind, **self._ids, **self._named(), "template": self.template}
         (d / HF_SPECIAL_FILE).write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
-    def save_hf(self, directory: str | Path) -> Path:
-        """Write the Hugging Face layout (``tokenizer.json`` + ``tokenizer_config.json``) into ``directory``."""
+    def save_hf(self, directory: str | Path, *, model_input_names: Sequence[str] | None = None) -> Path:
+        """Write the Hugging Face layout (``tokenizer.json`` + ``tokenizer_config.json``) into ``directory``;
+        ``model_input_names`` (e.g. with ``token_type_ids`` for BERT) is what ``AutoTokenizer`` returns."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(d / BPE_FILE))
         conf = {"tokenizer_class": "PreTrainedTokenizerFast", **self._named(), "model_max_length": 1_000_000_000}
+        if model_input_names is not None:
+            conf["model_input_names"] = list(model_input_names)
         (d / HF_TOKENIZER_CONFIG).write_text(json.dumps(conf, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         return d
 

@@ -509,7 +509,8 @@ def export_hf(model: nn.Module, dst: str | Path, tokenizer: Any = None, *, unmer
             generation = {k: v for k, v in hf_cfg.items() if k.endswith("_token_id")} | {"do_sample": False}
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         if isinstance(tokenizer, HFTokenizer):
-            tokenizer.save_hf(tmp)
+            types = ["token_type_ids"] if cfg.type_vocab_size and fam.name == "bert" else []
+            tokenizer.save_hf(tmp, model_input_names=None if task == "lm" else ["input_ids", *types, "attention_mask"])
         elif tokenizer is not None and getattr(tokenizer, "kind", None) == "bpe":
             tokenizer.save(tmp)
 

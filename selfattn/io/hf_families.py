@@ -56,10 +56,9 @@ class HFConfig:
             return value
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self._bad(key, value, "an integer")
-        if minimum is not None and value < minimum:
-            raise self._bad(key, value, f"an integer >= {minimum}")
+        want = "an integer" if minimum is None else f"an integer >= {minimum}"
+        if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+            raise self._bad(key, value, want)
         return value
 
     def float(self, key: str, default: Any = _REQUIRED, *, positive: bool = False, nullable: bool = True) -> Any:

@@ -567,30 +567,33 @@ class SequenceClassifier(_Trunk):
         n_classes: int,
         pooling: str | None = None,
         dropout: float | None = None,
-        pooler: bool | None = None,
+        pooler: bool | str | None = None,
     ) -> "SequenceClassifier":
         """A classifier whose trunk is a copy of ``encoder``'s (an :class:`Encoder` or a :class:`MaskedLM`,
         LoRA folded in); ``head`` is new, attention stays bidirectional.
 
-        ``pooling`` defaults to the encoder's ``cfg.pooling``. ``pooler`` (None = keep it for
-        ``pooling="first"``, as BERT's sequence classifier uses it on [CLS], and drop it otherwise:
-        a mean-pooled MiniLM embedding is used without it) keeps or drops the encoder's pooler.
+        ``pooling`` defaults to the encoder's ``cfg.pooling``. ``pooler``: None keeps the encoder's
+        pooler for ``pooling="first"`` (BERT's sequence classifier uses it on [CLS]) and drops it
+        otherwise (a mean-pooled MiniLM embedding is used without it); True / False keep / drop it;
+        ``"tanh"`` / ``"relu"`` start a new one (as transformers' RoBERTa and DistilBERT classifiers do).
         """
         if not isinstance(encoder, _Bidirectional):
             raise ValueError(f"from_encoder takes an Encoder or a MaskedLM, got {type(encoder).__name__} (a DecoderLM: use from_decoder)")
         pooling = pooling or encoder.cfg.pooling
-        keep = (pooling == "first") if pooler is None else pooler
-        if keep and encoder.pooler is None:
-            raise ValueError("pooler=True but the encoder has no pooler")
-        updates: dict[str, Any] = {"n_classes": n_classes, "pooling": pooling, "causal": False}
-        updates["pooler"] = encoder.cfg.pooler if keep else "none"
+        if pooler is None:
+            pooler = pooling == "first" and encoder.pooler is not None
+        if pooler is True and encoder.pooler is None:
+            raise ValueError("pooler=True but the encoder has no pooler; pass pooler='tanh' or 'relu' for a new one")
+        kind = encoder.cfg.pooler if pooler is True else "none" if pooler is False else pooler
+        updates: dict[str, Any] = {"n_classes": n_classes, "pooling": pooling, "causal": False, "pooler": kind}
         if dropout is not None:
             updates["dropout"] = dropout
         clf = cls(ModelConfig.model_validate({**encoder.cfg.model_dump(), **updates}))
         w = encoder.tok_emb.weight
         clf.to(device=w.device, dtype=w.dtype)
         source = merged_state_dict(encoder)
-        clf.load_state_dict({k: source[k] for k in clf.state_dict() if not k.startswith("head.")}, strict=False)
+        fresh = ("head.",) if pooler is True else ("head.", "pooler.")
+        clf.load_state_dict({k: source[k] for k in clf.state_dict() if not k.startswith(fresh)}, strict=False)
         return clf
 
 

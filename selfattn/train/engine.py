@@ -356,8 +356,11 @@ def _build_classifier_task(run: "_Run") -> _ClassifierTask:
 
 
 def _init_dir(path: str) -> Path:
-    """``init_from`` may name a save_pretrained dir or a training output dir (then its best/)."""
-    p = Path(os.path.expandvars(path)).expanduser()
+    """``init_from`` may name a save_pretrained dir or a training output dir (then its best/), also as a
+    ``pkg:PACKAGE/path`` inside an installed package."""
+    from selfattn.io.sources import PKG_PREFIX, resolve_package_path
+
+    p = resolve_package_path(path) if path.startswith(PKG_PREFIX) else Path(os.path.expandvars(path)).expanduser()
     if not (p / "config.json").is_file() and (p / "best" / "config.json").is_file():
         return p / "best"
     return p
