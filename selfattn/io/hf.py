@@ -352,8 +352,8 @@ def import_hf(src: str | Path, *, dtype: torch.dtype | None = None) -> tuple[nn.
         raise UserError(f"{d}: the tokenizer's pad token is id {tokenizer.pad_id} but config.json's pad_token_id is {cfg.pad_token_id}")
     raw = _read_weights(d)
     task = _task_of_tensors(raw, fam)
-    cfg = _head_config(cfg, raw, fam, task, d)
     tensors = state_dict_from_hf(raw, cfg, fam.name, task)
+    cfg = _head_config(cfg, tensors, fam, task, d)
     return _assemble(TASKS[task], cfg, tensors, d, fam, dtype), tokenizer, hf
 
 
@@ -368,16 +368,13 @@ def _task_of_tensors(tensors: dict[str, Tensor], fam: Family) -> str:
 
 
 def _head_config(cfg: ModelConfig, tensors: dict[str, Tensor], fam: Family, task: str, d: Path) -> ModelConfig:
-    """An encoder's pooler (when the file has one), classes (classifier) and pooling (sentence-transformers' own)."""
+    """An encoder's pooler (when the file has one), classes (classifier) and pooling (a
+    sentence-transformers directory's own), from the renamed ``tensors``."""
     if task == "lm":
         return cfg
-    renamed = [(_match(k.removeprefix(fam.prefix), fam.trunk) or _match(k, fam.heads[task]) or ("", "", ""))[1] for k in tensors]
-    updates: dict[str, Any] = {}
-    if "pooler" in renamed:
-        updates["pooler"] = "relu" if fam.name == "distilbert" else "tanh"
+    updates: dict[str, Any] = {"pooler": fam.pooler if "pooler.weight" in tensors else "none"}
     if task == "classifier":
-        head = next(t for k, t in tensors.items() if (_match(k, fam.heads[task]) or ("", "", ""))[1] == "head" and k.endswith(".weight"))
-        updates["n_classes"] = head.shape[0]
+        updates["n_classes"] = tensors["head.weight"].shape[0]
     if task == "encoder":
         updates["pooling"] = _sentence_pooling(d) or cfg.pooling
     return HFConfig({}, str(d / "config.json")).model_config({**cfg.model_dump(), **updates})

@@ -121,6 +121,7 @@ class Family:
     conv1d: tuple[str, ...] = ()  # layer modules stored [in, out] (GPT-2's Conv1D)
     zero_biases: bool = False  # the HF model has a bias on every linear and norm: write zeros where ours has none
     unprefixed: tuple[str, ...] = ()  # tasks whose HF class is the base model itself (no prefix)
+    pooler: str = "none"  # the activation of the family's pooler (BERT's dense + tanh), "none" = no pooler
 
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.architectures)
@@ -490,7 +491,7 @@ def _distilbert_out(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _encoder_misfits(cfg: ModelConfig, family: str) -> list[str]:
-    pooler = {"bert": ("none", "tanh"), "roberta": ("none", "tanh"), "distilbert": ("none", "relu")}[family]
+    pooler = ("none", "relu" if family == "distilbert" else "tanh")
     checks = [
         (cfg.norm_position == "post", f"norm_position={cfg.norm_position!r} (needs 'post')"),
         (cfg.embedding_norm, "embedding_norm=False (needs True)"),
@@ -534,29 +535,31 @@ _BERT_TRUNK = {
 _EMBEDDING_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def _bert_like(name: str, arch: str, config_in: Callable[[HFConfig], dict[str, Any]], mlm: str) -> Family:
-    """BERT and RoBERTa: the same tensor names under their own prefix and MLM / classifier heads."""
-    mlm_head = {f"{mlm}.dense": "mlm_head.dense", f"{mlm}.layer_norm": "mlm_head.norm", f"{mlm}.decoder": "mlm_head.decoder",
-                f"{mlm}.bias": "mlm_head.decoder.bias"}  # fmt: skip
-    classifier = {"classifier": "head"}
-    if name == "bert":
-        mlm_head = {"cls.predictions.transform.dense": "mlm_head.dense", "cls.predictions.transform.LayerNorm": "mlm_head.norm",
-                    "cls.predictions.decoder": "mlm_head.decoder", "cls.predictions.bias": "mlm_head.decoder.bias"}  # fmt: skip
-    else:  # RobertaClassificationHead: dense + tanh over <s>, then out_proj
-        classifier = {"classifier.dense": "pooler", "classifier.out_proj": "head"}
-    bias = "cls.predictions" if name == "bert" else mlm  # the decoder's bias is this module's own parameter, tied
+def _bert_like(name: str, arch: str, config_in: Callable[[HFConfig], dict[str, Any]], mlm: str, mlm_head: dict[str, str], classifier: dict[str, str]) -> Family:
+    """BERT and RoBERTa: the same trunk names under their own prefix; ``mlm`` is the MLM head whose
+    own ``bias`` parameter the decoder's bias is tied to."""
     return Family(
         name=name, model_types=(name,), config_in=config_in, config_out=_bert_out, misfits=lambda cfg: _encoder_misfits(cfg, name),
         architectures={"encoder": f"{arch}Model", "mlm": f"{arch}ForMaskedLM", "classifier": f"{arch}ForSequenceClassification"},
         prefix=f"{name}.", layers="encoder.layer", trunk=_BERT_TRUNK, layer=_BERT_LAYER,
         heads={"encoder": {}, "mlm": mlm_head, "classifier": classifier},
         skip=(*_EMBEDDING_BUFFERS, "cls.seq_relationship.weight", "cls.seq_relationship.bias"),  # + BERT's NSP head, unused
-        aliases={f"{bias}.decoder.bias": f"{bias}.bias"}, unprefixed=("encoder",),
+        aliases={f"{mlm}.decoder.bias": f"{mlm}.bias"}, unprefixed=("encoder",), pooler="tanh",
     )  # fmt: skip
 
 
-BERT = _bert_like("bert", "Bert", _bert_in, "cls.predictions")
-ROBERTA = _bert_like("roberta", "Roberta", _roberta_in, "lm_head")
+BERT = _bert_like(
+    "bert", "Bert", _bert_in, "cls.predictions",
+    mlm_head={"cls.predictions.transform.dense": "mlm_head.dense", "cls.predictions.transform.LayerNorm": "mlm_head.norm",
+              "cls.predictions.decoder": "mlm_head.decoder", "cls.predictions.bias": "mlm_head.decoder.bias"},
+    classifier={"classifier": "head"},  # BertForSequenceClassification: the base model's pooler, then this
+)  # fmt: skip
+ROBERTA = _bert_like(
+    "roberta", "Roberta", _roberta_in, "lm_head",
+    mlm_head={"lm_head.dense": "mlm_head.dense", "lm_head.layer_norm": "mlm_head.norm", "lm_head.decoder": "mlm_head.decoder",
+              "lm_head.bias": "mlm_head.decoder.bias"},
+    classifier={"classifier.dense": "pooler", "classifier.out_proj": "head"},  # RobertaClassificationHead: dense + tanh over <s>
+)  # fmt: skip
 DISTILBERT = Family(
     name="distilbert", model_types=("distilbert",), config_in=_distilbert_in, config_out=_distilbert_out,
     misfits=lambda cfg: _encoder_misfits(cfg, "distilbert"),
@@ -568,7 +571,7 @@ DISTILBERT = Family(
            "output_layer_norm": "norm2"},
     heads={"encoder": {}, "mlm": {"vocab_transform": "mlm_head.dense", "vocab_layer_norm": "mlm_head.norm", "vocab_projector": "mlm_head.decoder"},
            "classifier": {"pre_classifier": "pooler", "classifier": "head"}},
-    skip=_EMBEDDING_BUFFERS, unprefixed=("encoder",),
+    skip=_EMBEDDING_BUFFERS, unprefixed=("encoder",), pooler="relu",
 )  # fmt: skip
 
 # export tries them in this order: the first family a config fits exactly
@@ -596,5 +599,5 @@ def family_of_config(cfg: ModelConfig) -> Family:
         misfits[fam.name] = _common_misfits(cfg) + fam.misfits(cfg)
         if not misfits[fam.name]:
             return fam
-    detail = "; ".join(f"{name}: {', '.join(m)}" for name, m in misfits.items() if name in ("gpt2", "llama", "qwen3"))
+    detail = "; ".join(f"{name}: {', '.join(m)}" for name, m in misfits.items() if name in ("gpt2", "llama", "qwen3", "bert"))
     raise UserError(f"this model matches no Hugging Face architecture ({supported_text()}): {detail}")
