@@ -70,3 +70,15 @@ def test_bpe_and_imported_tokenizers_share_the_base():
     assert isinstance(bpe, HFBackedTokenizer) and not bpe.template and bpe.mask_id is None
     assert bpe.decode(bpe.encode("a good film")) == "a good film"
     assert bpe.encode_batch(["a", "good"]) == [bpe.encode("a"), bpe.encode("good")]
+
+
+def test_truncated_training_text_keeps_the_final_sep(bert_dir):
+    from selfattn.data.classification import encode_labelled
+
+    tok = HFTokenizer.from_pretrained_dir(bert_dir, template=True)
+    data = encode_labelled(["a good film not a good film", "a film"], [1, 0], tok, max_length=5)
+    rows = [data.flat[data.offsets[i] : data.offsets[i + 1]].tolist() for i in range(2)]
+    assert rows == [[2, 5, 6, 7, 3], [2, 5, 7, 3]]  # [CLS] a good film [SEP], as transformers truncates
+    plain = HFTokenizer.from_pretrained_dir(bert_dir)
+    cut = encode_labelled(["a good film not a good film"], [1], plain, max_length=3)
+    assert cut.flat.tolist() == [5, 6, 7]
