@@ -20,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "RopeScaling": "selfattn.config",
     "DecoderLM": "selfattn.nn.models",
     "SequenceClassifier": "selfattn.nn.models",
+    "Encoder": "selfattn.nn.models",
+    "MaskedLM": "selfattn.nn.models",
     "build_decoder_lm": "selfattn.nn.models",
     "build_classifier": "selfattn.nn.models",
     "save_pretrained": "selfattn.io.checkpoint",

@@ -185,15 +185,18 @@ class Attribution:
 
         A token belongs to the word holding its first non-space character (a BPE token's leading
         space does not move it); a token of spaces only goes to the next word (or the last one).
-        Summing keeps integrated gradients' completeness at the word level.
+        Summing keeps integrated gradients' completeness at the word level, except for the tokens
+        an encoder's tokenizer adds (``[CLS]``, ``[SEP]``: empty spans), which belong to no word.
         """
-        covered = self.spans[-1][1] if self.spans else 0
+        covered = max((end for _, end in self.spans), default=0)
         words = [(m.start(), min(m.end(), covered)) for m in re.finditer(r"\S+", self.text[:covered])]
         if not words:
             return []
         starts = [w[0] for w in words]
         totals = [0.0] * len(words)
         for (start, end), score in zip(self.spans, self.scores):
+            if start == end:  # a template token: no text
+                continue
             solid = next((p for p in range(start, end) if not self.text[p].isspace()), None)
             if solid is None:  # spaces only: the next word, else the last
                 k = min(bisect.bisect_left(starts, end), len(words) - 1)

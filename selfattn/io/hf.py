@@ -563,6 +563,8 @@ def export_peft(model: DecoderLM, dst: str | Path, *, base_model_name_or_path: s
     """
     from safetensors.torch import save_file
 
+    if not isinstance(model, DecoderLM):
+        raise UserError(f"export_peft writes a causal LM's adapters (AutoModelForCausalLM); got a {type(model).__name__}: merge them and export_hf it instead")
     mods = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not mods:
         raise UserError("the model has no LoRA adapters to export")

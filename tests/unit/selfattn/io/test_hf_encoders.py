@@ -346,3 +346,16 @@ def test_a_converted_encoder_checkpoint_loads_as_an_encoder_and_refuses_to_gener
     assert pre.task == "encoder" and type(pre.model) is Encoder
     with pytest.raises(UserError, match="cannot generate"):
         pre.model.generate(torch.tensor([[5]]), max_new_tokens=1)
+
+
+def test_an_imported_encoder_classifier_is_explained_word_by_word(tmp_path):
+    """[CLS] / [SEP] cover no text: the words are the sentence's, scored by their own tokens."""
+    from selfattn.eval.interpret import explain
+    from selfattn.io.hf import convert_from_hf
+
+    pre = load_pretrained(convert_from_hf(_bert_dir(tmp_path / "src"), tmp_path / "ours"))
+    [a] = explain(pre.model, pre.tokenizer, ["not a good film"], method="gradient_x_input")
+    assert len(a.tokens) == 6 and a.spans[0] == a.spans[-1] == (0, 0)  # [CLS] not a good film [SEP]
+    words = a.words()
+    assert [w for w, _ in words] == ["not", "a", "good", "film"]
+    assert [s for _, s in words] == pytest.approx(list(a.scores[1:-1]))
