@@ -33,6 +33,15 @@ def _configs():
     }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny ops on a shared 2-core machine spin otherwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _hf_model(name: str, task: str):
     torch.manual_seed(0)
     model = getattr(transformers, AUTO[task]).from_config(_configs()[name])
