@@ -166,7 +166,7 @@ class PipelineConfig(StrictModel):
     name: str = "pipeline"
     seed: int = 0
     data: DataSection = Field(default_factory=DataSection)
-    init_from: str | None = Field(default=None, description="hf:ID_OR_DIR or a selfattn checkpoint dir: replaces the pretrain stage")
+    init_from: str | None = Field(default=None, description="hf:ID_OR_DIR, gguf:FILE (also gguf:pkg:PACKAGE/file.gguf) or a selfattn checkpoint dir: replaces the pretrain stage")
     pretrain: PretrainConfig = Field(default_factory=lambda: PretrainConfig.model_validate(PIPELINE_OWNED["pretrain"]))
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig.model_validate(PIPELINE_OWNED["finetune"]))
     search: SearchSection = Field(default_factory=SearchSection)

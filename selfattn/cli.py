@@ -111,18 +111,32 @@ def evaluate(
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="source: a directory; with --from-hf also pkg:PACKAGE/path (inside an installed package) or a hub id"),
-    dst: Path = typer.Argument(..., help="destination directory (must not exist, or be empty / a checkpoint)"),
+    src: str = typer.Argument(..., help="source: a directory; with --from-hf also pkg:PACKAGE/path (inside an installed package) or a hub id; with --from-gguf a .gguf file or pkg: path to one"),
+    dst: Path = typer.Argument(..., help="destination directory (must not exist, or be empty / a checkpoint); with --to-gguf the .gguf file to write"),
     from_hf: bool = typer.Option(False, "--from-hf", help="SRC is a Hugging Face model (dir, pkg: path or hub id) -> selfattn checkpoint"),
     to_hf: bool = typer.Option(False, "--to-hf", help="SRC is a selfattn checkpoint -> Hugging Face directory (AutoModelForCausalLM, AutoModel, AutoModelForMaskedLM or AutoModelForSequenceClassification, by model)"),
+    from_gguf: bool = typer.Option(False, "--from-gguf", help="SRC is a GGUF file (llama, qwen2, qwen3; any quant type the gguf package dequantizes) -> selfattn checkpoint"),
+    to_gguf: bool = typer.Option(False, "--to-gguf", help="SRC is a selfattn decoder LM checkpoint (LoRA merged) -> one GGUF file for llama.cpp / Ollama"),
+    quant: str = typer.Option("f32", "--quant", help="--to-gguf: f32, f16, bf16 or q8_0 for the 2-D weights (norms stay f32)"),
+    bf16: bool = typer.Option(False, "--bf16", help="--from-gguf: keep the weights in bfloat16 (default float32)"),
 ) -> None:
-    """Convert between Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2, Qwen3; BERT, RoBERTa, DistilBERT) and selfattn checkpoints."""
-    if from_hf == to_hf:
-        raise UserError("convert needs exactly one of --from-hf (HF -> selfattn) or --to-hf (selfattn -> HF)")
-    from selfattn.io.hf import convert_from_hf, convert_to_hf
+    """Convert between Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2, Qwen3; BERT, RoBERTa, DistilBERT), GGUF files (llama, qwen2, qwen3) and selfattn checkpoints."""
+    directions = {"from-hf": from_hf, "to-hf": to_hf, "from-gguf": from_gguf, "to-gguf": to_gguf}
+    chosen = [name for name, on in directions.items() if on]
+    if len(chosen) != 1:
+        raise UserError("convert needs exactly one of --from-hf, --to-hf (Hugging Face), --from-gguf or --to-gguf (GGUF)")
+    direction = chosen[0]
+    if direction.endswith("gguf"):
+        import torch
 
-    out = convert_from_hf(src, dst) if from_hf else convert_to_hf(src, dst)
-    print(json.dumps({"out_dir": str(out), "direction": "from-hf" if from_hf else "to-hf"}))
+        from selfattn.io.gguf import convert_from_gguf, convert_to_gguf
+
+        out = convert_from_gguf(src, dst, dtype=torch.bfloat16 if bf16 else torch.float32) if from_gguf else convert_to_gguf(src, dst, quant=quant)
+    else:
+        from selfattn.io.hf import convert_from_hf, convert_to_hf
+
+        out = convert_from_hf(src, dst) if from_hf else convert_to_hf(src, dst)
+    print(json.dumps({"out_dir": str(out), "direction": direction}))
 
 
 def _register_plugins() -> None:

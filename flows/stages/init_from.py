@@ -1,8 +1,9 @@
 """``init_from``: start the pipeline from an existing model instead of pretraining one.
 
 ``init_from: hf:ID_OR_DIR`` imports a Hugging Face checkpoint (a hub id through
-``huggingface_hub.snapshot_download``, or a local directory) into a selfattn checkpoint once
-(the stage is keyed by the digests of the source files); ``init_from: DIR`` uses a selfattn
+``huggingface_hub.snapshot_download``, or a local directory) and ``init_from: gguf:FILE`` a GGUF
+file (also ``gguf:pkg:PACKAGE/file.gguf``) into a selfattn checkpoint once (the stage is keyed by
+the digests of the source files); ``init_from: DIR`` uses a selfattn
 checkpoint directory (or a training output directory: its ``best/``) as it is. Either way the
 result looks like the pretraining stage's (``best_dir``), so search, fine-tune, evaluate,
 register and promote run unchanged, with the imported model's own tokenizer.
@@ -18,6 +19,7 @@ from flows.stages.base import Artifact, Logged, Stage, StageOutput
 from selfattn.data.paths import file_digest
 from selfattn.errors import UserError
 from selfattn.io.checkpoint import Pretrained, load_pretrained
+from selfattn.io.gguf import GGUF_PREFIX
 from selfattn.nn.models import num_parameters
 
 HF_PREFIX = "hf:"
@@ -31,7 +33,12 @@ def _source_files(d: Path) -> dict[str, str]:
 def init_from_stage(cfg: PipelineConfig, home: Path) -> StageOutput:
     """The model ``cfg.init_from`` names, as a selfattn checkpoint: ``result['best_dir']``."""
     spec = str(cfg.init_from)
-    out = _import_hf(spec, home) if spec.startswith(HF_PREFIX) else _existing(spec, home)
+    if spec.startswith(HF_PREFIX):
+        out = _import_hf(spec, home)
+    elif spec.startswith(GGUF_PREFIX):
+        out = _import_gguf(spec, home)
+    else:
+        out = _existing(spec, home)
     r = out.result
     tokenizer = Path(r["best_dir"]) / "tokenizer"
     return out.declare(
@@ -58,13 +65,27 @@ def _import_hf(spec: str, home: Path) -> StageOutput:
     return out
 
 
+def _import_gguf(spec: str, home: Path) -> StageOutput:
+    """A GGUF file converted once into the stage's directory (keyed by the file's digest)."""
+    from selfattn.io.gguf import convert_from_gguf
+    from selfattn.io.sources import resolve_file
+
+    source = resolve_file(spec[len(GGUF_PREFIX) :])
+    stage = Stage(home, "init_from", {"gguf": {source.name: file_digest(source.resolve())}})
+    with stage.claim() as (out, out_dir):
+        if out is None:
+            best = convert_from_gguf(source, out_dir / "model")
+            out = stage.finish({"best_dir": str(best), "source": spec, "resolved": str(source), "metrics": {}, **_describe(load_pretrained(best))})
+    return out
+
+
 def _existing(spec: str, home: Path) -> StageOutput:
     """A selfattn checkpoint directory used where it is (nothing written)."""
     d = Path(spec).expanduser()
     if not (d / "config.json").is_file() and (d / "best" / "config.json").is_file():
         d = d / "best"
     if not d.is_dir():
-        raise UserError(f"init_from {spec!r} is neither hf:ID_OR_DIR nor a selfattn checkpoint directory")
+        raise UserError(f"init_from {spec!r} is neither hf:ID_OR_DIR, gguf:FILE nor a selfattn checkpoint directory")
     pre = load_pretrained(d)
     if pre.tokenizer is None:
         raise UserError(f"init_from {d} has no tokenizer/; fine-tuning needs the tokenizer the model was trained with")

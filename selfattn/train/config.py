@@ -103,7 +103,7 @@ class PretrainConfig(StrictModel):
     data: LMDataConfig
     objective: Literal["clm", "mlm"] = Field(default="clm", description="clm: next-token DecoderLM; mlm: BERT's masked tokens, a bidirectional MaskedLM")
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="mlm: share of tokens masked (80 % mask token, 10 % random, 10 % kept)")
-    init_from: str | None = Field(default=None, description="continue from a save_pretrained directory (its model and tokenizer; mlm: an encoder or masked LM)")
+    init_from: str | None = Field(default=None, description="continue from a save_pretrained directory (its model and tokenizer; mlm: an encoder or masked LM), or gguf:FILE (a decoder LM)")
     model: ArchConfig = Field(default_factory=ArchConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
@@ -122,7 +122,7 @@ class FinetuneConfig(StrictModel):
     """Sequence-classifier training, from scratch or from a pretrained LM directory, fully or with LoRA."""
 
     data: ClassificationDataConfig
-    init_from: str | None = Field(default=None, description="a save_pretrained directory (an LM or a classifier); None = from scratch")
+    init_from: str | None = Field(default=None, description="a save_pretrained directory (an LM or a classifier) or gguf:FILE (a decoder LM); None = from scratch")
     model: ArchConfig | None = Field(default=None, description="architecture when training from scratch (None = defaults)")
     head: HeadConfig = Field(default_factory=HeadConfig)
     lora: LoRAConfig | None = None

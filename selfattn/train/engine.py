@@ -277,10 +277,9 @@ def _build_lm_task(run: "_Run") -> _LMTask:
 
 def _pretrained_for(run: "_Run", cfg: PretrainConfig) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of ``cfg.init_from`` for continued pretraining with ``cfg.objective``."""
-    from selfattn.io.checkpoint import load_pretrained
     from selfattn.nn.models import MaskedLM
 
-    pre = load_pretrained(_init_dir(cfg.init_from or ""))
+    pre = _load_init(cfg.init_from or "")
     if pre.tokenizer is None:
         raise UserError(f"init_from {cfg.init_from} has no tokenizer/; continued pretraining needs the tokenizer the model was trained with")
     wanted = ("encoder", "mlm") if cfg.objective == "mlm" else ("lm",)
@@ -307,9 +306,7 @@ def _build_classifier_task(run: "_Run") -> _ClassifierTask:
     n_classes = len(cfg.data.labels)
     torch.manual_seed(cfg.train.seed)
     if cfg.init_from:
-        from selfattn.io.checkpoint import load_pretrained
-
-        pre = load_pretrained(_init_dir(cfg.init_from))
+        pre = _load_init(cfg.init_from)
         if pre.tokenizer is None:
             raise UserError(f"init_from {cfg.init_from} has no tokenizer/; fine-tuning needs the tokenizer the model was trained with")
         tok = pre.tokenizer
@@ -353,6 +350,18 @@ def _build_classifier_task(run: "_Run") -> _ClassifierTask:
     if not run.dist.is_main:
         train_data, val_data = prepare_classification_data(cfg.data, tok, max_length=mcfg.context_length)
     return _ClassifierTask(cfg=cfg, model=model, tokenizer=tok, train_data=train_data, val_data=val_data)
+
+
+def _load_init(spec: str) -> Any:
+    """The :class:`~selfattn.io.checkpoint.Pretrained` ``init_from`` names: a checkpoint directory (see
+    :func:`_init_dir`), or ``gguf:FILE`` (also ``gguf:pkg:PACKAGE/file.gguf``) imported in memory."""
+    from selfattn.io.checkpoint import Pretrained, load_pretrained
+    from selfattn.io.gguf import GGUF_PREFIX, import_gguf
+
+    if spec.startswith(GGUF_PREFIX):
+        model, tokenizer = import_gguf(spec[len(GGUF_PREFIX) :])
+        return Pretrained(model=model, tokenizer=tokenizer, config=model.cfg, task="lm", extra={"imported": {"gguf_source": spec}})
+    return load_pretrained(_init_dir(spec))
 
 
 def _init_dir(path: str) -> Path:
