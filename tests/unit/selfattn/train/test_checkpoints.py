@@ -14,8 +14,16 @@ import torch
 
 from selfattn.errors import EXIT_DISK_FULL, DiskFull, UserError
 from selfattn.train import Callback, StopTraining, pretrain
-from selfattn.train.checkpoints import MANIFEST_FILE, STATE_FILE, problem_with, step_dirs
-from tests.unit.selfattn.train.test_train import _home_and_one_thread, files, lm_config  # noqa: F401 - fixtures
+from selfattn.train.checkpoints import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    problem_with,
+    step_dirs,
+)
+from tests.unit.selfattn.train import test_train
+
+# the engine tests' tiny corpus, private home and one intra-op thread
+files, _home_and_one_thread, lm_config = test_train.files, test_train._home_and_one_thread, test_train.lm_config
 
 
 
