@@ -301,7 +301,9 @@ def ui(
     home = setup_home()
     uri = mlflow_tracking_uri(home)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    from flows.tracking.runs import is_tracking_server
+
+    if not is_tracking_server(uri):
         cmd += ["--default-artifact-root", Path(mlflow_artifact_root(home)).as_uri()]
     # MLflow's GenAI job runner adds ~8 processes that a local UI does not need
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -315,9 +317,43 @@ def ui(
 
 
 COMMANDS = (run, tune, promote, rollback, predict, explain, deploy, status, ui)
+# commands that read a store someone else wrote: they say which one on stderr
+READS_STORE = {"promote", "rollback", "predict", "explain", "status", "ui"}
+HOME_HELP = "where the stores (mlflow.db, mlartifacts/, optuna.journal, prefect/) and the runs live; default ./.selfattn"
+
+
+def with_home(command):
+    """``command`` with a ``--home DIR`` option (or ``SELFATTN_HOME``), applied before it runs; one
+    that reads a store names it first (``store: ...`` on stderr)."""
+    import functools
+    import inspect
+
+    @functools.wraps(command)
+    def wrapper(*args, home: Optional[Path] = None, **kwargs):
+        if home is not None:
+            os.environ["SELFATTN_HOME"] = str(home.expanduser())
+        if command.__name__ in READS_STORE:
+            print(f"store: {describe_stores()}", file=sys.stderr)
+        return command(*args, **kwargs)
+
+    option = typer.Option(None, "--home", envvar="SELFATTN_HOME", show_envvar=True, metavar="DIR", help=HOME_HELP)
+    sig = inspect.signature(command)
+    home_param = inspect.Parameter("home", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[Path])
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), home_param])
+    wrapper.__annotations__ = {**getattr(command, "__annotations__", {}), "home": Optional[Path]}
+    return wrapper
+
+
+def describe_stores() -> str:
+    """The MLflow store and the Prefect API a command of this home uses, in one line."""
+    from flows.paths import mlflow_tracking_uri, selfattn_home
+
+    home = selfattn_home()
+    prefect = os.environ.get("PREFECT_API_URL") or f"embedded, {home / 'prefect' / 'prefect.db'}"
+    return f"MLflow {mlflow_tracking_uri(home)}; Prefect {prefect} (SELFATTN_HOME={home})"
 
 
 def register(app: typer.Typer) -> None:
-    """Add this layer's commands to the selfattn CLI."""
+    """Add this layer's commands to the selfattn CLI, each with ``--home``."""
     for command in COMMANDS:
-        app.command()(command)
+        app.command(name=command.__name__)(with_home(command))

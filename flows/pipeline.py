@@ -34,6 +34,7 @@ from flows.tracking.callbacks import MlflowCallback, TrialRuns
 from flows.tracking.runs import (
     TAG_PIPELINE_RUN_ID,
     RunContext,
+    artifacts_disk_full,
     log,
     log_stage,
     pipeline_run,
@@ -102,10 +103,11 @@ def evaluate_task(cfg: PipelineConfig, data: StageOutput, ft: StageOutput, home:
     return evaluate.evaluate_stage(cfg, data, ft, Path(home))
 
 
-@task(name="log-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="log-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io, cache_policy=NO_CACHE)
 def log_model_task(model_dir: str, run_id: str) -> str:
     """Log the evaluated model (``model_dir``) as a pyfunc on ``run_id`` (the parent run); returns its URI."""
-    return log_model(model_dir, name="model", run_id=run_id).model_uri
+    with artifacts_disk_full(run_id):  # a full disk is DiskFull (not retried), not a copy error
+        return log_model(model_dir, name="model", run_id=run_id).model_uri
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -27,3 +27,42 @@ def selfattn_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("SELFATTN_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
+
+
+class SmallDisk:
+    """A tmpfs of a few MiB mounted at ``path`` for the disk-full tests: :meth:`fill` leaves
+    ``leave`` bytes free, :meth:`free_space` removes the filler."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / "filler.bin"
+
+    def free(self) -> int:
+        import shutil
+
+        return shutil.disk_usage(self.path).free
+
+    def fill(self, leave: int = 16 * 1024) -> None:
+        with open(self.filler, "ab") as fh:
+            while (n := self.free() - leave) > 0:
+                fh.write(b"\0" * min(n, 1 << 20))
+                fh.flush()
+
+    def free_space(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs (mounted by the test, always unmounted after); skipped where mounting is not allowed."""
+    import subprocess
+
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield SmallDisk(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

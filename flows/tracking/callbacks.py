@@ -60,6 +60,8 @@ class MlflowCallback(Callback):
         params = {k: v for k, v in (info or {}).items() if isinstance(v, (int, float, str, bool))}
         if params:
             log_params(self.run_id, {f"{self.prefix}info.{k}": v for k, v in params.items()})
+        if corrupt := (info or {}).get("corrupt_checkpoints"):  # skipped on resume: named on the run
+            self._client.set_tag(self.run_id, f"{self.prefix}corrupt_checkpoints", "; ".join(corrupt)[:5000])
 
     def on_step(self, step: int, metrics: dict) -> None:
         self._add(metrics, step)

@@ -25,7 +25,7 @@ from flows.console import STAGE_LOGGER
 from flows.paths import mlflow_artifact_root, mlflow_tracking_uri, selfattn_home
 from flows.reliability import pid_alive, server_unreachable
 from flows.stages.base import Dataset, Logged, StageOutput, code_version
-from selfattn.errors import UserError
+from selfattn.errors import DiskFull, UserError, is_disk_full
 from selfattn.utils import flatten
 
 TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
@@ -59,8 +59,15 @@ def configure(home: Path | None = None) -> str:
     return uri
 
 
+def is_tracking_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server (it chooses where artifacts go) rather than a store this
+    process writes itself (``sqlite:``, ``file:``, a database URL: artifacts under the home)."""
+    return uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc")
+
+
 def ensure_experiment(name: str, home: Path | None = None) -> str:
-    """The id of experiment ``name``, created with artifacts under ``<home>/mlartifacts`` if new."""
+    """The id of experiment ``name``, created if new; with a local store (SQLite, a file store, a
+    database URL) its artifacts go under ``<home>/mlartifacts``, never the working directory's ``./mlruns``."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -73,7 +80,7 @@ def ensure_experiment(name: str, home: Path | None = None) -> str:
             client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if not is_tracking_server(mlflow_tracking_uri(home)):  # a server decides; a local store would use ./mlruns
         root = Path(mlflow_artifact_root(home))
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
@@ -139,15 +146,15 @@ def end_failed_run(exc: BaseException) -> None:
     with no_retries() if unreachable else contextlib.nullcontext():
         try:
             mlflow.set_tag("selfattn.error", f"{type(exc).__name__}: {exc}"[:4000])
-        except Exception:
-            if not unreachable:
+        except Exception as again:
+            if not (unreachable or is_disk_full(again)):
                 raise
         try:
             # end_run leaves the active-run stack first, then tells the server: a failed request
             # leaves the run RUNNING on the server, and the next start marks it KILLED
             mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        except Exception:
-            if not unreachable:
+        except Exception as again:
+            if not (unreachable or is_disk_full(again)):
                 raise
 
 
@@ -224,6 +231,8 @@ def pipeline_run(cfg: PipelineConfig, *, kind: str, pipeline_run_id: str, home: 
         end_failed_run(exc)
         if (clear := outage_error(exc)) is not None:
             raise clear from None  # one paragraph, not the client's retry traceback
+        if is_disk_full(exc) and not isinstance(exc, DiskFull):  # e.g. SQLite: "database or disk is full"
+            raise DiskFull(home, what="the tracking store or a stage's files") from None
         raise
     else:
         mlflow.end_run()
@@ -285,20 +294,53 @@ def log(run_id: str, logged: Logged, *, extra_tags: dict[str, str] | None = None
     metrics = [Metric(k, float(v), now, 0) for k, v in logged.metrics.items()]
     if tags or metrics:
         client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)  # one request
-    for name, value in logged.dicts.items():
-        client.log_dict(run_id, value, name)
-    for name, text in logged.texts.items():
-        client.log_text(run_id, text, name)
-    for a in logged.artifacts:
-        if Path(a.path).is_dir():
-            client.log_artifacts(run_id, a.path, a.to or None)
-        else:
-            client.log_artifact(run_id, a.path, a.to or None)
-    for t in logged.tables:
-        import pandas as pd
+    with artifacts_disk_full(run_id, need_bytes=sum(_bytes_under(Path(a.path)) for a in logged.artifacts)):
+        for name, value in logged.dicts.items():
+            client.log_dict(run_id, value, name)
+        for name, text in logged.texts.items():
+            client.log_text(run_id, text, name)
+        for a in logged.artifacts:
+            if Path(a.path).is_dir():
+                client.log_artifacts(run_id, a.path, a.to or None)
+            else:
+                client.log_artifact(run_id, a.path, a.to or None)
+        for t in logged.tables:
+            import pandas as pd
 
-        client.log_table(run_id, pd.read_csv(t.path, sep="\t", keep_default_na=False), t.artifact_file)
+            client.log_table(run_id, pd.read_csv(t.path, sep="\t", keep_default_na=False), t.artifact_file)
     _log_datasets(run_id, logged.datasets)
+
+
+@contextlib.contextmanager
+def artifacts_disk_full(run_id: str, *, need_bytes: int | None = None) -> Iterator[None]:
+    """A full disk while files are copied to run ``run_id``'s artifacts (a local store under the
+    home) -> :class:`~selfattn.errors.DiskFull` naming the run's artifact directory."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFull(_artifact_dir(run_id), need_bytes=need_bytes or None, what="the run's artifacts") from exc
+
+
+def _artifact_dir(run_id: str) -> Path:
+    from urllib.parse import unquote, urlparse
+
+    from mlflow import MlflowClient
+
+    try:
+        uri = MlflowClient().get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - only for the message (the store may be on the full disk too)
+        return Path(mlflow_artifact_root())
+    return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+
+
+def _bytes_under(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if p.is_dir() else 0
 
 
 def _log_datasets(run_id: str, datasets: list[Dataset]) -> None:

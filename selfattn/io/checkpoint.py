@@ -5,7 +5,8 @@ Layout written by :func:`save_pretrained`::
     out_dir/
       model.safetensors   # tensors only (no pickle); a tied lm_head is stored once
       config.json         # {"format_version": 1, "task": "lm" | "classifier" | "encoder" | "mlm", "model": {...},
-                          #  "classifier": {"n_classes", "pooling", "causal"} | null, "extra": {...}}
+                          #  "classifier": {"n_classes", "pooling", "causal"} | null, "extra": {...},
+                          #  "weights_sha256": "<hex digest of model.safetensors>"}
       tokenizer/          # tokenizer.json (BPE) or vocab.json (char), if a tokenizer was given
 
 Saving is atomic: everything is written into a hidden sibling directory which then replaces
@@ -14,19 +15,17 @@ A model carrying LoRA adapters is saved merged, as the equivalent plain model.
 
 :func:`load_pretrained` reads JSON and safetensors only (never ``torch.load``) and refuses a
 directory holding anything else, a tensor that is missing or unexpected, or a shape that does not
-match the config, with a :class:`~selfattn.errors.UserError` naming the file or tensor.
+match the config, or a weights file whose SHA-256 is not the one recorded at save time (a
+truncated or zeroed file), with a :class:`~selfattn.errors.UserError` naming the file or tensor.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from pydantic import ValidationError
@@ -45,7 +44,7 @@ from selfattn.nn.models import (
     task_of,
     tied_aliases,
 )
-from selfattn.utils import read_json_object
+from selfattn.utils import atomic_dir, read_json_object, sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -159,8 +158,9 @@ def save_pretrained(
     }
     tensors = _tensors_to_save(model)
 
-    with _staged_dir(out) as tmp:
+    with atomic_dir(out, what="a model checkpoint") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "task": task, **config_metadata(cfg)})
+        meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
@@ -178,7 +178,7 @@ def copy_pretrained(src: str | Path, dst: str | Path) -> Path:
     src, out = Path(src), Path(dst)
     _check_layout(src)
     _check_replaceable(out)
-    with _staged_dir(out) as tmp:
+    with atomic_dir(out, what="a model checkpoint") as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
     return out
 
@@ -186,22 +186,6 @@ def copy_pretrained(src: str | Path, dst: str | Path) -> Path:
 def _check_replaceable(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise UserError(f"refusing to overwrite {out}: it exists and is not a checkpoint directory")
-
-
-@contextlib.contextmanager
-def _staged_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty hidden sibling of ``out`` to fill; on success it is fsynced and replaces
-    ``out``, on an error it is removed and ``out`` is untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _task_of(model: nn.Module) -> str:
@@ -251,29 +235,6 @@ def assign_weights(model: nn.Module, tensors: dict[str, Tensor], rebuild: Callab
     return model.eval()
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """``out`` becomes ``tmp``; an old ``out`` is moved aside first and deleted only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(d: Path) -> None:
-    for p in d.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -291,6 +252,7 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, f"model config in {d / CONFIG_FILE}")) from None
 
+    _check_weights_digest(d / WEIGHTS_FILE, meta.get("weights_sha256"))
     try:
         tensors = load_file(str(d / WEIGHTS_FILE), device=str(map_location))
         with safe_open(str(d / WEIGHTS_FILE), framework="pt") as fh:
@@ -340,6 +302,20 @@ def _check_layout(d: Path) -> None:
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (d / name).is_file():
             raise UserError(f"{d} is not a checkpoint: {name} is missing")
+
+
+def _check_weights_digest(path: Path, recorded: Any) -> None:
+    """UserError when the weights file's SHA-256 is not the one recorded at save time (a truncated or
+    zeroed file after a crash, a disk error). Checkpoints saved before digests were recorded carry none."""
+    if recorded is None:
+        return
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise UserError(
+            f"{path} is corrupt: its SHA-256 ({actual[:12]}..., {path.stat().st_size} bytes) is not the one recorded in "
+            f"{path.parent / CONFIG_FILE} when it was saved ({str(recorded)[:12]}...). Restore the checkpoint from a "
+            "copy or save it again"
+        )
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class TrainLoopConfig(StrictModel):
     eval_batches: int | None = Field(default=50, gt=0, description="LM: random val batches per eval (None = every val block); classifier: whole val set")
     eval_batch_size: int | None = Field(default=None, gt=0, description="None = batch_size")
     checkpoint_every: int = Field(default=500, ge=0, description="0 = only at the end")
+    keep_checkpoints: int = Field(default=2, ge=1, description="newest training checkpoints kept (a corrupt newest one falls back to the previous)")
     early_stopping_patience: int | None = Field(default=None, gt=0, description="evals without improvement before stopping")
     early_stopping_metric: str | None = Field(default=None, description="None = val_loss (LM) / val_accuracy (classifier); or val_perplexity, val_f1, ...")
     log_every: int = Field(default=10, gt=0, description="steps between loss read-outs (host syncs), history rows and on_step calls")

@@ -3,21 +3,24 @@
 Shape of a run (``pretrain`` / ``finetune``)::
 
     setup      device, DDP, seeds, tokenizer, data, model (+ LoRA), AdamW, warmup+cosine schedule
-    resume     from out_dir/checkpoints/last.pt when present (config must match)
+    resume     from the newest good checkpoint in out_dir/checkpoints/ (SHA-256 checked; config must match)
     train      micro-batches -> backward (grad accumulation, DDP no_sync) -> clip -> step
                every log_every: loss read-out (NaN/Inf -> TrainingDiverged), on_step
                every eval_every: evaluate, keep the best model (out_dir/best), early stopping, on_eval
-               every checkpoint_every and at the end: atomic training checkpoint, on_checkpoint
+               every checkpoint_every and at the end: atomic training checkpoint (the newest
+               keep_checkpoints are kept), on_checkpoint
     finish     evaluate the best model (out_dir/eval), history.json, metrics.json, plots, on_train_end
 
 Output directory::
 
-    out_dir/config.yaml  tokenizer/  checkpoints/last.pt  best/ (save_pretrained)
+    out_dir/config.yaml  tokenizer/  checkpoints/step-<N>/{state.pt, manifest.json}  best/ (save_pretrained)
             history.json  metrics.json  plots/learning_curves.png  eval/{metrics.json, plots/}
 
-Training checkpoints are written with ``torch.save`` to a temporary file then ``os.replace``d, and
-read back with ``torch.load(weights_only=True)`` (tensors and plain containers only; no
-arbitrary unpickling). Batches are a pure function of (seed, data position), so a resumed run
+Training checkpoints (:mod:`selfattn.train.checkpoints`) are written with ``torch.save`` into a
+staged directory, their SHA-256 recorded in a manifest, then renamed into place; resume reads them
+with ``torch.load(weights_only=True)`` (tensors and plain containers only; no arbitrary
+unpickling) after checking the digest, and falls back to the previous checkpoint when the newest
+is corrupt. A full disk stops the run with :class:`~selfattn.errors.DiskFull` (exit code 5). Batches are a pure function of (seed, data position), so a resumed run
 continues the loss curve of an uninterrupted one exactly (on CPU).
 """
 
@@ -37,7 +40,8 @@ from selfattn.devices import amp_dtype, resolve_device
 from selfattn.errors import UserError
 from selfattn.train.callbacks import Callback, ProgressBar, StopTraining
 from selfattn.train.config import FinetuneConfig, PretrainConfig
-from selfattn.utils import atomic_path, atomic_write_text, autocast_context, flatten
+from selfattn.train.checkpoints import STATE_FILE, read_latest, set_aside, step_dir, write_checkpoint
+from selfattn.utils import atomic_write_text, autocast_context, flatten
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,7 +52,7 @@ CHECKPOINT_FORMAT = 1
 # train.* keys that may change between a run and its resumption
 _RESUMABLE_TRAIN_KEYS = {
     "max_steps", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every", "early_stopping_patience",
-    "early_stopping_metric", "log_every", "device", "precision", "compile", "progress", "resume",
+    "early_stopping_metric", "log_every", "device", "precision", "compile", "progress", "resume", "keep_checkpoints",
 }
 _LOWER_IS_BETTER = ("loss", "perplexity", "ece")
 
@@ -66,7 +70,7 @@ class TrainResult:
 
     out_dir: Path
     best_dir: Path  # a save_pretrained directory (the best model by the early-stopping metric)
-    last_ckpt: Path  # the training checkpoint (resumable)
+    last_ckpt: Path | None  # the newest training checkpoint's state file (resumable)
     metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: str | None = None  # "early_stopping" | "callback" | None
@@ -74,7 +78,7 @@ class TrainResult:
 
 @dataclass
 class TrainState:
-    """Exactly what a training checkpoint (``out_dir/checkpoints/last.pt``) holds, besides its format
+    """Exactly what a training checkpoint (``out_dir/checkpoints/step-<N>/state.pt``) holds, besides its format
     and config: a run restored from it continues the loss curve of an uninterrupted one.
 
     The counters move as the run goes; ``model``, ``optimizer``, ``scheduler`` and ``rng`` are
@@ -396,7 +400,8 @@ class _Run:
 
     def __init__(self, cfg: PretrainConfig | FinetuneConfig, out_dir: Path, callbacks: Sequence[Callback], build: Callable[["_Run"], Any]) -> None:
         self.cfg, self.out_dir, self.user_callbacks, self.build = cfg, out_dir, list(callbacks), build
-        self.ckpt_path = out_dir / "checkpoints" / "last.pt"
+        self.ckpt_root = out_dir / "checkpoints"
+        self.last_ckpt: Path | None = None  # the newest good checkpoint's state file
         self.best_dir = out_dir / "best"
 
     def run(self) -> TrainResult:
@@ -444,25 +449,29 @@ class _Run:
         saved = self._read_checkpoint()
         self.resuming = saved is not None
         if self.dist.is_main:
+            for d in self._corrupt_dirs:
+                set_aside(d)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _write_yaml(self.out_dir / "config.yaml", self.cfg.model_dump(mode="json"))
         distributed.barrier(self.dist)
         return saved
 
     def _read_checkpoint(self) -> TrainState | None:
-        import torch
-
+        """The newest good checkpoint's state (a corrupt newer one is named and skipped), or None."""
         resume = self.cfg.train.resume
-        if resume is False or not self.ckpt_path.is_file():
+        self._corrupt_dirs: list[Path] = []
+        self.corrupt_checkpoints: list[str] = []
+        loaded = read_latest(self.ckpt_root) if resume is not False else None
+        if loaded is None:
             if resume is True:
-                raise UserError(f"train.resume=true but there is no checkpoint at {self.ckpt_path}")
+                raise UserError(f"train.resume=true but there is no checkpoint in {self.ckpt_root}")
             return None
-        try:
-            saved = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unreadable / not a weights-only file
-            raise UserError(f"cannot resume from {self.ckpt_path}: {type(exc).__name__}: {exc}") from None
+        for problem in loaded.corrupt:
+            log.warning("skipping a corrupt checkpoint: %s; resuming from %s (step %d) instead", problem, loaded.path, loaded.step)
+        self._corrupt_dirs, self.corrupt_checkpoints = loaded.corrupt_dirs, loaded.corrupt
+        saved = loaded.saved
         if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"cannot resume from {self.ckpt_path}: not a selfattn training checkpoint (format {CHECKPOINT_FORMAT})")
+            raise UserError(f"cannot resume from {loaded.path}: not a selfattn training checkpoint (format {CHECKPOINT_FORMAT})")
         diffs = _config_differences(json.loads(saved["config"]), self.cfg.model_dump(mode="json"))
         if diffs:
             shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs[:8])
@@ -470,6 +479,7 @@ class _Run:
                 f"the checkpoint in {self.out_dir} was written with a different config ({shown}). "
                 "Use a new output directory, or set train.resume=false to start over there."
             )
+        self.last_ckpt, self._resumed_step = loaded.path, loaded.step
         return TrainState.from_checkpoint(saved)
 
     def _setup_training(self, saved: TrainState | None) -> TrainState:
@@ -510,9 +520,10 @@ class _Run:
             "task": task.kind, "config": cfg.model_dump(mode="json"), "n_params": counts["total"], "trainable_params": counts["trainable"],
             "device": str(dev), "world_size": self.dist.world_size, "start_step": state.step, "max_steps": t.max_steps, "out_dir": str(self.out_dir),
             "amp_dtype": str(self.amp) if self.amp else "fp32", "vocab_size": task.tokenizer.vocab_size,
+            "resumed_from": str(self.last_ckpt) if self.last_ckpt else None, "corrupt_checkpoints": list(self.corrupt_checkpoints),
         }
         self._fire("on_train_start", info)
-        self._last_good: int | None = None
+        self._last_good: int | None = state.step if self.last_ckpt else None
         return state
 
     # ---- the loop
@@ -627,7 +638,7 @@ class _Run:
         save_pretrained(self.raw_model, self.best_dir, tokenizer=self.task.tokenizer, extra=extra)
 
     def _save_checkpoint(self, since: _SinceReadout) -> str | None:
-        """The TrainState (weights, optimizer, schedule, every rank's RNG) to last.pt, atomically; on_checkpoint."""
+        """The TrainState (weights, optimizer, schedule, every rank's RNG) to checkpoints/step-<N>/, atomically; on_checkpoint."""
         import torch
 
         from selfattn.train import distributed
@@ -640,10 +651,12 @@ class _Run:
         if self.dist.is_main:
             snapshot = TrainState(**{**vars(self.state), "model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(),
                                      "scheduler": self.sched.state_dict(), "rng": {"cpu": rng_cpu, "cuda": rng_cuda}})
-            with atomic_path(self.ckpt_path) as tmp:
-                torch.save(snapshot.to_checkpoint(self.cfg.model_dump(mode="json")), tmp)
+            payload = snapshot.to_checkpoint(self.cfg.model_dump(mode="json"))
+            self.last_ckpt = write_checkpoint(self.ckpt_root, self.state.step, payload, keep=self.cfg.train.keep_checkpoints)
             self._last_good = self.state.step
-        return self._fire("on_checkpoint", self.state.step, self.ckpt_path)
+        else:
+            self.last_ckpt = step_dir(self.ckpt_root, self.state.step) / STATE_FILE
+        return self._fire("on_checkpoint", self.state.step, self.last_ckpt)
 
     # ---- events and errors
     def _fire(self, event: str, *args: Any, callbacks: Sequence[Callback] | None = None) -> str | None:
@@ -667,21 +680,11 @@ class _Run:
         return "callback" if code == "stop" else None
 
     def _diverged(self, last_step: int, value: float, what: str = "training loss") -> None:
-        kept = f"the last good checkpoint is {self.ckpt_path} (step {self._checkpoint_step()})" if self.ckpt_path.is_file() else "no checkpoint was written before it"
+        kept = f"the last good checkpoint is {self.last_ckpt} (step {self._last_good})" if self._last_good is not None else "no checkpoint was written before it"
         raise TrainingDiverged(
             f"training diverged: the {what} became {value} between steps {last_step} and {self.state.step}; {kept}. "
             "Lower optim.lr, raise optim.warmup_steps or keep optim.grad_clip on, then resume or start over."
         )
-
-    def _checkpoint_step(self) -> int | str:
-        if self._last_good is not None:
-            return self._last_good
-        import torch
-
-        try:
-            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)["step"]
-        except Exception:  # noqa: BLE001 - only for the message
-            return "?"
 
     # ---- finish
     def _finish(self, stopped: str | None) -> TrainResult:
@@ -694,7 +697,7 @@ class _Run:
         distributed.barrier(self.dist)
         metrics = self._final_metrics() if self.dist.is_main else {}
         metrics = distributed.broadcast_object(metrics, self.dist)  # type: ignore[assignment]
-        result = TrainResult(out_dir=self.out_dir, best_dir=self.best_dir, last_ckpt=self.ckpt_path, metrics=metrics, history=state.history, stopped_early=stopped)
+        result = TrainResult(out_dir=self.out_dir, best_dir=self.best_dir, last_ckpt=self.last_ckpt, metrics=metrics, history=state.history, stopped_early=stopped)
         self._fire("on_train_end", result, callbacks=[cb for cb in self.callbacks if not isinstance(cb, ProgressBar)])
         return result
 

@@ -39,8 +39,7 @@ def _marker_mtimes(home: Path) -> dict[str, int]:
 
 def _ckpt(home: Path, stage: str) -> Path | None:
     for d in stage_dirs(home, stage):
-        p = d / "train" / "checkpoints" / "last.pt"
-        if p.is_file():
+        for p in sorted((d / "train" / "checkpoints").glob("step-*/state.pt"), reverse=True):
             return p
     return None
 
@@ -191,7 +190,7 @@ def test_nan_loss_stops_finetuning_keeps_the_checkpoint_and_registers_nothing(cr
     poisoned = [d for d in stage_dirs(crashed["home"], "finetune") if not (d / "_SUCCESS").is_file()]
     assert len(poisoned) == 1
     # checkpoint at step 10, NaN injected at step 13, read out at step 15: step 10 is kept
-    assert checkpoint_step(poisoned[0] / "train" / "checkpoints" / "last.pt") == 10
+    assert checkpoint_step(poisoned[0] / "train" / "checkpoints" / "step-00000010" / "state.pt") == 10
     assert crashed["versions_after_nan"] == [(MODEL, 1)], "nothing may be registered from a diverged run"
     failed = [r for r in crashed["runs"] if r["tags"].get("selfattn.stage") == "finetune" and r["status"] == "FAILED"]
     assert failed and "diverged" in failed[-1]["tags"].get("selfattn.error", "")

@@ -60,7 +60,7 @@ def test_pretrain_finetune_evaluate_write_outputs(files, tmp_path, capsys, caplo
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["steps"] == 4 and (out / "best" / "model.safetensors").is_file()
     assert json.loads((out / "metrics.json").read_text())["val_loss"] == pytest.approx(printed["val_loss"])
-    assert (out / "plots" / "learning_curves.png").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    assert (out / "plots" / "learning_curves.png").is_file() and any((out / "checkpoints").glob("step-*/state.pt"))
 
     # a checkpoint from a different config is refused, naming the key
     _fails(capsys, ["pretrain", "-c", str(files / "lm.yaml"), "--set", "model.d_model=64", "-o", str(out)], "model.d_model: 32 in the checkpoint, 64 now")

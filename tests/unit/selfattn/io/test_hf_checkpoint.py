@@ -98,6 +98,9 @@ def test_weights_without_a_digest_still_load(tmp_path):
 
     _, d = _saved(tmp_path)
     save_file(load_file(str(d / "model.safetensors")), str(d / "model.safetensors"), metadata={"format": "pt"})
+    meta = json.loads((d / "config.json").read_text())
+    del meta["weights_sha256"]  # a checkpoint saved before the weights' SHA-256 was recorded
+    (d / "config.json").write_text(json.dumps(meta))
     _edit(d, rope_base=500.0)  # nothing to check against: accepted, as before digests existed
     assert load_pretrained(d).config.rope_base == 500.0
 

@@ -155,9 +155,9 @@ def poison_step(monkeypatch, step: int) -> None:
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(files, tmp_path, monkeypatch):
     poison_step(monkeypatch, 5)
     cfg = lm_config(files, max_steps=10, checkpoint_every=2)
-    with pytest.raises(TrainingDiverged, match=r"became nan between steps 4 and 5.*last good checkpoint is .*last.pt \(step 4\)"):
+    with pytest.raises(TrainingDiverged, match=r"became nan between steps 4 and 5.*last good checkpoint is .*step-00000004/state.pt \(step 4\)"):
         pretrain(cfg, tmp_path / "out")
-    state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
+    state = torch.load(tmp_path / "out" / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
