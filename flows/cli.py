@@ -24,6 +24,12 @@ SET_HELP = (
 )
 
 
+MODEL_HELP = (
+    "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model directory; "
+    "default: the champion of the model this home's last `selfattn run` registered"
+)
+
+
 def prefect_env(home: Path) -> dict[str, str]:
     """Environment for Prefect's embedded mode: ephemeral API with its database under home.
 
@@ -133,7 +139,15 @@ def run(
 
     with _embedded_settings():
         result = pipeline(cfg)
-    print("\n".join(console_lines(result)))
+    print("\n".join(console_lines(result, ui_hint(result.mlflow_run_id, result.experiment_id))))
+
+
+def ui_hint(run_id: str, experiment_id: str) -> str:
+    """Where to look at a run: its MLflow UI link on a server, else the command that serves the UIs."""
+    from flows.tracking.runs import run_url
+
+    url = run_url(run_id, experiment_id)
+    return url if url.startswith("http") else "selfattn ui   (MLflow on http://127.0.0.1:5000, Prefect on http://127.0.0.1:4200)"
 
 def tune(
     config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
@@ -172,15 +186,17 @@ def rollback(name: str = typer.Argument(..., help="registered model name")) -> N
 
 def predict(
     texts: List[str] = typer.Argument(..., help="texts to classify"),
-    model: str = typer.Option("models:/selfattn-sst2@champion", "--model", "-m", help="MLflow model URI"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="URI", help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
 ) -> None:
-    """Classify TEXT... with a registered model (default: the champion)."""
+    """Classify TEXT... with a registered model (default: the champion of this home's last run)."""
     from flows.tracking import runs
 
-    runs.configure(setup_home())
-    from flows.predict import clean_texts, load_classifier, merge_notes
+    home = setup_home()
+    runs.configure(home)
+    from flows.predict import clean_texts, load_classifier, merge_notes, resolve_model
 
+    model = resolve_model(model, home)
     texts, notes = clean_texts(texts)  # invalid UTF-8 from argv -> U+FFFD, noted in 'warning'
     try:
         frame = merge_notes(load_classifier(model).predict_texts(texts), notes)  # never unpickles
@@ -198,7 +214,7 @@ def predict(
 
 def explain(
     texts: List[str] = typer.Argument(..., help="texts to explain"),
-    model: str = typer.Option("models:/selfattn-sst2@champion", "--model", "-m", help="MLflow model URI or a model directory"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="URI", help=MODEL_HELP),
     method: str = typer.Option("integrated_gradients", "--method", help="integrated_gradients, gradient_x_input, attention_rollout, attention_last"),
     steps: int = typer.Option(32, "--steps", help="integrated gradients quadrature nodes"),
     tokens: bool = typer.Option(False, "--tokens", help="colour subword tokens, not words"),
@@ -208,10 +224,13 @@ def explain(
     from flows.explain_cli import load_explainable, render
     from flows.serving import explain_items
 
-    if "://" in model or model.startswith(("models:/", "runs:/")):
+    if model is None or "://" in model or model.startswith(("models:/", "runs:/")):
+        from flows.predict import resolve_model
         from flows.tracking import runs
 
-        runs.configure(setup_home())
+        home = setup_home()
+        runs.configure(home)
+        model = resolve_model(model, home)
     clf = load_explainable(model, method)
     attrs = explain_items(clf, texts, method=method, steps=steps)
     unit = "token" if tokens else "word"

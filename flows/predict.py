@@ -9,7 +9,7 @@ from typing import Any
 from flows.serving import SelfattnClassifier, _to_text
 from selfattn.errors import UserError
 
-__all__ = ["clean_texts", "load_classifier", "merge_notes"]
+__all__ = ["clean_texts", "load_classifier", "merge_notes", "resolve_model"]
 
 
 def clean_texts(texts: list[Any]) -> tuple[list[str], list[str]]:
@@ -41,6 +41,29 @@ def merge_notes(frame: Any, notes: list[str]) -> Any:
     if "warning" in frame.columns and any(notes):
         frame["warning"] = ["; ".join(x for x in (n, w) if x) for n, w in zip(notes, frame["warning"])]
     return frame
+
+
+def resolve_model(model: str | None, home: Path) -> str:
+    """``--model`` as given, else the champion of the model this home's last pipeline run registered.
+
+    A ``models:/`` URI that the store cannot resolve is refused here, naming the store and listing
+    its registered models (the configured MLflow store must be set up before this is called).
+    """
+    from flows.summary import last_model_name
+    from flows.tracking import registry
+
+    if model is None:
+        name = last_model_name(home)
+        if name is None:
+            models = registry.registered_models()
+            there = ", ".join(models) if models else "none yet"
+            raise UserError(
+                f"no --model given and no pipeline run in {home} registered a model (`selfattn run` does); "
+                f"pass --model models:/NAME@champion (registered models in {registry.registry_uri()}: {there})"
+            )
+        model = f"models:/{name}@{registry.CHAMPION}"
+    registry.check_model_uri(model)
+    return model
 
 
 def load_classifier(model_uri: str) -> Any:

@@ -10,9 +10,10 @@ model object from the installed ``flows.serving`` module at load time, so nothin
 (``flows.predict.load_classifier``).
 
 Input: a list of strings, one string, a one-column DataFrame (any column name, ``text``
-preferred), or bytes. Logged with an object-tensor input signature, so a loaded pyfunc takes a
-one-column DataFrame or a 1-D object array (not a bare list), and the scoring server hands the
-rows over as sent; :func:`validate_rows` refuses non-strings with a 400 naming the row. Output: a DataFrame with ``label`` (the class value), ``label_index``,
+preferred), a 1-D array, or bytes, in Python and in every REST format (``inputs``, ``instances``,
+``dataframe_split``, ``dataframe_records``), each with ``params``. The signature holds the outputs
+and the params but no input schema (:func:`signature_and_example`), so MLflow hands the rows over
+as sent and :func:`validate_rows` refuses non-strings and nested rows with a 400 naming the row. Output: a DataFrame with ``label`` (the class value), ``label_index``,
 ``score`` (its probability), ``prob_<label>`` per class and ``warning`` ("" when none). The
 probabilities are temperature-scaled when the checkpoint holds a fitted temperature
 (``extra.calibration``, written by the evaluate stage; see docs/evaluation.md).
@@ -100,6 +101,11 @@ def _bad_request(message: str) -> Exception:
     return MlflowException.invalid_parameter_value(message)
 
 
+def _shown(item: Any) -> str:
+    shown = repr(item)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def validate_rows(model_input: Any) -> tuple[list[Any], list[str]]:
     """The served input -> (texts, notes), or a 400 naming the problem (the row, for a bad row).
 
@@ -115,8 +121,14 @@ def validate_rows(model_input: Any) -> tuple[list[Any], list[str]]:
         cols = [str(c) for c in model_input.columns[:5]]
         raise _bad_request(f"expected one column of text, got {model_input.shape[1]} columns ({', '.join(cols)}); send {{\"inputs\": [\"a sentence\", ...]}}")
     if isinstance(model_input, np.ndarray) and model_input.ndim > 1:
-        raise _bad_request(f"rows are nested lists (shape {list(model_input.shape)}); send one string per row: {{\"inputs\": [\"a sentence\", ...]}}")
+        shown = _shown(model_input[0].tolist())
+        raise _bad_request(
+            f"row 0 is a nested list ({shown}; all rows: shape {list(model_input.shape)}), expected a string; "
+            'send one string per row: {"inputs": ["a sentence", ...]}'
+        )
     items = as_texts(model_input)
+    if not items:
+        raise _bad_request('no rows to score; send one string per row: {"inputs": ["a sentence", ...]}')
     if len(items) > MAX_ROWS:
         raise _bad_request(f"{len(items)} rows in one request, more than {MAX_ROWS}; split it into requests of at most {MAX_ROWS} rows")
     texts, notes = [], []
@@ -126,8 +138,7 @@ def validate_rows(model_input: Any) -> tuple[list[Any], list[str]]:
             notes.append("")
             continue
         if not isinstance(item, str):
-            shown = repr(item)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            shown = _shown(item)
             kind = "null" if item is None or (isinstance(item, float) and item != item) else type(item).__name__
             raise _bad_request(f"row {i} is {kind} ({shown}), expected a string; every row must be one sentence as a JSON string")
         if len(item) > MAX_TEXT_CHARS:
@@ -269,21 +280,18 @@ def add_attributions(clf: SelfattnClassifier, frame, items: Sequence[Any], param
 
 
 def signature_and_example(clf: SelfattnClassifier):
-    """Input: a 1-D tensor of objects; output: inferred from a real prediction.
+    """Outputs and params inferred from a real prediction; no input schema. The example is a list of strings.
 
-    Why not a string column: the scoring server casts the JSON to the input schema before
-    ``predict`` sees it, so ``[1, 2, null]`` would arrive as the sentences "1", "2", "None" and
-    ``[["a", "b"]]`` as strings too. An object tensor keeps every row as sent; ``validate_rows``
-    answers a 400 naming the bad row.
+    Why no input schema: with one, MLflow converts or refuses the input before ``predict`` sees it.
+    A string column makes the scoring server cast ``[1, 2, null]`` to the sentences "1", "2",
+    "None"; an object tensor refuses a plain list of strings (the input users pass first). Without
+    one, every shape arrives as sent and :func:`validate_rows` decides, naming the bad row. The
+    params stay in the signature, so ``mlflow models serve`` passes ``params`` through.
     """
-    import numpy as np
     from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types.schema import Schema, TensorSpec
 
-    # the explain params are in the signature, so `mlflow models serve` passes them through
     inferred = infer_signature(list(INPUT_EXAMPLE), clf.predict_texts(INPUT_EXAMPLE), params=EXPLAIN_PARAMS)
-    sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=inferred.outputs, params=inferred.params)
-    return sig, np.array(INPUT_EXAMPLE, dtype=object)
+    return ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params), list(INPUT_EXAMPLE)
 
 
 def log_model(model_dir: str, *, name: str = "model", registered_model_name: str | None = None, run_id: str | None = None):

@@ -307,10 +307,7 @@ def promote(model_name: str, version: str | int, *, home: Path | None = None, cl
     """Manually make ``version`` the champion; returns the previous champion's version."""
     client = client or _client()
     version = str(version)
-    try:
-        client.get_model_version(model_name, version)
-    except Exception as exc:
-        raise UserError(f"model {model_name!r} has no version {version!r} ({type(exc).__name__})") from None
+    _check_version(model_name, version, client)
     with registry_lock(model_name, home):
         old = _move_champion(model_name, version, client)
         client.set_model_version_tag(model_name, version, "promotion.decision", "promoted (manual)")
@@ -320,10 +317,7 @@ def promote(model_name: str, version: str | int, *, home: Path | None = None, cl
 def rollback(model_name: str, *, home: Path | None = None, client=None) -> str:
     """Move ``champion`` back to the previous champion; returns the version now champion."""
     client = client or _client()
-    try:
-        client.get_registered_model(model_name)
-    except Exception:
-        raise UserError(f"registered model {model_name!r} not found in {_registry_uri()}") from None
+    _check_model(model_name, client)
     with registry_lock(model_name, home):
         history = _history(model_name, client)
         current = champion_version(model_name, client)
@@ -355,10 +349,88 @@ def describe(model_name: str, client=None) -> dict:
     }
 
 
-def _registry_uri() -> str:
+def registry_uri() -> str:
     import mlflow
 
     return mlflow.get_registry_uri()
+
+
+# --------------------------------------------------------------------------- lookups that name the store
+
+
+def registered_models(client=None) -> list[str]:
+    """The names of the registered models in the configured store (lock models left out), sorted."""
+    client = client or _client()
+    names = [rm.name for rm in client.search_registered_models(max_results=1000)]
+    return sorted(n for n in names if LOCK_SUFFIX not in n)
+
+
+def model_not_found(model_name: str, client=None) -> UserError:
+    """The error for a registered model that is not in the store: names the store and lists what is there."""
+    names = registered_models(client)
+    there = ", ".join(names) if names else "none yet (`selfattn run` registers one)"
+    return UserError(f"registered model {model_name!r} not found in the model store {registry_uri()}; registered models there: {there}")
+
+
+def _is_missing(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    _reraise_outage(exc)
+    return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def _check_model(model_name: str, client):
+    """The registered model ``model_name``, or a :func:`model_not_found` error."""
+    try:
+        return client.get_registered_model(model_name)
+    except Exception as exc:
+        if _is_missing(exc):
+            raise model_not_found(model_name, client) from None
+        raise
+
+
+def _versions_line(model_name: str, client) -> str:
+    rm = client.get_registered_model(model_name)
+    versions = sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{model_name}'"))
+    aliases = ", ".join(f"{a} -> v{v}" for a, v in sorted((rm.aliases or {}).items())) or "none"
+    return f"its versions: {', '.join(map(str, versions)) or 'none'}; its aliases: {aliases}"
+
+
+def _check_version(model_name: str, version: str, client) -> None:
+    _check_model(model_name, client)
+    try:
+        client.get_model_version(model_name, version)
+    except Exception as exc:
+        if _is_missing(exc):
+            raise UserError(
+                f"model {model_name!r} has no version {version!r} in the model store {registry_uri()}; {_versions_line(model_name, client)}"
+            ) from None
+        raise
+
+
+def check_model_uri(model_uri: str, client=None) -> None:
+    """Refuse a ``models:/NAME@alias`` or ``models:/NAME/VERSION`` URI that the store cannot resolve,
+    naming the store and listing what is there. Other URIs pass unchecked."""
+    if not model_uri.startswith("models:/"):
+        return
+    client = client or _client()
+    name, sep_alias, alias = model_uri.removeprefix("models:/").partition("@")
+    if not sep_alias:
+        name, _, version = name.partition("/")
+        if version and version.isdigit():
+            _check_version(name, version, client)
+        else:
+            _check_model(name, client)
+        return
+    _check_model(name, client)
+    try:
+        client.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        if _is_missing(exc):
+            raise UserError(
+                f"model {name!r} has no alias {alias!r} in the model store {registry_uri()}; {_versions_line(name, client)}"
+            ) from None
+        raise
 
 
 __all__ = [
@@ -369,11 +441,15 @@ __all__ = [
     "TAG_SCORE",
     "Decision",
     "champion_version",
+    "check_model_uri",
     "describe",
     "find_version",
     "gate",
+    "model_not_found",
     "promote",
     "register",
+    "registered_models",
     "registry_lock",
+    "registry_uri",
     "rollback",
 ]

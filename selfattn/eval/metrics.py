@@ -53,7 +53,9 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
 
 
 def classification_metrics(y_true: Sequence[int], probs: "np.ndarray", *, n_bins: int = ECE_BINS) -> dict[str, Any]:
-    """accuracy, macro_f1, confusion_matrix (rows = true), ece, n from true class indices and probs [N, C]."""
+    """accuracy, macro_f1, confusion_matrix (rows = true), ece, n, and majority_accuracy (the accuracy of
+    always predicting the most frequent true class: the floor a useful model must beat) from true class
+    indices and probs [N, C]."""
     import numpy as np
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
@@ -69,4 +71,5 @@ def classification_metrics(y_true: Sequence[int], probs: "np.ndarray", *, n_bins
         "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
         "ece": expected_calibration_error(p.max(axis=1), pred == y, n_bins=n_bins),
         "n": int(len(y)),
+        "majority_accuracy": float(np.bincount(y, minlength=len(classes)).max() / len(y)) if len(y) else 0.0,
     }

@@ -61,9 +61,11 @@ def _ask(served, body: bytes) -> tuple[int, dict]:
     [
         (b'{"inputs": [1, 2, null]}', "row 0 is int (1)"),
         (b'{"inputs": ["fine", "also fine", null]}', "row 2 is null"),
-        (b'{"inputs": ["fine", "also fine", 3]}', "row 2 is int (3)"),
-        (b'{"inputs": ["fine", true]}', "row 1 is bool"),
-        (b'{"inputs": [["a", "b"], ["c", "d"]]}', "nested lists (shape [2, 2])"),
+        # MLflow reads an `inputs` list with no input schema through numpy, which turns ["fine", 3] and
+        # ["fine", true] into strings; the DataFrame formats keep the JSON types
+        (b'{"dataframe_records": [{"text": "fine"}, {"text": "also fine"}, {"text": 3}]}', "row 2 is int (3)"),
+        (b'{"dataframe_split": {"columns": ["text"], "data": [["fine"], [true]]}}', "row 1 is bool"),
+        (b'{"inputs": [["a", "b"], ["c", "d"]]}', "row 0 is a nested list (['a', 'b']; all rows: shape [2, 2])"),
         (b'{"inputs": ["fine", {"text": "x"}]}', "row 1 is dict"),
         (b'{"inputs": ["unterminated', "valid JSON"),
     ],

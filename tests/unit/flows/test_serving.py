@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -70,11 +71,19 @@ def test_logged_pyfunc_roundtrip(tiny_classifier_dir, mlflow_home, experiment_id
         info = log_model(str(tiny_classifier_dir), name="model")
     loaded = mlflow.pyfunc.load_model(info.model_uri)
     direct = SelfattnClassifier().load(str(tiny_classifier_dir)).predict_texts(["great fun", ""])
-    for model_input in (np.array(["great fun", ""], dtype=object), pd.DataFrame({"text": ["great fun", ""]})):
+    shapes = (
+        ["great fun", ""],
+        np.array(["great fun", ""], dtype=object),
+        np.array(["great fun", ""]),
+        pd.DataFrame({"text": ["great fun", ""]}),
+        pd.DataFrame({"any name": ["great fun", ""]}),
+    )
+    for model_input in shapes:
         out = loaded.predict(model_input)
         assert out["prob_1"].tolist() == pytest.approx(direct["prob_1"].tolist(), abs=1e-6)
-    # an object tensor: the scoring server passes rows as sent (no cast of 1 or null to "1", "None")
-    assert info.signature is not None and info.signature.inputs.inputs[0].type == np.dtype(object)
+    assert loaded.predict("great fun")["prob_1"].tolist() == pytest.approx(direct["prob_1"].tolist()[:1], abs=1e-6)
+    # no input schema: rows arrive as sent (no cast of 1 or null to "1", "None"), the params are declared
+    assert info.signature is not None and info.signature.inputs is None and info.signature.params is not None
     # nothing but safetensors / JSON / tokenizer files travel as the model_dir artifact
     local = mlflow.artifacts.download_artifacts(info.model_uri)
     from pathlib import Path
@@ -108,3 +117,49 @@ def test_models_registered_before_keep_loading(tiny_classifier_dir, monkeypatch)
     assert "from flows.serving import SelfattnClassifier" in open(pyfunc_model.__file__, encoding="utf-8").read()
     frame = model.load(str(tiny_classifier_dir)).predict_texts(["great fun"])
     assert abs(frame["prob_0"][0] + frame["prob_1"][0] - 1) < 1e-6
+
+
+@pytest.fixture()
+def logged(tiny_classifier_dir, mlflow_home, experiment_id):
+    import mlflow
+
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = log_model(str(tiny_classifier_dir), name="model")
+    return mlflow.pyfunc.load_model(info.model_uri)
+
+
+def test_a_loaded_pyfunc_takes_what_users_pass_and_explains_each(logged, tiny_classifier_dir):
+    from mlflow.exceptions import MlflowException
+
+    direct = SelfattnClassifier().load(str(tiny_classifier_dir)).predict_texts(["a", "b"])
+    assert logged.predict(["a", "b"])["prob_1"].tolist() == pytest.approx(direct["prob_1"].tolist(), abs=1e-6)
+    for model_input in (["a"], "a", pd.DataFrame({"sentence": ["a"]}), np.array(["a"], dtype=object)):
+        out = logged.predict(model_input, params={"explain": "integrated_gradients"})
+        assert out["prob_1"].tolist() == pytest.approx(direct["prob_1"].tolist()[:1], abs=1e-6)
+        [pairs] = out["attributions"].tolist()
+        assert [token for token, _ in pairs] == ["a"]
+    for bad, row in (([1, None], "row 0 is int (1)"), (["a", None], "row 1 is null"), ([["a", "b"]], "row 0 is list")):
+        with pytest.raises(MlflowException, match=re.escape(row)):
+            logged.predict(bad)
+
+
+def test_the_scoring_server_takes_every_rest_format_and_answers_400_naming_the_row(logged):
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc.scoring_server import init
+
+    client = TestClient(init(logged))
+    good = (
+        {"inputs": ["a", "b"]},
+        {"inputs": "a"},
+        {"instances": ["a"]},
+        {"dataframe_split": {"columns": ["sentence"], "data": [["a"]]}},
+        {"dataframe_records": [{"x": "a"}]},
+    )
+    for body in good:
+        answer = client.post("/invocations", json={**body, "params": {"explain": "gradient_x_input"}})
+        assert answer.status_code == 200, answer.text
+        rows = answer.json()["predictions"]
+        assert rows[0]["attributions"] and abs(rows[0]["prob_0"] + rows[0]["prob_1"] - 1) < 1e-6
+    for body, row in (({"inputs": [1, None]}, "row 0 is int"), ({"inputs": [["a", "b"]]}, "row 0 is a nested list"), ({"dataframe_records": [{"x": 3}]}, "row 0 is int"), ({"inputs": []}, "no rows to score")):
+        answer = client.post("/invocations", json=body)
+        assert answer.status_code == 400 and row in answer.json()["message"]

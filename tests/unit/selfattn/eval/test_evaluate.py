@@ -60,6 +60,7 @@ def test_classification_metrics_against_manual_counts():
     assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
     assert m["ece"] == pytest.approx(abs(5 / 7 - 0.8))  # every confidence 0.8: one bin
     assert m["n"] == 7
+    assert m["majority_accuracy"] == pytest.approx(3 / 7)  # class 2 holds 3 of the 7 rows
     with pytest.raises(ValueError, match="probs must be"):
         classification_metrics([0, 1], np.zeros((3, 2)))
 
