@@ -154,6 +154,7 @@ def _compare(
         )
     if theirs is None:
         return True, f"champion v{champion_version} has no {metric!r} score"
-    if mine > theirs + margin:
+    # rounded: the scores are tagged with 6 decimals, and 0.12 + 0.02 < 0.14 in binary floating point
+    if round(mine - theirs - margin, 9) > 0:
         return True, f"{metric} {mine:.4f} > champion {theirs:.4f} + margin {margin}"
     return False, f"{metric} {mine:.4f} <= champion {theirs:.4f} + margin {margin}"

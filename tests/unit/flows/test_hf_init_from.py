@@ -8,8 +8,10 @@ the registered pyfunc tokenizes raw text with the imported tokenizer.
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -73,7 +75,11 @@ def test_pipeline_from_an_imported_model(kind, targets, tmp_path, data_dir, monk
         assert tuned.extra["train_config"]["lora"]["targets"] == targets.strip("[]").split(",")
         assert tuned.tokenizer.encode("a gripping film") == imported.tokenizer.encode("a gripping film")
         assert result.model_version == "1" and result.decision["promoted"]
-        assert 0.0 <= result.metrics["accuracy"] <= 1.0
+        preds = Path(result.stages["evaluate"].result["eval_dir"]) / "predictions.tsv"
+        with preds.open(newline="") as f:
+            scored = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        assert len(scored) == 100  # the smoke preset's dev scored
+        assert result.metrics["accuracy"] == pytest.approx(sum(r["label"] == r["prediction"] for r in scored) / len(scored))
         # stdout captured for this call only: a capsys/capfd fixture over the whole test would leave
         # Prefect's console handler (set up once per process) writing to a stream closed after it
         out = io.StringIO()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from flows.stages import base as stages
 
@@ -20,6 +21,27 @@ def test_stage_key_depends_on_inputs_and_marker_roundtrip(tmp_path):
     again = stages.Stage(tmp_path, "pretrain", {"data": "abc", "lr": 1e-3}).done()
     assert again is not None and again.cached and again.result == {"best_dir": "x", "metrics": {"val_loss": 1.5}}
     assert json.loads((a.dir / "inputs.json").read_text()) == {"data": "abc", "lr": 1e-3}
+
+
+def test_a_change_to_the_library_code_changes_every_stage_key(tmp_path, monkeypatch):
+    """The key holds a digest of the code (``selfattn`` and ``flows/stages``): an edited source file
+    gives new stage directories, so a result computed by the old code is not reused."""
+    import shutil
+
+    import selfattn
+
+    lib = tmp_path / "src" / "selfattn"
+    shutil.copytree(Path(selfattn.__file__).parent, lib, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(selfattn, "__file__", str(lib / "__init__.py"))
+    keys = []
+    for edit in ("", "\n# an edit\n"):
+        with (lib / "nn" / "attention.py").open("a") as f:
+            f.write(edit)
+        stages.code_version.cache_clear()
+        keys.append((stages.code_version(), stages.Stage(tmp_path, "pretrain", {"lr": 1e-3}).key))
+    stages.code_version.cache_clear()  # the real tree's digest for the tests after this one
+    (code_before, key_before), (code_after, key_after) = keys
+    assert code_before != code_after and key_before != key_after
 
 
 def test_corrupt_marker_means_not_done(tmp_path):

@@ -33,6 +33,15 @@ def test_the_margin_is_strict_a_challenger_exactly_at_champion_plus_margin_stays
     assert (at.challenger_score, at.champion_score, at.champion_version, at.margin) == (0.75, 0.5, "1", 0.25)
 
 
+@pytest.mark.parametrize("champion, margin", [(0.12, 0.02), (0.7, 0.1), (0.1, 0.2), (0.6, 0.005), (0.5, 0.0)])
+def test_the_margin_boundary_holds_where_the_sum_is_not_exact_in_floating_point(champion, margin):
+    # 0.12 + 0.02 == 0.13999999999999999 < 0.14 and 0.7 + 0.1 < 0.8: a plain `>` promotes these ties
+    at = round(champion + margin, 6)  # as the score tags hold it (6 decimals)
+    assert not _decide(_tags(at), _tags(champion), margin=margin).promoted, (at, champion, margin)
+    assert _decide(_tags(round(at + 1e-6, 6)), _tags(champion), margin=margin).promoted, "one tag digit above the bar"
+    assert not _decide(_tags(round(at - 1e-6, 6)), _tags(champion), margin=margin).promoted
+
+
 @pytest.mark.parametrize(
     "mine, theirs, promoted, reason",
     [

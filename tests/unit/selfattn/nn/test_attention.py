@@ -117,6 +117,32 @@ def test_alibi_adds_distance_bias():
     assert not torch.allclose(out, m_none(x))  # same weights (same seed), the bias changes the result
 
 
+@pytest.mark.parametrize("n_kv_heads", [H, 2])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_alibi_matches_a_float64_reference_that_adds_the_bias_itself(is_causal, n_kv_heads):
+    """ALiBi written out here, not with the library's helpers: scores ``q k^T / sqrt(hd) - m_h |i - j|``
+    with the paper's slopes ``m_h = 2^(-8 (h + 1) / H)``, padding and the causal mask, softmax, values."""
+    m = _mha(position="alibi", n_kv_heads=n_kv_heads)
+    x = _x()
+    B, T, hd = 2, 7, D // H
+    real = torch.tensor([[True] * T, [False] * 2 + [True] * (T - 2)])  # row 1: left padding
+    q = m.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
+    k, v = (p(x).view(B, T, n_kv_heads, hd).transpose(1, 2).repeat_interleave(H // n_kv_heads, dim=1) for p in (m.k_proj, m.v_proj))
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)  # [H]
+    pos = torch.arange(T, dtype=torch.float64)
+    bias = -slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs()  # [H, T, T]: farther keys weigh less
+    seen = torch.ones(T, T, dtype=torch.bool)
+    keep = real[:, None, None, :] & (seen.tril() if is_causal else seen)  # [B, 1, T, T]
+    scores = (q @ k.transpose(-2, -1) / hd**0.5 + bias).masked_fill(~keep, float("-inf"))
+    weights = scores.softmax(-1).nan_to_num()  # row 1's padded queries see no key under causal: zeros
+    ref = m.out_proj((weights @ v).transpose(1, 2).reshape(B, T, D))
+    alive = keep.any(-1).squeeze(1)  # [B, T] queries that see at least one key
+    out, w = m(x, attention_mask=real, is_causal=is_causal, return_weights=True)
+    torch.testing.assert_close(w * alive[:, None, :, None], weights)
+    torch.testing.assert_close(out[alive], ref[alive])
+    torch.testing.assert_close(m(x, attention_mask=real, is_causal=is_causal)[alive], ref[alive])  # the fused path too
+
+
 # --------------------------------------------------------------------------- KV cache
 
 

@@ -204,6 +204,32 @@ def test_finetune_from_scratch_learns_and_lora_from_pretrained(files, tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
 
 
+def assert_trunk_is_the_pretrained_one(clf_dir, pre_dir) -> None:
+    """Every weight of the classifier but its head (and pooler) equals the pretrained model's."""
+    from selfattn.io.checkpoint import load_pretrained
+
+    clf, pre = load_pretrained(clf_dir).model.state_dict(), load_pretrained(pre_dir).model.state_dict()
+    trunk = [k for k in clf if not k.startswith(("head.", "pooler."))]
+    assert len(trunk) > 10 and set(trunk) <= set(pre), sorted(set(trunk) - set(pre))
+    for k in trunk:
+        torch.testing.assert_close(clf[k], pre[k], rtol=0, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_a_finetune_from_init_from_starts_from_the_pretrained_weights(files, tmp_path, objective):
+    """One step at a learning rate of 1e-30 (far below float32's resolution of any weight: a
+    fine-tune of no steps, which the config does not allow): the saved trunk is the pretrained one."""
+    lm = pretrain(lm_config(files, max_steps=4, seed=7).model_copy(update={"objective": objective}), tmp_path / "lm")
+    cfg = FinetuneConfig.model_validate({
+        "data": {"train_path": str(files / "train.tsv"), "val_path": str(files / "dev.tsv"), "max_length": 16},
+        "init_from": str(lm.out_dir),
+        "optim": {"lr": 1e-30, "warmup_steps": 0},
+        "train": {"max_steps": 1, "batch_size": 8, "eval_every": 1, "log_every": 1, "progress": False},
+    })
+    result = finetune(cfg, tmp_path / "clf")
+    assert_trunk_is_the_pretrained_one(result.best_dir, lm.best_dir)
+
+
 def test_finetune_reads_texts_spelled_like_missing_values(files, tmp_path):
     """A TSV whose sentences are ``NA``, ``null``, ``None``, ``nan``, ``N/A`` trains: they are strings,
     tokenized like any other sentence, and come back in the evaluation's predictions."""
