@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfattn.nn.functional import causal_mask, naive_attention, scaled_dot_product_attention, sliding_window_mask
+from selfattn.nn.functional import (
+    causal_mask,
+    naive_attention,
+    scaled_dot_product_attention,
+    sliding_window_mask,
+)
 from selfattn.nn.window import sliding_window_attention
 
 
@@ -232,6 +237,43 @@ def test_low_precision_masked_no_nan(dtype, path):
         # rows 1.. against float64 (row 0 is fully masked)
         ref = naive_attention(q.double()[..., 1:, :], k.double(), v.double(), attn_mask=keep[1:])
         torch.testing.assert_close(out[..., 1:, :].double(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_low_precision_cpu_training_takes_the_composed_path_with_the_fused_results(dtype, gqa):
+    """bf16/fp16 on CPU with autograd recording and short keys: the composed path (two matmuls, a float32
+    softmax) gives the fused kernel's outputs and gradients, padded keys and a fully padded row included."""
+    from selfattn.nn.functional import COMPOSED_MAX_KEYS, composed_is_faster
+
+    q, k, v = _qkv(3, 4, lq=9, lk=9, kv_lead=(3, 2 if gqa else 4), dtype=torch.float32)
+    lengths = torch.tensor([9, 5, 0])  # the last row has no real key at all
+    keep = (torch.arange(9)[None] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    grads = {}
+    for path in ("selfattn", "torch", "float64"):
+        leaves = [t.to(torch.float64 if path == "float64" else dtype).requires_grad_() for t in (q, k, v)]
+        if path == "selfattn":
+            assert composed_is_faster(*leaves)
+            out = scaled_dot_product_attention(*leaves, attn_mask=keep)
+        else:
+            a, b, c = leaves
+            if gqa:
+                b, c = b.repeat_interleave(2, dim=-3), c.repeat_interleave(2, dim=-3)
+            out = F.scaled_dot_product_attention(a, b, c, attn_mask=keep | (lengths == 0)[:, None, None, None])
+            out = out.masked_fill((lengths == 0)[:, None, None, None], 0.0)  # what selfattn gives a row with no key
+        (out.double() * torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)).sum().backward()
+        grads[path] = [out.detach().double()] + [t.grad.double() for t in leaves]
+    assert grads["selfattn"][0].dtype == torch.float64 and torch.all(grads["selfattn"][0][2] == 0)
+    for ours, fused, exact in zip(grads["selfattn"], grads["torch"], grads["float64"]):
+        torch.testing.assert_close(ours, exact, atol=3e-2, rtol=3e-2)
+        assert (ours - exact).abs().max() <= (fused - exact).abs().max() * 2 + 1e-3  # no worse than the fused kernel
+
+    fp32 = [t.clone().requires_grad_() for t in (q, k, v)]
+    assert not composed_is_faster(*fp32)  # float32: the fused kernel is as fast
+    low = [t.to(dtype) for t in (q, k, v)]
+    assert not composed_is_faster(*low)  # inference: nothing records, the fused forward is fast
+    long_k = torch.zeros(3, 4, COMPOSED_MAX_KEYS + 1, 8, dtype=dtype, requires_grad=True)
+    assert not composed_is_faster(low[0].requires_grad_(), long_k, long_k)
 
 
 # --------------------------------------------------------------------------- helpers
