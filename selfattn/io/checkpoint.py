@@ -124,6 +124,15 @@ def check_config_digest(cfg: ModelConfig, metadata: dict[str, str] | None, path:
 # --------------------------------------------------------------------------- saving
 
 
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, where: str | Path) -> None:
+    """A ``UserError`` naming both sizes when ``tokenizer`` makes ids past an embedding of ``vocab_size`` rows."""
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise UserError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only {vocab_size} rows "
+            "(vocab_size); ids past the table would crash - use the tokenizer the model was trained with"
+        )
+
+
 def save_pretrained(
     model: nn.Module,
     out_dir: str | Path,
@@ -140,6 +149,7 @@ def save_pretrained(
 
     task = _task_of(model)
     out = Path(out_dir)
+    check_tokenizer_fits(tokenizer, model.cfg.vocab_size, out)
     _check_replaceable(out)
     try:
         extra_json = json.loads(json.dumps(extra or {}))
@@ -273,10 +283,7 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     model = assign_weights(model, tensors, lambda: build(cfg))
 
     tokenizer = load_tokenizer(d / TOKENIZER_DIR) if (d / TOKENIZER_DIR).is_dir() else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise UserError(
-            f"{d / TOKENIZER_DIR}: tokenizer vocab_size ({tokenizer.vocab_size}) exceeds the model's ({cfg.vocab_size})"
-        )
+    check_tokenizer_fits(tokenizer, cfg.vocab_size, d / TOKENIZER_DIR)
     return Pretrained(model=model, tokenizer=tokenizer, config=cfg, task=task, extra=meta.get("extra") or {})
 
 

@@ -37,7 +37,12 @@ from torch import Tensor, nn
 from selfattn.config import ModelConfig
 from selfattn.data.tokenization import BPE_FILE, HFTokenizer
 from selfattn.errors import UserError
-from selfattn.io.checkpoint import assign_weights, load_pretrained, save_pretrained
+from selfattn.io.checkpoint import (
+    assign_weights,
+    check_tokenizer_fits,
+    load_pretrained,
+    save_pretrained,
+)
 from selfattn.io.hf_families import (
     FAMILIES,
     Family,
@@ -493,6 +498,7 @@ def export_hf(model: nn.Module, dst: str | Path, tokenizer: Any = None, *, unmer
     from safetensors.torch import save_file
 
     cfg = model.cfg
+    check_tokenizer_fits(tokenizer, cfg.vocab_size, dst)
     fam = family_of_config(cfg)
     task = _export_task(model, fam)
     state = _export_state(model, unmerged)

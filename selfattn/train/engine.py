@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,8 +40,14 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from selfattn.devices import amp_dtype, resolve_device
 from selfattn.errors import UserError
 from selfattn.train.callbacks import Callback, ProgressBar, StopTraining
+from selfattn.train.checkpoints import (
+    STATE_FILE,
+    read_latest,
+    set_aside,
+    step_dir,
+    write_checkpoint,
+)
 from selfattn.train.config import FinetuneConfig, PretrainConfig
-from selfattn.train.checkpoints import STATE_FILE, read_latest, set_aside, step_dir, write_checkpoint
 from selfattn.utils import atomic_write_text, autocast_context, flatten
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -287,6 +294,11 @@ def _pretrained_for(run: "_Run", cfg: PretrainConfig) -> tuple[Any, Any]:
     if pre.tokenizer is None:
         raise UserError(f"init_from {cfg.init_from} has no tokenizer/; continued pretraining needs the tokenizer the model was trained with")
     wanted = ("encoder", "mlm") if cfg.objective == "mlm" else ("lm",)
+    if cfg.objective == "clm" and pre.task in ("encoder", "mlm"):
+        raise UserError(
+            f"init_from {cfg.init_from} is a bidirectional encoder ({pre.task}): it cannot learn or generate text left to "
+            "right (objective='clm'). Continue its pretraining with objective=mlm, or fine-tune it as a classifier"
+        )
     if pre.task not in wanted:
         raise UserError(f"init_from {cfg.init_from} is a {pre.task}; objective={cfg.objective!r} continues a {' or '.join(wanted)}")
     if cfg.data.block_size > pre.config.context_length:
@@ -409,10 +421,17 @@ class _Run:
 
         self.device = resolve_device(self.cfg.train.device)
         self.dist = distributed.setup(self.device)
+        created = not self.out_dir.exists()
         try:
-            saved = self._setup_process()
-            self.task = self.build(self)
-            self.state = self._setup_training(saved)
+            try:
+                saved = self._setup_process()
+                self.task = self.build(self)
+                self.state = self._setup_training(saved)
+            except UserError:
+                # bad input (init_from, data, config) is found before the first step: leave nothing behind
+                if created and self.dist.is_main:
+                    shutil.rmtree(self.out_dir, ignore_errors=True)
+                raise
             stopped = self._train()
             return self._finish(stopped)
         finally:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from selfattn.io.checkpoint import copy_pretrained, load_pretrained, save_pretrained
 from selfattn.config import ModelConfig
+from selfattn.data.tokenization import BPETokenizer, CharTokenizer
 from selfattn.errors import UserError
+from selfattn.io.checkpoint import copy_pretrained, load_pretrained, save_pretrained
 from selfattn.nn.lora import LoRAConfig, apply_lora
 from selfattn.nn.models import DecoderLM, SequenceClassifier
-from selfattn.data.tokenization import BPETokenizer, CharTokenizer
 
 TEXT = "to be, or not to be: that is the question\n"
 
@@ -234,3 +234,35 @@ def test_copy_is_byte_identical_replaces_a_checkpoint_and_refuses_foreign_direct
     with pytest.raises(UserError, match="unexpected file"):
         copy_pretrained(foreign, tmp_path / "y")
     assert (foreign / "important.csv").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_everywhere_and_nothing_is_written(tmp_path, char_tok, capsys, monkeypatch):
+    """A tokenizer whose ids run past the embedding (a model of 10 rows, a tokenizer of more): save, load,
+    export and the CLI refuse it naming both sizes, and leave no output behind."""
+    from selfattn.cli import main
+    from selfattn.io.hf import export_hf
+    from selfattn.nn.models import Encoder
+
+    monkeypatch.setenv("SELFATTN_HOME", str(tmp_path / "home"))
+    n = char_tok.vocab_size
+    small = Encoder({"vocab_size": n - 3, "context_length": 16, "n_layers": 1, "d_model": 16, "n_heads": 2, "norm_position": "post",
+                     "embedding_norm": True, "type_vocab_size": 2, "position": "learned", "bias": True})  # fmt: skip
+    sizes = f"the tokenizer has {n} tokens but the model's embedding only {n - 3} rows"
+    with pytest.raises(UserError, match=sizes):
+        save_pretrained(small, tmp_path / "ckpt", tokenizer=char_tok)
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(UserError, match=sizes):
+        export_hf(small, tmp_path / "hf", tokenizer=char_tok)
+    assert not (tmp_path / "hf").exists()
+
+    # a checkpoint whose tokenizer was swapped afterwards: loading it (library, convert, fine-tune) is refused
+    save_pretrained(small, tmp_path / "ckpt")
+    char_tok.save(tmp_path / "ckpt" / "tokenizer")
+    with pytest.raises(UserError, match=sizes):
+        load_pretrained(tmp_path / "ckpt")
+    for args, out in ((["convert", "--to-hf", str(tmp_path / "ckpt"), str(tmp_path / "o1")], tmp_path / "o1"),
+                      (["finetune", "--set", f"init_from={tmp_path / 'ckpt'}", "--set", "data.train_path=unused.tsv", "--output", str(tmp_path / "o2")], tmp_path / "o2")):  # fmt: skip
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert sizes in err and "Traceback" not in err, err
+        assert not out.exists(), out

