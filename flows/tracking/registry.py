@@ -16,6 +16,7 @@ and a file lock for SQLite, whose file lives on one machine anyway.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import socket
@@ -47,6 +48,8 @@ def _client():
 
     return MlflowClient()
 
+
+log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".selfattn-lock"
 TAG_LOCK_OWNER = "selfattn.lock.owner"
@@ -120,6 +123,7 @@ def _registry_lease(model_name: str, timeout_s: float, client=None) -> Iterator[
     lock = f"{model_name}{LOCK_SUFFIX}"
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
     deadline = time.monotonic() + timeout_s
+    waiting = False
     while True:
         try:
             client.create_registered_model(
@@ -141,6 +145,9 @@ def _registry_lease(model_name: str, timeout_s: float, client=None) -> Iterator[
             continue
         if time.monotonic() > deadline:
             raise TimeoutError(f"registry lock {lock!r} still held by {held.get(TAG_LOCK_OWNER)!r} after {timeout_s:.0f}s")
+        if not waiting:
+            waiting = True
+            log.info("registry lock %r is held by %s: waiting", lock, held.get(TAG_LOCK_OWNER))
         time.sleep(0.1 + random.random() * 0.2)
     try:
         yield

@@ -167,6 +167,14 @@ def wait_for(check, timeout: float, what: str, interval: float = 1.0):
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def chromium() -> str | None:
+    """A headless-capable Chromium on PATH (Debian: chromium; Ubuntu: chromium-browser; Google's build), or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
 def selfattn_cmd() -> list[str]:
     """The installed console script next to this interpreter, else ``python -m selfattn.cli``."""
     script = Path(sys.executable).with_name("selfattn")

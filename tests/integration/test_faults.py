@@ -109,15 +109,22 @@ def test_two_hosts_promote_at_once_the_better_version_wins(server, tmp_path):
     model = f"race-{uuid.uuid4().hex[:6]}"
     rng = random.Random(0)
     scores = rng.sample([i / 100 for i in range(30, 99)], 16)  # distinct, interleaved between the hosts
-    start_at = time.time() + 20  # both interpreters imported and connected by then
+    barrier = tmp_path / "barrier"  # both hosts imported and connected before either starts
+    barrier.mkdir()
     procs = []
     for host, part in (("host-a", scores[0::2]), ("host-b", scores[1::2])):
         home = tmp_path / host
-        cmd = [sys.executable, str(REPO / "tests" / "integration" / "scripts" / "promote_race.py"), str(start_at), model, host, *map(str, part)]
+        cmd = [sys.executable, str(REPO / "tests" / "integration" / "scripts" / "promote_race.py"), str(barrier), model, host, *map(str, part)]
         procs.append(subprocess.Popen(cmd, env=_host_env(server, home, data=False), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    # the gates contended: both hosts gated all their versions, and at least once one found the
+    # lock held by the other and waited for it
+    waits = {line.split()[0]: int(line.split("=")[1]) for out, _ in outs for line in out.splitlines() if "lock-waits=" in line}
+    gated = [line.split()[0] for out, _ in outs for line in out.splitlines() if " promoted=" in line]
+    assert sorted(set(gated)) == ["host-a", "host-b"] and len(gated) == 16, gated
+    assert set(waits) == {"host-a", "host-b"} and sum(waits.values()) >= 1, ("the gates never contended", waits)
     tags = _version_tags(server, model)
     assert len(tags) == 16
     score = {v: float(t["eval.score"]) for v, t in tags.items()}

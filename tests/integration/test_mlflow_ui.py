@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -27,6 +26,7 @@ from flows.tracking.runs import EXPERIMENT_KIND, ui_url
 from .conftest import (
     REPO,
     _clean_env,
+    chromium,
     mlflow_get,
     mlflow_post,
     real_data_dir,
@@ -39,16 +39,9 @@ pytestmark = pytest.mark.integration
 QUIET = ("interpreted in multiple ways", "Inferred schema contains integer column", "Add type hints to the `predict` method")
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    return None
-
-
 def _page(url: str, png: Path, window: str = "1600,1400") -> str:
     """Screenshot ``url`` to ``png`` and return the text of its rendered DOM."""
-    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-dev-shm-usage", "--hide-scrollbars", f"--window-size={window}", "--virtual-time-budget=40000"]  # fmt: skip
     shot = subprocess.run([*base, f"--screenshot={png}", url], capture_output=True, timeout=240)
     assert png.is_file() and png.stat().st_size > 10_000, shot.stderr[-2000:]
@@ -59,7 +52,7 @@ def _page(url: str, png: Path, window: str = "1600,1400") -> str:
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, output_dir):
-    if _chromium() is None:
+    if chromium() is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     home = tmp_path_factory.mktemp("ui_home")
     env = _clean_env()

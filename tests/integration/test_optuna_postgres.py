@@ -62,8 +62,7 @@ def _has_tune_command() -> bool:
 
 def test_selfattn_tune_two_workers_on_postgres(stack, stack_env, data_dir):
     """``selfattn tune --config smoke --workers 2`` against the stack's PostgreSQL storage."""
-    if not _has_tune_command():
-        pytest.skip("`selfattn tune --workers` is not available (flows not installed yet)")
+    assert _has_tune_command(), "`selfattn tune --help` does not offer --workers"
     import optuna
 
     study_name, n_trials = f"it-tune-{uuid.uuid4().hex[:8]}", 4

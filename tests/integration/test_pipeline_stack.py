@@ -9,7 +9,6 @@ serve`` of the champion answering raw sentences over HTTP -> the MLflow UI in he
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, http_json, mlflow_get, mlflow_post, selfattn_cmd, serve_load, wait_for
+from .conftest import REPO, chromium, http_json, mlflow_get, mlflow_post, selfattn_cmd, serve_load, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +30,6 @@ STAGES = {"validate", "pretrain", "search", "finetune", "evaluate", "register"}
 
 @pytest.fixture(scope="module")
 def smoke_cfg() -> dict:
-    if not PRESET.is_file():
-        pytest.skip(f"{PRESET} not found (flows not installed yet)")
     cfg = yaml.safe_load(PRESET.read_text())
     return {"experiment": cfg["tracking"]["experiment"], "model": cfg["registry"]["model_name"]}
 
@@ -250,22 +247,15 @@ def test_mlflow_models_serve_champion_answers_raw_sentences(stack, stack_env, sm
 # --------------------------------------------------------------------------- the MLflow UI
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    return None
-
-
 def _headless(url: str, *extra: str, window: str = "1600,1100") -> subprocess.CompletedProcess:
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-dev-shm-usage", "--hide-scrollbars", f"--window-size={window}",
            "--virtual-time-budget=25000", *extra, url]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, timeout=180)
 
 
 def test_mlflow_ui_shows_and_compares_the_pipeline_runs(stack, smoke_run, deployment_run, output_dir):
-    if _chromium() is None:
+    if chromium() is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     exp_id = smoke_run["experiment_id"]
     parents = _parent_runs(stack, exp_id)

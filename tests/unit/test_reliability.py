@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,39 +15,57 @@ from flows.predict import clean_texts
 from flows.reliability import file_lock, retry_on_io
 from selfattn.errors import UserError
 
+# holds the lock (argv[1]) from writing argv[2] until argv[3] exists; writes argv[4] just before
+# letting go: a handshake, not a time window
 HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
     from flows.reliability import file_lock
-    with file_lock(Path(sys.argv[1])):
-        Path(sys.argv[2]).write_text("held")
-        time.sleep(float(sys.argv[3]))
+    lock, held, release, releasing = map(Path, sys.argv[1:5])
+    with file_lock(lock):
+        held.write_text("held")
+        while not release.exists():
+            time.sleep(0.01)
+        releasing.write_text("releasing")
     """
 )
 
 
-def _holder(tmp_path, seconds: float) -> subprocess.Popen:
-    flag = tmp_path / f"held-{time.monotonic_ns()}"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "x.lock"), str(flag), str(seconds)])
+def _holder(tmp_path) -> tuple[subprocess.Popen, Path, Path]:
+    """A process that holds ``x.lock`` until the returned ``release`` file exists; also returns the
+    file it writes as it lets go."""
+    held, release, releasing = (tmp_path / f"{name}-{time.monotonic_ns()}" for name in ("held", "release", "releasing"))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "x.lock"), str(held), str(release), str(releasing)])
     deadline = time.monotonic() + 60
-    while not flag.exists():
+    while not held.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "holder did not start"
         time.sleep(0.02)
-    return proc
+    return proc, release, releasing
 
 
 def test_a_second_process_waits_for_the_lock(tmp_path):
-    proc = _holder(tmp_path, 1.5)
-    with pytest.raises(TimeoutError, match="another pipeline holds it"):
+    import threading
+
+    proc, release, releasing = _holder(tmp_path)
+    with pytest.raises(TimeoutError, match="another pipeline holds it"):  # held until we say so
         with file_lock(tmp_path / "x.lock", timeout_s=0.3, poll_s=0.05):
             pass
-    with file_lock(tmp_path / "x.lock", timeout_s=60, poll_s=0.05):  # granted once the holder is done
-        assert proc.wait(timeout=30) == 0
+    granted_after: list[bool] = []
+
+    def waiter() -> None:
+        with file_lock(tmp_path / "x.lock", timeout_s=60, poll_s=0.05):
+            granted_after.append(releasing.exists())  # the holder had let go
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    release.touch()
+    thread.join(timeout=90)
+    assert proc.wait(timeout=30) == 0 and granted_after == [True]
 
 
 def test_a_killed_holder_releases_the_lock(tmp_path):
-    proc = _holder(tmp_path, 600)
+    proc, _, _ = _holder(tmp_path)
     proc.kill()  # SIGKILL: no finally block runs, the kernel drops the flock
     proc.wait(timeout=30)
     with file_lock(tmp_path / "x.lock", timeout_s=5, poll_s=0.05):

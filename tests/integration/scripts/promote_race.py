@@ -1,15 +1,35 @@
 """One "host" of the promotion race: its own SELFATTN_HOME, the shared MLflow server from
 MLFLOW_TRACKING_URI. Creates a version per score (argv) and runs the champion gate on each
-right away; starts at the wall-clock time in argv[1] so the two hosts overlap."""
+right away. The hosts start together through a file barrier (argv[1]: each host touches its
+name there, then waits for the other's), and each prints how often its gates found the registry
+lock held by the other host and waited (the gate logs it): ``<host> lock-waits=<n>``."""
 
+import logging
 import sys
 import time
+from pathlib import Path
 
 from mlflow import MlflowClient
 
 from flows.tracking import registry, runs
 
-start_at, model, host, scores = float(sys.argv[1]), sys.argv[2], sys.argv[3], [float(s) for s in sys.argv[4:]]
+barrier, model, host, scores = Path(sys.argv[1]), sys.argv[2], sys.argv[3], [float(s) for s in sys.argv[4:]]
+
+
+class _Waits(logging.Handler):
+    """Counts the registry lock's "waiting" records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.n = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += "waiting" in record.getMessage()
+
+
+waits = _Waits()
+registry.log.addHandler(waits)
+registry.log.setLevel(logging.INFO)
 runs.configure()
 client = MlflowClient()
 exp = runs.ensure_experiment("promote-race")
@@ -17,7 +37,12 @@ try:
     client.create_registered_model(model)
 except Exception:  # the other host created it first
     pass
-time.sleep(max(0.0, start_at - time.time()))
+(barrier / host).touch()  # imported and connected: wait for the other host
+deadline = time.monotonic() + 300
+while len(list(barrier.iterdir())) < 2:
+    if time.monotonic() > deadline:
+        sys.exit(f"{host}: the other host never reached the barrier")
+    time.sleep(0.01)
 for i, score in enumerate(scores):
     run = client.create_run(exp, run_name=f"{host}-{i}")
     client.set_terminated(run.info.run_id)
@@ -27,3 +52,4 @@ for i, score in enumerate(scores):
     )
     decision = registry.gate(model_name=model, version=str(mv.version), metric="accuracy", margin=0.0)
     print(f"{host} v{mv.version} score={score:.3f} promoted={decision.promoted} over={decision.champion_version}", flush=True)
+print(f"{host} lock-waits={waits.n}", flush=True)

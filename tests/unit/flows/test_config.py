@@ -48,7 +48,7 @@ def test_overrides_apply_with_yaml_types():
 
 def test_a_set_value_keeps_its_own_equals_signs():
     # only the first '=' separates key and value: a database URL's query string stays intact
-    url = "postgresql+psycopg://optuna:pa=ss@db.internal:5432/optuna?sslmode=require&application_name=selfattn"
+    url = "postgresql+psycopg://optuna@db.internal:5432/optuna?sslmode=require&application_name=selfattn"
     cfg = load_pipeline_config("smoke", [f"search.storage={url}", "search.study_name=sst2=v2"])
     assert cfg.search.storage == url and cfg.search.study_name == "sst2=v2"
 

@@ -26,13 +26,34 @@ def _cfg(**search) -> PipelineConfig:
 def _objective(trial) -> float:
     x, y = trial.suggest_float("x", -10.0, 10.0), trial.suggest_int("y", 0, 5)
     trial.set_user_attr("pid", os.getpid())
-    time.sleep(0.1)  # long enough for the workers' trials to overlap
     return (x - 2.0) ** 2 + y
 
 
-def _worker(cfg_json: str, home: str, worker: int, share: int) -> int:
+def _wait_for_all(rendezvous: Path, n: int, timeout_s: float = 300.0) -> None:
+    """A barrier across processes: mark this one as arrived, wait until ``n`` have."""
+    (rendezvous / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(rendezvous.iterdir())) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(rendezvous.iterdir()))} of {n} workers reached the barrier in {timeout_s:.0f} s")
+        time.sleep(0.01)
+
+
+def _worker(cfg_json: str, home: str, worker: int, share: int, rendezvous: str, n_workers: int) -> int:
+    """One ``selfattn tune`` worker whose first trial waits inside the trial until every worker is
+    inside one: the trials provably overlap, however the processes are scheduled."""
     cfg = PipelineConfig.model_validate_json(cfg_json)
-    study = tuning.optimize(cfg, _objective, home=Path(home), worker=worker, share=share)
+    first = True
+
+    def objective(trial) -> float:
+        nonlocal first
+        value = _objective(trial)
+        if first:
+            first = False
+            _wait_for_all(Path(rendezvous), n_workers)
+        return value
+
+    study = tuning.optimize(cfg, objective, home=Path(home), worker=worker, share=share)
     return tuning.n_finished(study)
 
 
@@ -68,8 +89,12 @@ def test_four_workers_share_the_journal_study_without_lost_or_duplicate_trials(t
 
     cfg = _cfg()
     split = tune.shares(N_TRIALS - tuning.n_finished(tuning.make_study(cfg, tmp_path)), 4)
+    assert min(split) >= 1, split  # every worker runs a trial, so every one reaches the barrier
+    rendezvous = tmp_path / "rendezvous"
+    rendezvous.mkdir()
     with ProcessPoolExecutor(max_workers=4, mp_context=mp.get_context("spawn")) as pool:
-        done = [f.result() for f in [pool.submit(_worker, cfg.model_dump_json(), str(tmp_path), i, split[i]) for i in range(4)]]
+        jobs = [pool.submit(_worker, cfg.model_dump_json(), str(tmp_path), i, split[i], str(rendezvous), 4) for i in range(4)]
+        done = [f.result() for f in jobs]
     assert max(done) == N_TRIALS
     assert (tmp_path / "optuna.journal").is_file() and not (tmp_path / "optuna.db").exists()
 
@@ -78,6 +103,7 @@ def test_four_workers_share_the_journal_study_without_lost_or_duplicate_trials(t
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), _states(tuning.make_study(cfg, tmp_path))
     pids = [t.user_attrs["pid"] for t in trials]
     assert sorted(pids.count(p) for p in set(pids)) == sorted(split), "each process ran exactly its share"
+    assert len(list(rendezvous.iterdir())) == 4, "every worker was inside a trial while the others were"
     assert any(a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete for a in trials for b in trials if a.user_attrs["pid"] != b.user_attrs["pid"]), "the workers never overlapped"
     for t in trials:
         assert t.value == pytest.approx((t.params["x"] - 2.0) ** 2 + t.params["y"])
