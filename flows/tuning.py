@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -117,6 +119,70 @@ def _journal_storage_class():
     return HeartbeatJournalStorage
 
 
+# seconds an RDB call waits for its database to come back (a restart, a failover) before it fails
+DB_RETRY_BUDGET_S = 120.0
+_RDB_CALLS = (
+    # what Optuna's cached wrapper calls on its backend, and the public calls beside
+    "create_new_study", "delete_study", "get_all_studies", "get_study_id_from_name", "get_study_name_from_id",
+    "get_study_directions", "get_study_user_attrs", "get_study_system_attrs", "set_study_user_attr",
+    "set_study_system_attr", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
+    "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "get_trial", "get_all_trials", "_get_trials", "get_n_trials", "get_best_trial", "_get_best_trial_id",
+    "get_trial_id_from_study_id_trial_number", "record_heartbeat", "_get_stale_trial_ids",
+)  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def _retrying_rdb_storage() -> type:
+    """Optuna's ``RDBStorage`` whose calls wait out a database restart: a call that fails because the
+    connection dropped or was refused (``OperationalError``; Optuna wraps it in ``StorageInternalError``)
+    is retried with backoff for up to :data:`DB_RETRY_BUDGET_S`, on a fresh session. ``pool_pre_ping`` (set by the
+    caller) replaces the pool's dead connections once the server is back. Each call is one
+    transaction, rolled back when its connection drops, so a retry repeats nothing that was
+    committed (except in the round trip of a commit whose reply is lost)."""
+    import functools
+    import threading
+
+    from optuna.exceptions import StorageInternalError
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError
+
+    def transient(exc: BaseException) -> bool:
+        cause = exc.__cause__ or exc.__context__
+        return (
+            isinstance(exc, (OperationalError, PendingRollbackError))
+            or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+            or (isinstance(exc, StorageInternalError) and cause is not None and transient(cause))
+        )
+
+    inside = threading.local()  # a retried call calling another: only the outer one retries
+
+    def retried(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(self, *args: Any, **kwargs: Any) -> Any:
+            if getattr(inside, "active", False):
+                return method(self, *args, **kwargs)
+            deadline, delay = time.monotonic() + DB_RETRY_BUDGET_S, 0.5
+            inside.active = True
+            try:
+                while True:
+                    try:
+                        return method(self, *args, **kwargs)
+                    except Exception as exc:
+                        if not transient(exc) or time.monotonic() + delay > deadline:
+                            raise
+                        log.warning("Optuna storage: %s failed (%s); retrying in %.1f s", name, type(exc).__name__, delay)
+                        self.remove_session()  # the thread's session holds the dead connection's transaction
+                        time.sleep(delay)
+                        delay = min(delay * 2, 10.0)
+            finally:
+                inside.active = False
+
+        return call
+
+    return type("RetryingRDBStorage", (RDBStorage,), {name: retried(name, getattr(RDBStorage, name)) for name in _RDB_CALLS})
+
+
 def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None, max_retry: int | None = 1, home: Path | None = None):
     """The Optuna storage at ``url``: a journal file (``journal:///<path>``) or an RDB URL.
 
@@ -124,7 +190,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     next worker to start a trial and retried up to ``max_retry`` times with the same parameters.
     """
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -148,7 +214,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     # processes creating the schema of a fresh storage at once collide ("table already exists")
     with warnings.catch_warnings(), file_lock((home or selfattn_home()) / "locks" / "optuna-storage.lock", timeout_s=600):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
+        return _retrying_rdb_storage()(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_interval,

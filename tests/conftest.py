@@ -82,13 +82,15 @@ class SmallDisk:
 
 
 @pytest.fixture()
-def small_disk(tmp_path):
-    """A 16 MiB tmpfs (mounted by the test, always unmounted after); skipped where mounting is not allowed."""
+def small_disk(tmp_path, request):
+    """A tmpfs of 16 MiB (or ``request.param``, e.g. ``"256M"``, through indirect parametrisation),
+    mounted by the test and always unmounted after; skipped where mounting is not allowed."""
     import subprocess
 
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
+    size = getattr(request, "param", "16M")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
     try:
