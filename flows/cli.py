@@ -1,6 +1,6 @@
 """CLI commands contributed by flows (registered through the selfattn.cli entry point).
 
-``run``, ``tune``, ``promote``, ``rollback``, ``predict``, ``explain``, ``deploy``, ``status``, ``ui``. Heavy libraries
+``run``, ``tune``, ``promote``, ``rollback``, ``predict``, ``explain``, ``deploy``, ``status``, ``ui``, ``presets``. Heavy libraries
 (prefect, mlflow, optuna, torch) are imported inside the commands; the embedded stores under
 ``SELFATTN_HOME`` are configured here, at command time, never on import.
 """
@@ -17,7 +17,7 @@ import typer
 
 from selfattn.errors import UserError
 
-CONFIG_HELP = "preset (demo, smoke) or a YAML file"
+CONFIG_HELP = "a preset (`selfattn presets` lists them) or a YAML file"
 SET_HELP = (
     "override a config key, e.g. --set search.n_trials=4 (repeatable); a searched finetune key is fixed "
     "(--set finetune.optim.lr=0.001), a range is set with brackets (--set 'search.space[optim.lr].high=0.01')"
@@ -124,15 +124,15 @@ def _start(cfg) -> Path:
 
 
 def run(
-    config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    config: str = typer.Option("demo", "--config", "-c", metavar="PRESET|FILE", help=CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show every library log line and warning"),
 ) -> None:
     """Run the pipeline: validate -> pretrain -> search -> fine-tune -> evaluate -> register -> promote."""
+    cfg = _load(config, overrides or [])  # refused before any work (and before the heavy imports)
     from flows import console
 
     console.install(verbose=verbose)
-    cfg = _load(config, overrides or [])  # refused before any work
     _start(cfg)
     from flows.pipeline import pipeline
     from flows.summary import console_lines
@@ -150,8 +150,8 @@ def ui_hint(run_id: str, experiment_id: str) -> str:
     return url if url.startswith("http") else "selfattn ui   (MLflow on http://127.0.0.1:5000, Prefect on http://127.0.0.1:4200)"
 
 def tune(
-    config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    config: str = typer.Option("demo", "--config", "-c", metavar="PRESET|FILE", help=CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="processes sharing the Optuna study"),
 ) -> None:
     """Run the Optuna search only (the pipeline's data gate + pretraining first, cached), with N worker processes."""
@@ -189,7 +189,7 @@ def predict(
     model: Optional[str] = typer.Option(None, "--model", "-m", metavar="URI", help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
 ) -> None:
-    """Classify TEXT... with a registered model (default: the champion of this home's last run)."""
+    """Classify texts with a registered model (default: the champion of this home's last run)."""
     from flows.tracking import runs
 
     home = setup_home()
@@ -220,7 +220,7 @@ def explain(
     tokens: bool = typer.Option(False, "--tokens", help="colour subword tokens, not words"),
     as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
 ) -> None:
-    """Classify TEXT... and colour each word by how much it drove the prediction."""
+    """Classify texts and colour each word by how much it drove the prediction."""
     from flows.explain_cli import load_explainable, render
     from flows.serving import explain_items
 
@@ -243,8 +243,8 @@ def explain(
 
 def deploy(
     cron: str = typer.Option("0 3 * * *", "--cron", help="cron schedule (UTC)"),
-    config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help=SET_HELP),
+    config: str = typer.Option("demo", "--config", "-c", metavar="PRESET|FILE", help=CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     name: str = typer.Option("nightly", "--name", help="deployment name"),
     pool: Optional[str] = typer.Option(
         None, "--pool", help="register on this work pool of a Prefect server and return (a worker runs it); "
@@ -290,8 +290,9 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    from flows.prefect_ops import pool_report, recent_runs, worker_command
+    from flows.prefect_ops import check_states, pool_report, recent_runs, worker_command
 
+    state = check_states(state) if state else None
     with get_client(sync_client=True) as client:
         runs = recent_runs(client, limit=limit, states=state)
         report = pool_report(client, pool) if pool else None
@@ -335,7 +336,32 @@ def ui(
     raise typer.Exit(serve_uis(cmd, f"http://{host}:{port}", server_env, host, prefect_port))
 
 
-COMMANDS = (run, tune, promote, rollback, predict, explain, deploy, status, ui)
+def presets(name: Optional[str] = typer.Argument(None, help="a preset to print (as a start for your own file)")) -> None:
+    """List the shipped presets, or print one: selfattn presets smoke > my.yaml; selfattn run -c my.yaml."""
+    from flows.config import PRESETS, preset_path
+
+    if name is not None:
+        if name not in PRESETS:
+            raise UserError(f"no preset {name!r}; the presets: {', '.join(PRESETS)}")
+        print(preset_path(name).read_text(encoding="utf-8"), end="")
+        return
+    for preset in PRESETS:
+        print(f"{preset:<7} {preset_summary(preset_path(preset))}")
+
+
+def preset_summary(path: Path) -> str:
+    """The first sentence of a preset's leading comment, without its ``name:`` lead."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines).removeprefix(f"{path.stem}:").strip()
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+COMMANDS = (run, tune, promote, rollback, predict, explain, deploy, status, ui, presets)
 # commands that read a store someone else wrote: they say which one on stderr
 READS_STORE = {"promote", "rollback", "predict", "explain", "status", "ui"}
 HOME_HELP = "where the stores (mlflow.db, mlartifacts/, optuna.journal, prefect/) and the runs live; default ./.selfattn"

@@ -347,7 +347,7 @@ def load_pipeline_config(name_or_path: str | Path, overrides: Sequence[str] = ()
     data = read_mapping(path)
     check_override_forms(data, overrides)
     data = resolve(apply_overrides(data, overrides, PipelineConfig), overrides)
-    cfg = validate_config(PipelineConfig, data, source=str(path))
+    cfg = validate_config(PipelineConfig, data, source=str(path), overrides=overrides)
     check_config_paths(cfg)  # paths escaping SELFATTN_DATA_DIR / SELFATTN_HOME / cwd: refused now
     return cfg
 

@@ -73,9 +73,10 @@ class _Once(logging.Filter):
 
 
 class _NoKnownTraceback(logging.Filter):
-    """Prefect's "task/flow run failed" lines keep their message but drop the traceback when the
-    error is one the CLI explains in its closing paragraph: a ``UserError`` or a tracking server
-    that stayed down (each failed stage would otherwise print the client's retry chain again)."""
+    """Prefect's "task/flow run failed" lines for errors the CLI explains in its closing paragraph:
+    a ``UserError`` is dropped (the paragraph says it once, instead of once per enclosing flow); a
+    tracking server that stayed down keeps its line but not the traceback (each failed stage would
+    otherwise print the client's retry chain again)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -83,7 +84,9 @@ class _NoKnownTraceback(logging.Filter):
             from flows.reliability import server_unreachable
             from selfattn.errors import UserError
 
-            if isinstance(exc, UserError) or server_unreachable(exc):
+            if isinstance(exc, UserError):
+                return False
+            if server_unreachable(exc):
                 record.exc_info, record.exc_text = None, None
         return True
 

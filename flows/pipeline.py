@@ -189,7 +189,7 @@ def register_flow(cfg: PipelineConfig, ft: StageOutput, ev: StageOutput, ctx: Ru
         # on the parent run: its page lists the logged model and the registered version. The
         # evaluate stage's copy, with the temperature its metrics were computed with
         model_uri = existing.source if existing is not None else log_model_task(ev.result["model_dir"], ctx.parent_run_id)
-        tags = register.version_tags(ev, metric=metric, pipeline_run_id=ctx.pipeline_run_id, mlflow_run_id=ctx.parent_run_id)
+        tags = register.version_tags(ev, metric=metric, pipeline_run_id=ctx.pipeline_run_id, mlflow_run_id=ctx.parent_run_id, slices=cfg.promotion.slices)
         version = register_task(model_uri, name, run_key, tags, ctx.home)
         decision = gate_task(name, version, metric, cfg.promotion.margin, ctx.home, cfg.promotion.slices)
         log(run_id, register.Decision(**decision).log())

@@ -28,6 +28,8 @@ from uuid import UUID
 
 import psutil
 
+from selfattn.errors import UserError
+
 PIPELINE_TAG = "selfattn.pipeline"
 PROC_TAG = "selfattn.proc:"  # selfattn.proc:<host>:<pid>:<process start time, ms>
 ACTIVE_STATES = ["RUNNING", "PENDING"]
@@ -193,6 +195,34 @@ def pool_report(client, pool: str) -> PoolReport:
         f"wait and turn Late. Start one with: {worker_command(pool)}"
     )
     return PoolReport(pool, True, 0, msg)
+
+
+def state_names() -> list[str]:
+    """The flow-run state names Prefect gives (``Late``, ``Crashed``, ``AwaitingRetry``, ...), from its state constructors."""
+    import inspect
+
+    import prefect.states
+    from prefect.client.schemas.objects import State
+
+    names = set()
+    for attr, make in vars(prefect.states).items():
+        if attr[:1].isupper() and inspect.isfunction(make):
+            try:
+                state = make()
+            except TypeError:  # a constructor that needs arguments is not a plain state
+                continue
+            if isinstance(state, State):
+                names.add(state.name)
+    return sorted(names)
+
+
+def check_states(states: list[str]) -> list[str]:
+    """``--state`` values -> Prefect's spelling (case-insensitive), or a UserError listing the names."""
+    known = {name.lower(): name for name in state_names()}
+    unknown = [s for s in states if s.lower() not in known]
+    if unknown:
+        raise UserError(f"unknown flow-run state {', '.join(map(repr, unknown))}; Prefect's states: {', '.join(sorted(known.values()))}")
+    return [known[s.lower()] for s in states]
 
 
 def recent_runs(client, limit: int = 20, states: list[str] | None = None) -> list[dict[str, Any]]:

@@ -17,17 +17,38 @@ import typer
 
 from selfattn.errors import UserError
 
+ENVIRONMENT_HELP = (
+    "Environment: SELFATTN_HOME, where runs, the MLflow and Optuna stores and Prefect's database live "
+    "(default ./.selfattn); SELFATTN_DATA_DIR, local copies of the data (default: the public sources, "
+    "SST-2 from the Hugging Face hub and Tiny Shakespeare from its URL); MLFLOW_TRACKING_URI and "
+    "PREFECT_API_URL, servers that replace the embedded stores."
+)
+
 app = typer.Typer(
     name="selfattn",
     help="Self-attention models and the pipeline that trains, tunes, evaluates, registers and promotes them.",
+    epilog=ENVIRONMENT_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # help text is plain text: Rich markup would eat the brackets of --set 'search.space[optim.lr].high=0.01'
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from selfattn import __version__
+
+        print(__version__)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="print the selfattn version and exit"),
+) -> None:
     """Self-attention models and the pipeline that trains, tunes, evaluates, registers and promotes them."""
 
 
@@ -41,8 +62,8 @@ def version() -> None:
 
 # --------------------------------------------------------------------------- training
 
-_CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML/JSON config file")
-_SET_OPT = typer.Option([], "--set", "-s", help="dotted override, e.g. --set train.max_steps=100 (repeatable)")
+_CONFIG_OPT = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML/JSON config file")
+_SET_OPT = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="dotted override, e.g. --set train.max_steps=100 (repeatable)")
 
 
 def _setup_logging() -> None:
@@ -154,11 +175,32 @@ _PIPELINE_PACKAGES = {"prefect", "mlflow", "optuna", "great_expectations", "rich
 EXIT_MISSING_EXTRA = 4
 
 
+def readable_metavars(command) -> None:
+    """Metavars in the conventional form (``--port INTEGER``, ``--host TEXT``, a flag with none)
+    instead of Typer's type names (``<int>``, ``<list[str]>``, ``<bool>``); explicit ones are kept."""
+    names = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "Path": "PATH", "bool": ""}
+    for param in command.params:
+        if param.metavar is not None:
+            continue
+        if getattr(param, "param_type_name", "") != "option":
+            continue
+        if param.is_flag:
+            param.metavar = ""
+        elif not param.type_descriptor.is_choice:  # choices stay listed
+            bare = param.bare_type()
+            bare = bare.removeprefix("list[").removesuffix("]")
+            param.metavar = names.get(bare, bare.upper())
+    for sub in getattr(command, "commands", {}).values():
+        readable_metavars(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user mistakes become one paragraph and a non-zero exit."""
     _register_plugins()
+    command = typer.main.get_command(app)
+    readable_metavars(command)
     try:
-        rc = app(args=argv, standalone_mode=False)  # standalone_mode=False: typer.Exit(n) comes back as n
+        rc = command.main(args=argv, prog_name="selfattn", standalone_mode=False)  # typer.Exit(n) comes back as n
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from selfattn.errors import UserError
 from selfattn.utils import deep_merge
@@ -335,26 +335,39 @@ def _submodel(annotation: Any) -> Any:
     return None
 
 
-def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    """One message naming every bad key and value of a pydantic ``ValidationError``."""
-    lines = []
+def format_validation_error(exc: ValidationError, source: str = "config", overrides: Sequence[str] = ()) -> str:
+    """One message naming every bad key and value of a pydantic ``ValidationError``.
+
+    A bad value that came from an override names that ``--set``, not the file it overrode.
+    """
+    parsed = [(parse_override(text)[0], text) for text in overrides if "=" in text]
+    lines, from_set = [], []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        loc_parts = [str(p) for p in err["loc"]]
+        loc = ".".join(loc_parts) or "<top level>"
         value = err.get("input")
         shown = repr(value) if not isinstance(value, dict) else "{...}"
+        given = next((text for parts, text in reversed(parsed) if loc_parts[: len(parts)] == parts), None)
+        if given is not None and given not in from_set:
+            from_set.append(given)
+        where = f" from --set {given}" if given is not None else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (value {shown})")
+            lines.append(f"  {loc}: unknown key (value {shown}){where}")
         else:
-            lines.append(f"  {loc}: {err['msg']} (got {shown})")
-    return f"invalid {source}:\n" + "\n".join(lines)
+            lines.append(f"  {loc}: {err['msg']} (got {shown}){where}")
+    if from_set and len(from_set) == len(lines):
+        head = f"invalid --set {', '.join(from_set)} (applied to {source})"
+    else:
+        head = f"invalid {source}"
+    return f"{head}:\n" + "\n".join(lines)
 
 
-def validate_config(schema: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Validate ``data`` against ``schema``; a UserError naming every bad key and value."""
+def validate_config(schema: type[C], data: dict[str, Any], source: str = "config", overrides: Sequence[str] = ()) -> C:
+    """Validate ``data`` against ``schema``; a UserError naming every bad key and value (and the ``--set`` that gave it)."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc, source)) from None
+        raise UserError(format_validation_error(exc, source, overrides)) from None
 
 
 def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> C:
@@ -363,4 +376,26 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequ
     if path is not None:
         data = deep_merge(data, read_mapping(path))
     data = apply_overrides(data, overrides, schema)
-    return validate_config(schema, data, source=str(path) if path else "config")
+    return validate_config(schema, data, source=str(path) if path else "config", overrides=overrides)
+
+
+class LoRAConfig(StrictModel):
+    """Rank, scale (``alpha / rank``), dropout on the adapter input, and which Linear layers to adapt.
+
+    ``targets`` match a module by its attribute name (``"q_proj"``) or by a dotted suffix of its
+    full name (``"blocks.0.attn.q_proj"``). Hugging Face names of an imported model also work:
+    ``c_attn`` (= q/k/v), ``attn.c_proj`` / ``o_proj`` (= out_proj), ``c_fc``, ``mlp.c_proj``.
+    """
+
+    rank: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _non_empty_names(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if not t or t.strip() != t]
+        if bad:
+            raise ValueError(f"targets must be non-empty module names without spaces, got {bad!r}")
+        return value

@@ -140,8 +140,21 @@ def validate_data(cfg: PipelineConfig, data: StageOutput, home: Path) -> StageOu
                 result = _check(cfg, data.result["files"], out_dir)
             except UserError as exc:  # unusable file: no report, but recorded
                 result = {"passed": False, "unusable": str(exc), "exit_code": exc.exit_code}
+            result["given"] = _given(cfg, data.result.get("sources", {}))
             out = stage.finish(result) if result["passed"] else stage.output(result)
     return out.declare(_gate_log(out.result))
+
+
+# the config key that names each checked file, and the key that fixes a failed column check
+FILE_KEYS = {"corpus": "data.corpus", "train": "data.train", "dev": "data.dev"}
+FIX_KEYS = {"text_column": "data.text_column", "label_column": "data.label_column"}
+
+
+def _given(cfg: PipelineConfig, sources: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """What the user named for each checked file: their path or hub id (the gate checks copies)."""
+    d = cfg.data
+    specs = {"corpus": "data.train (data.corpus_from_train)" if d.corpus_from_train else d.corpus, "train": d.train, "dev": d.dev}
+    return {name: sources.get(name, {}).get("file") or sources.get(name, {}).get("remote") or spec for name, spec in specs.items()}
 
 
 def _check(cfg: PipelineConfig, files: dict[str, str], out_dir: Path) -> dict[str, Any]:
@@ -152,8 +165,11 @@ def _check(cfg: PipelineConfig, files: dict[str, str], out_dir: Path) -> dict[st
     reports = {
         "corpus": validate(files["corpus.txt"], kind="corpus", output_dir=out_dir / "corpus"),
         "train": validate(files["train.tsv"], kind="labelled", output_dir=out_dir / "train", **common),
-        "dev": validate(files["dev.tsv"], kind="labelled", against=files["train.tsv"], output_dir=out_dir / "dev", **common),
     }
+    # dev is checked against train (leakage, label distribution) only when train has the columns
+    train_ok = not any(c.name in FIX_KEYS for c in reports["train"].failures)
+    against = files["train.tsv"] if train_ok else None
+    reports["dev"] = validate(files["dev.tsv"], kind="labelled", against=against, output_dir=out_dir / "dev", **common)
     atomic_write_text(out_dir / "report.json", json.dumps({name: r.to_dict() for name, r in reports.items()}, indent=2, default=str))
     return {
         "passed": all(r.passed for r in reports.values()),
@@ -183,5 +199,11 @@ def require_passed(checked: StageOutput) -> None:
     if "unusable" in r:
         raise UserError(r["unusable"], exit_code=r["exit_code"])
     if not r["passed"]:
-        failures = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["failures"].items())
-        raise UserError(f"data checks failed, nothing was trained or registered: {failures} (report: {r['report']})")
+        given = r.get("given", {})
+        lines = []
+        for name, failures in r["failures"].items():
+            for failure in failures:
+                check = failure.split(":", 1)[0]
+                fix = f"; set {FIX_KEYS[check]} (--set {FIX_KEYS[check]}=NAME) or fix the file's header" if check in FIX_KEYS else ""
+                lines.append(f"  {FILE_KEYS.get(name, name)} ({given.get(name, name)}): {failure}{fix}")
+        raise UserError("data checks failed, nothing was trained or registered:\n" + "\n".join(lines) + f"\n(report: {r['report']})")

@@ -25,18 +25,23 @@ def run_key(finetuned: StageOutput, evaluated: StageOutput, model_name: str) -> 
     return digest({"finetune": finetuned.key, "evaluate": evaluated.key, "model": model_name})[:24]
 
 
-def version_tags(evaluated: StageOutput, *, metric: str, pipeline_run_id: str, mlflow_run_id: str) -> dict[str, str]:
-    """The tags of a new version: the promotion metric and its score, the evaluation data, every dev metric."""
+def version_tags(
+    evaluated: StageOutput, *, metric: str, pipeline_run_id: str, mlflow_run_id: str, slices: Mapping[str, float] | None = None
+) -> dict[str, str]:
+    """The tags of a new version, a handful: the runs it came from, the promotion metric and its score,
+    the evaluation data, and the accuracy of each slice the gate guards (``slices``). Every other
+    metric stays on the MLflow run the version links to (``mlflow_run_id``)."""
     metrics = evaluated.result["metrics"]
     score = metrics.get(metric)
     score = float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None
+    guarded = {f"slice.{name}.accuracy" for name in (slices or {})}
     return {
         TAG_PIPELINE_RUN_ID: pipeline_run_id,
+        "mlflow_run_id": mlflow_run_id,
         TAG_METRIC: metric,
         TAG_SCORE: "nan" if score is None else f"{score:.6f}",
         TAG_EVAL_DIGEST: evaluated.result["dataset_digest"],
-        "mlflow_run_id": mlflow_run_id,
-        **{f"eval.{k}": f"{v:.6f}" for k, v in metrics.items()},
+        **{f"eval.{k}": f"{v:.6f}" for k, v in metrics.items() if k in guarded},
     }
 
 

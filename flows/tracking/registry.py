@@ -3,7 +3,7 @@
 Aliases: every registered version gets ``challenger``; ``champion`` moves only through
 :func:`gate` (better than the current champion on the same evaluation set by a margin, or no
 champion), :func:`promote` (manual) or :func:`rollback`. The champion history lives in the
-registered model's ``champion_history`` tag (comma-separated versions, oldest first) and the
+registered model's ``champion_history`` tag (``v1 -> v3 -> v5``, oldest first) and the
 ``previous_champion`` alias, so a rollback always knows where to go back to.
 
 Race freedom: the read-compare-move of registration, the gate, promote and rollback runs under
@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import socket
 import time
 import uuid
@@ -258,8 +259,17 @@ def champion_version(model_name: str, client=None):
 
 def _history(model_name: str, client) -> list[str]:
     rm = client.get_registered_model(model_name)
-    raw = rm.tags.get(HISTORY_TAG, "")
-    return [v for v in raw.split(",") if v]
+    return parse_history(rm.tags.get(HISTORY_TAG, ""))
+
+
+def format_history(versions: list[str]) -> str:
+    """The champion history as the model's tag shows it, oldest first: ``v1 -> v3 -> v5``."""
+    return " -> ".join(f"v{v}" for v in versions)
+
+
+def parse_history(text: str) -> list[str]:
+    """Versions from :func:`format_history`'s text (or the older ``1,3,5``), oldest first."""
+    return re.findall(r"\d+", text)
 
 
 def _move_champion(model_name: str, version: str, client) -> str | None:
@@ -275,7 +285,7 @@ def _move_champion(model_name: str, version: str, client) -> str | None:
             history.append(str(old.version))
     history.append(str(version))
     client.set_registered_model_alias(model_name, CHAMPION, str(version))
-    client.set_registered_model_tag(model_name, HISTORY_TAG, ",".join(history))
+    client.set_registered_model_tag(model_name, HISTORY_TAG, format_history(history))
     return str(old.version) if old is not None else None
 
 
@@ -341,7 +351,7 @@ def rollback(model_name: str, *, home: Path | None = None, client=None) -> str:
         else:
             with contextlib.suppress(Exception):
                 client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
-        client.set_registered_model_tag(model_name, HISTORY_TAG, ",".join(history))
+        client.set_registered_model_tag(model_name, HISTORY_TAG, format_history(history))
     return target
 
 
@@ -451,8 +461,10 @@ __all__ = [
     "check_model_uri",
     "describe",
     "find_version",
+    "format_history",
     "gate",
     "model_not_found",
+    "parse_history",
     "promote",
     "register",
     "registered_models",

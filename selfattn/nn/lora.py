@@ -20,32 +20,9 @@ import math
 from typing import Iterable
 
 import torch
-from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from selfattn.config import StrictModel
-
-
-class LoRAConfig(StrictModel):
-    """Rank, scale (``alpha / rank``), dropout on the adapter input, and which Linear layers to adapt.
-
-    ``targets`` match a module by its attribute name (``"q_proj"``) or by a dotted suffix of its
-    full name (``"blocks.0.attn.q_proj"``). Hugging Face names of an imported model also work:
-    ``c_attn`` (= q/k/v), ``attn.c_proj`` / ``o_proj`` (= out_proj), ``c_fc``, ``mlp.c_proj``.
-    """
-
-    rank: int = Field(default=8, gt=0)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-
-    @field_validator("targets")
-    @classmethod
-    def _non_empty_names(cls, value: list[str]) -> list[str]:
-        bad = [t for t in value if not t or t.strip() != t]
-        if bad:
-            raise ValueError(f"targets must be non-empty module names without spaces, got {bad!r}")
-        return value
+from selfattn.config import LoRAConfig  # noqa: F401 - re-exported: the config lives with the other configs (no torch)
 
 
 class LoRALinear(nn.Module):

@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from selfattn.config import ModelConfig, PoolingKind, StrictModel
 from selfattn.data.config import ClassificationDataConfig, LMDataConfig
-from selfattn.nn.lora import LoRAConfig
+from selfattn.config import LoRAConfig
 
 __all__ = [
     "ArchConfig",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.tracking import registry
+
 from .conftest import PG_URL, REPO, _clean_env, _pg_available, mlflow_get, mlflow_post, real_data_dir, selfattn_cmd, wait_for
 
 pytestmark = pytest.mark.integration
@@ -130,7 +132,7 @@ def test_two_hosts_promote_at_once_the_better_version_wins(server, tmp_path):
     score = {v: float(t["eval.score"]) for v, t in tags.items()}
     rm = mlflow_get({"mlflow_url": server.url}, "registered-models/get", name=model)["registered_model"]
     aliases = {a["alias"]: a["version"] for a in rm.get("aliases", [])}
-    history = next(t["value"] for t in rm["tags"] if t["key"] == "champion_history").split(",")
+    history = registry.parse_history(next(t["value"] for t in rm["tags"] if t["key"] == "champion_history"))
     best = max(score, key=score.get)
     assert aliases["champion"] == best, (aliases, score, "\n".join(o for o, _ in outs))
     # every move of the champion beat the one before it, each version at most once

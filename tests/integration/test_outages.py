@@ -196,7 +196,7 @@ def test_no_duplicate_version_champion_or_lock(outages):
     rm = mlflow_get({"mlflow_url": srv.url}, "registered-models/get", name=model)["registered_model"]
     aliases = {a["alias"]: a["version"] for a in rm.get("aliases", [])}
     assert aliases == {"champion": "1", "challenger": "1"}, aliases
-    assert next(t["value"] for t in rm["tags"] if t["key"] == "champion_history") == "1"
+    assert next(t["value"] for t in rm["tags"] if t["key"] == "champion_history") == "v1"
     assert not _lock_taken(srv, model), "the registry lock was released"
 
 

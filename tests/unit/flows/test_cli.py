@@ -49,3 +49,58 @@ def test_deployment_has_the_cron_schedule():
     assert dep.name == "nightly" and dep.flow_name == "selfattn-pipeline"
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
     assert dep.parameters == {"config": "smoke", "overrides": ["search.n_trials=4"]}
+
+
+def test_help_follows_the_conventions(capsys):
+    from selfattn import __version__
+
+    assert main(["-h"]) == 0
+    out = capsys.readouterr().out
+    assert "SELFATTN_HOME" in out and "SELFATTN_DATA_DIR" in out and "presets" in out
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == __version__
+    assert main(["run", "-h"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # help text wraps at any space
+    assert "--set 'search.space[optim.lr].high=0.01'" in out  # brackets shown, as typed
+    assert "--set KEY=VALUE" in out and "--config PRESET|FILE" in out and "<bool>" not in out and "<list[str]>" not in out
+    assert main(["status", "-h"]) == 0
+    assert "--limit INTEGER" in capsys.readouterr().out
+
+
+def test_presets_are_listed_and_printed(capsys):
+    from flows.config import PRESETS, load_pipeline_config, preset_path
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(PRESETS) and all(len(line.split()) > 3 for line in lines)
+    assert main(["presets", "smoke"]) == 0
+    assert capsys.readouterr().out == preset_path("smoke").read_text(encoding="utf-8")
+    assert main(["presets", "nope"]) == 2 and "demo, smoke" in capsys.readouterr().err
+    assert load_pipeline_config("smoke").name == "smoke"
+
+
+def test_a_bad_set_value_names_the_set_not_the_preset(selfattn_home, capsys):
+    assert main(["run", "--config", "smoke", "--set", "finetune.train.max_steps=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid --set finetune.train.max_steps=abc (applied to ")
+    assert "finetune.train.max_steps: Input should be a valid integer" in err and "from --set finetune.train.max_steps=abc" in err
+
+
+def test_config_errors_come_before_the_heavy_imports(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from selfattn.cli import main; rc = main(['run', '--config', 'nosuch']); "
+        "print(rc, sorted(m for m in ('torch', 'mlflow', 'prefect', 'optuna') if m in sys.modules))"
+    )
+    env = {**os.environ, "SELFATTN_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.split(maxsplit=1) == ["2", "[]\n"], done.stdout + done.stderr
+    assert "neither a preset" in done.stderr
+
+
+def test_status_refuses_a_state_prefect_does_not_have(selfattn_home, capsys):
+    assert main(["status", "--state", "Bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown flow-run state 'Bogus'" in err and "Late" in err and "Crashed" in err

@@ -80,3 +80,22 @@ def test_install_quiets_library_info_only_when_not_verbose(verbose, monkeypatch)
         console.install(verbose=verbose)
     assert logger.isEnabledFor(logging.INFO) is verbose
     assert logger.isEnabledFor(logging.WARNING)
+
+
+def test_a_user_error_is_left_to_the_closing_paragraph_and_a_bug_keeps_its_traceback():
+    import logging
+    import sys
+
+    from flows.console import _NoKnownTraceback
+    from selfattn.errors import UserError
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception during execution: %r", (exc,), info)
+
+    assert not _NoKnownTraceback().filter(record(UserError("data checks failed")))
+    other = record(RuntimeError("a bug"))
+    assert _NoKnownTraceback().filter(other) and other.exc_info is not None  # a bug keeps its traceback

@@ -56,13 +56,15 @@ def test_the_gate_declares_its_report_and_refuses_failed_or_unusable_files(tmp_p
     leaked = data.validate_data(cfg, _files(tmp_path / "leak", leak=True), selfattn_home)
     assert not leaked.result["passed"] and leaked.log.tags == {data.TAG_VALIDATION: "failed"}
     assert leaked.log.pipeline.artifacts == [Artifact(path=leaked.result["report"], to="validation")]  # on the pipeline's run too
-    with pytest.raises(UserError, match="data checks failed.*leakage"):
+    with pytest.raises(UserError, match="(?s)data checks failed.*data.dev .*leakage"):
         data.require_passed(leaked)
 
-    unusable = data.validate_data(cfg, _files(tmp_path / "bad", train_header="text\tstars"), selfattn_home)
-    assert not unusable.result["passed"] and not unusable.cached and "sentence" in unusable.result["unusable"]
-    assert unusable.log.tags == {data.TAG_VALIDATION: "unusable"} and unusable.log.texts["validation/error.txt"] == unusable.result["unusable"]
+    # a train file with the wrong header: named once, by its config key and the file given, with the fix
+    bad = data.validate_data(cfg, _files(tmp_path / "bad", train_header="text\tstars"), selfattn_home)
+    assert not bad.result["passed"] and not bad.cached and list(bad.result["failures"]) == ["train"]
     with pytest.raises(UserError) as err:
-        data.require_passed(unusable)
-    assert str(err.value) == unusable.result["unusable"] and err.value.exit_code == unusable.result["exit_code"]
-    assert not (Path(unusable.dir) / MARKER).exists() and not (Path(leaked.dir) / MARKER).exists()  # checked again next time
+        data.require_passed(bad)
+    message = str(err.value)
+    assert "data.train (" in message and "no text column 'sentence'" in message and "--set data.text_column=NAME" in message
+    assert message.count("no text column") == 1 and "--against" not in message and "data.dev" not in message
+    assert not (Path(bad.dir) / MARKER).exists() and not (Path(leaked.dir) / MARKER).exists()  # checked again next time

@@ -74,13 +74,16 @@ def test_already_champion_and_guarded_slices():
 
 
 def test_version_tags_and_run_key():
-    ev = StageOutput(stage="evaluate", key="e1", dir="/e", result={"metrics": {"accuracy": 0.8125, "n": 16.0}, "dataset_digest": "dd"})
+    metrics = {"accuracy": 0.8125, "n": 16.0, "slice.negation.accuracy": 0.5, "slice.len_le12.accuracy": 0.75}
+    ev = StageOutput(stage="evaluate", key="e1", dir="/e", result={"metrics": metrics, "dataset_digest": "dd"})
     ft = StageOutput(stage="finetune", key="f1", dir="/f")
-    tags = register.version_tags(ev, metric="accuracy", pipeline_run_id="p", mlflow_run_id="r")
+    tags = register.version_tags(ev, metric="accuracy", pipeline_run_id="p", mlflow_run_id="r", slices={"negation": 0.02})
+    # a handful: the runs, the metric and its score, the data, the guarded slice; the rest stays on the run
     assert tags == {
         register.TAG_PIPELINE_RUN_ID: "p", register.TAG_METRIC: "accuracy", register.TAG_SCORE: "0.812500",
-        register.TAG_EVAL_DIGEST: "dd", "mlflow_run_id": "r", "eval.accuracy": "0.812500", "eval.n": "16.000000",
+        register.TAG_EVAL_DIGEST: "dd", "mlflow_run_id": "r", "eval.slice.negation.accuracy": "0.500000",
     }
+    assert register.slice_regression(tags, {**tags, "eval.slice.negation.accuracy": "0.9"}, {"negation": 0.02}) is not None
     assert register.score(tags, "accuracy") == 0.8125
     assert register.version_tags(ev, metric="f1", pipeline_run_id="p", mlflow_run_id="r")[register.TAG_SCORE] == "nan"
     key = register.run_key(ft, ev, "m")

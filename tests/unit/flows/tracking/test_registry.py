@@ -71,10 +71,12 @@ def test_gate_promote_and_rollback(model_uri, mlflow_home):
     assert registry.gate(model_name=NAME, version=v5, metric="accuracy", margin=0.01, home=mlflow_home).promoted
     assert _aliases()["champion"] == v5 and _aliases()["previous_champion"] == v1
     assert client.get_model_version(NAME, v5).tags["previous_champion"] == v1
+    assert client.get_registered_model(NAME).tags["champion_history"] == f"v{v1} -> v{v5}"  # readable, oldest first
 
     # manual promote, then two rollbacks walk the history back
     assert registry.promote(NAME, v2, home=mlflow_home) == v5
     assert _aliases()["champion"] == v2
+    assert client.get_registered_model(NAME).tags["champion_history"] == f"v{v1} -> v{v5} -> v{v2}"
     assert registry.rollback(NAME, home=mlflow_home) == v5
     assert registry.rollback(NAME, home=mlflow_home) == v1
     assert _aliases()["champion"] == v1
@@ -114,3 +116,8 @@ def test_gate_refuses_a_slice_regression_only_when_asked(model_uri, mlflow_home)
     d4 = registry.gate(model_name=SLICED, version=v4, metric="accuracy", margin=0.0, home=mlflow_home, slices={"negatoin": 0.02})
     assert not d4.promoted and "'negatoin'" in d4.reason
     assert registry.gate(model_name=SLICED, version=v4, metric="accuracy", margin=0.0, home=mlflow_home).promoted
+
+
+def test_history_reads_its_own_text_and_the_older_comma_form():
+    assert registry.parse_history(registry.format_history(["1", "3", "12"])) == ["1", "3", "12"]
+    assert registry.parse_history("1,3,12") == ["1", "3", "12"] and registry.parse_history("") == []
