@@ -17,7 +17,7 @@ import typer
 
 from selfattn.errors import UserError
 
-CONFIG_HELP = "preset (demo, smoke) or a YAML file"
+CONFIG_HELP = "preset (demo, scratch, smoke, gpt2) or a YAML file"
 SET_HELP = (
     "override a config key, e.g. --set search.n_trials=4 (repeatable); a searched finetune key is fixed "
     "(--set finetune.optim.lr=0.001), a range is set with brackets (--set 'search.space[optim.lr].high=0.01')"
