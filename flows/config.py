@@ -46,7 +46,7 @@ from selfattn.train.config import FinetuneConfig, PretrainConfig
 from selfattn.utils import deep_merge
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-PRESETS = ("demo", "smoke", "gpt2")
+PRESETS = ("demo", "scratch", "smoke", "gpt2")
 
 # public sources used when SELFATTN_DATA_DIR is not set (users with internet)
 HUB_SST2 = "stanfordnlp/sst2"
@@ -326,7 +326,7 @@ def _typed_tree(tree: dict[str, Any], typed: dict[str, Any]) -> dict[str, Any]:
 
 
 def preset_path(name_or_path: str | Path) -> Path:
-    """``'demo'`` / ``'smoke'`` -> the shipped preset; anything else is a YAML path."""
+    """A shipped preset's name (``'demo'``, ``'smoke'``, ...) -> its file; anything else is a YAML path."""
     if str(name_or_path) in PRESETS:
         return PRESETS_DIR / f"{name_or_path}.yaml"
     p = Path(name_or_path)

@@ -28,7 +28,7 @@ def _preset_data_files(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFATTN_DATA_DIR", str(data))
 
 
-@pytest.mark.parametrize("preset", ["smoke", "demo"])
+@pytest.mark.parametrize("preset", ["smoke", "demo", "scratch"])
 def test_presets_load_as_the_engine_configs(preset):
     cfg = load_pipeline_config(preset)
     assert cfg.name == preset and cfg.search.space and cfg.search.n_trials >= 2
