@@ -37,7 +37,7 @@ class DiskFull(UserError):
         need = f"; it needs about {human_bytes(need_bytes)}" if need_bytes else ""
         super().__init__(
             f"no space left on the device while writing {what} to {self.path} ({human_bytes(self.free_bytes)} free "
-            f"there{need}). Nothing written before is lost: the half-written file was removed. Free space on that "
+            f"there{need}). Nothing written before is lost: what was half-written was removed. Free space on that "
             "disk (or point SELFATTN_HOME at a larger one) and run the same command again: it resumes where it stopped",
             exit_code=EXIT_DISK_FULL,
         )

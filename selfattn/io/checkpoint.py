@@ -168,7 +168,8 @@ def save_pretrained(
     }
     tensors = _tensors_to_save(model)
 
-    with atomic_dir(out, what="a model checkpoint") as tmp:
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_dir(out, need_bytes=need, what="a model checkpoint") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "task": task, **config_metadata(cfg)})
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
