@@ -285,7 +285,16 @@ def status(
     pool: Optional[str] = typer.Option(None, "--pool", help="also report this work pool's workers"),
 ) -> None:
     """Recent flow runs (Late and Crashed ones included) and, with --pool, whether a worker is online."""
-    setup_home()
+    home = setup_home()
+    database = home / "prefect" / "prefect.db"  # the embedded API's (prefect_env)
+    embedded = not os.environ.get("PREFECT_API_URL") and os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL", "").endswith(str(database))
+    if embedded and not database.is_file() and not pool:
+        # the embedded API has never run in this home: nothing to list, and no server to start for it
+        print(f"no flow runs yet in {home} (`selfattn run` starts one)")
+        return
+    from flows import console
+
+    console.install()  # before Prefect is imported: its start-up banners are not for this command
     from prefect import get_client
     from rich.console import Console
     from rich.table import Table

@@ -104,3 +104,16 @@ def test_status_refuses_a_state_prefect_does_not_have(selfattn_home, capsys):
     assert main(["status", "--state", "Bogus"]) == 2
     err = capsys.readouterr().err
     assert "unknown flow-run state 'Bogus'" in err and "Late" in err and "Crashed" in err
+
+
+def test_status_on_a_home_without_runs_starts_no_server(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    code = "import sys; from selfattn.cli import main; rc = main(['status']); print(rc, 'prefect' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "SELFATTN_HOME": str(home)}, timeout=120)
+    assert done.stdout.splitlines() == [f"no flow runs yet in {home} (`selfattn run` starts one)", "0 False"], done.stdout + done.stderr
+    assert not (home / "prefect" / "prefect.db").exists()
