@@ -4,6 +4,9 @@ same file without the pipeline."""
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -53,7 +56,12 @@ def test_pipeline_from_a_gguf_file(tmp_path, data_dir, monkeypatch):
         tuned = load_pretrained(result.stages["finetune"].result["best_dir"])
         assert tuned.task == "classifier" and tuned.config.pooling == "last"
         assert tuned.tokenizer.encode("a gripping film") == tok.encode("a gripping film")
-        assert result.model_version == "1" and 0.0 <= result.metrics["accuracy"] <= 1.0
+        assert result.model_version == "1"
+        preds = Path(result.stages["evaluate"].result["eval_dir"]) / "predictions.tsv"
+        with preds.open(newline="") as f:
+            scored = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        assert len(scored) == 100  # the smoke preset's dev scored
+        assert result.metrics["accuracy"] == pytest.approx(sum(r["label"] == r["prediction"] for r in scored) / len(scored))
     finally:
         mlflow.set_tracking_uri(before)
 
