@@ -46,7 +46,7 @@ from selfattn.train.config import FinetuneConfig, PretrainConfig
 from selfattn.utils import deep_merge
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-PRESETS = ("demo", "scratch", "smoke", "gpt2")
+PRESETS = ("demo", "scratch", "smoke", "gpt2", "smollm2")
 
 # public sources used when SELFATTN_DATA_DIR is not set (users with internet)
 HUB_SST2 = "stanfordnlp/sst2"

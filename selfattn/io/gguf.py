@@ -198,27 +198,35 @@ def _dequantize(f: GGUFFile, name: str, t: Any) -> np.ndarray:
     return w if w.flags.writeable else w.copy()  # F32 comes back as a view of the read-only memory map
 
 
+def _checked(f: GGUFFile, name: str) -> np.ndarray:
+    """One tensor dequantized; a NaN or Inf is refused, naming the tensor."""
+    w = _dequantize(f, name, f.tensors[name])
+    if not np.isfinite(w).all():
+        raise UserError(f"{f.path}: tensor {name!r} holds {int((~np.isfinite(w)).sum())} NaN/Inf values of {w.size}; the file is corrupt")
+    return w
+
+
 def hf_tensors_of(f: GGUFFile, hf: dict[str, Any]) -> dict[str, Tensor]:
     """Every tensor, dequantized to float32, under transformers' names (q/k unpermuted for llama).
-    A NaN or Inf is refused, naming the tensor; so is a tensor with no place in the family."""
+    A NaN or Inf is refused, naming the tensor; so is a tensor with no place in the family.
+
+    Tensors are dequantized on ``torch.get_num_threads()`` threads (numpy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unknown = sorted(name for name in f.tensors if _hf_name(name) is None)
+    if unknown:
+        raise UserError(f"{f.path}: {len(unknown)} tensors have no place in a {f.arch.name} model: {unknown[:5]}")
+    names = list(f.tensors)
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        arrays = list(pool.map(lambda name: _checked(f, name), names))
     n_heads, n_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     out: dict[str, Tensor] = {}
-    unknown = []
-    for name, t in f.tensors.items():
-        theirs = _hf_name(name)
-        if theirs is None:
-            unknown.append(name)
-            continue
-        w = _dequantize(f, name, t)
-        if not np.isfinite(w).all():
-            raise UserError(f"{f.path}: tensor {name!r} holds {int((~np.isfinite(w)).sum())} NaN/Inf values of {w.size}; the file is corrupt")
+    for name, w in zip(names, arrays):
         if f.arch.permute_qk and ".attn_q." in name:
             w = _unpermute(w, n_heads)
         elif f.arch.permute_qk and ".attn_k." in name:
             w = _unpermute(w, n_kv)
-        out[theirs] = torch.from_numpy(w)
-    if unknown:
-        raise UserError(f"{f.path}: {len(unknown)} tensors have no place in a {f.arch.name} model: {sorted(unknown)[:5]}")
+        out[_hf_name(name)] = torch.from_numpy(w)  # type: ignore[index]
     return out
 
 

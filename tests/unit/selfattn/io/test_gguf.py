@@ -384,3 +384,22 @@ def test_smollm2_matches_transformers():
     with torch.no_grad():
         torch.testing.assert_close(model(torch.tensor([ids])).logits, ref(torch.tensor([ids])).logits, atol=1e-3, rtol=0)
         assert _greedy(lambda x: model(x).logits, ids, 12) == _greedy(lambda x: ref(x).logits, ids, 12)
+
+
+def test_export_with_a_selfattn_trained_tokenizer(tmp_path):
+    """A model trained here (byte-level BPE of selfattn's own) goes out and comes back with the same ids."""
+    from selfattn.config import ModelConfig
+    from selfattn.data.tokenization import BPETokenizer
+    from selfattn.nn.models import DecoderLM
+
+    tok = BPETokenizer.train(SENTENCES * 3, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, norm="rmsnorm", mlp="swiglu", tie_embeddings=False)
+    model = DecoderLM(cfg).eval()
+    back, back_tok = import_gguf(export_gguf(model, tmp_path / "own.gguf", tok))
+    for text in TEXTS:
+        assert back_tok.encode(text) == tok.encode(text)
+    assert (back_tok.bos_id, back_tok.eos_id, back_tok.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    ids = torch.tensor([tok.encode(TEXTS[0])])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
