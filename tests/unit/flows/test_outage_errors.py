@@ -71,7 +71,7 @@ def test_a_lease_of_a_dead_process_on_this_host_is_gone_a_live_or_remote_one_is_
         registry._ABANDONED.discard(token)
 
 
-def test_prefect_failure_lines_drop_the_traceback_only_for_explained_errors():
+def test_prefect_failure_lines_drop_explained_errors_and_keep_bugs_tracebacks():
     import logging
 
     from flows.console import _NoKnownTraceback
@@ -83,6 +83,13 @@ def test_prefect_failure_lines_drop_the_traceback_only_for_explained_errors():
         except BaseException:
             return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception", None, sys.exc_info())
 
-    explained, bug = record(UserError("the server did not answer")), record(KeyError("bug"))
-    assert _NoKnownTraceback().filter(explained) and explained.exc_info is None
+    import requests
+
+    explained, down, bug = (
+        record(UserError("bad data.text_column")),
+        record(requests.exceptions.ConnectionError("connection refused")),
+        record(KeyError("bug")),
+    )
+    assert not _NoKnownTraceback().filter(explained), "the closing paragraph says a UserError once"
+    assert _NoKnownTraceback().filter(down) and down.exc_info is None, "an outage keeps its line, not the retry chain"
     assert _NoKnownTraceback().filter(bug) and bug.exc_info is not None, "a real bug keeps its traceback"
