@@ -341,8 +341,14 @@ def ui(
         print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')} (configured server)")
     else:
         server_env = prefect_server_env(prefect_env(home), host, prefect_port)
-    print(" ".join(cmd))
-    raise typer.Exit(serve_uis(cmd, f"http://{host}:{port}", server_env, host, prefect_port))
+    from flows.tracking import runs
+
+    runs.configure(home)
+    links = runs.training_links(f"http://{host}:{port}")
+    if links:
+        print("training runs (MLflow opens an experiment on its GenAI overview until the sidebar switch says 'Model training'; these links set it):")
+        print("\n".join(f"  {name}: {url}" for name, url in links))
+    raise typer.Exit(serve_uis(cmd, f"http://{host}:{port}", server_env, host, prefect_port, log_dir=home / "logs"))
 
 
 def presets(name: Optional[str] = typer.Argument(None, help="a preset to print (as a start for your own file)")) -> None:

@@ -296,18 +296,31 @@ def prefect_server_env(embedded: dict[str, str], host: str, port: int) -> dict[s
 
 
 def serve_uis(mlflow_cmd: list[str], mlflow_url: str, prefect_env_: dict[str, str] | None, host: str, prefect_port: int,
-              timeout_s: float = 180.0) -> int:  # fmt: skip
+              timeout_s: float = 180.0, log_dir: Path | None = None) -> int:  # fmt: skip
     """Start the MLflow UI and (unless ``prefect_env_`` is None) a Prefect server; block until Ctrl-C.
 
-    Both run as child processes; Ctrl-C (or SIGTERM) stops both process trees.
+    Both run as child processes; Ctrl-C (or SIGTERM) stops both process trees. With ``log_dir``
+    their output (Prefect's banner and advice, the servers' request lines) goes to
+    ``<log_dir>/<name>.log`` and the console shows only the addresses, or a log's tail when a
+    server does not start.
     """
     import signal
 
-    procs: dict[str, subprocess.Popen] = {"mlflow": subprocess.Popen(mlflow_cmd)}
+    logs: dict[str, Path] = {}
+
+    def start(name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        if log_dir is None:
+            return subprocess.Popen(cmd, env=env)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        logs[name] = log_dir / f"{name}-ui.log"
+        with open(logs[name], "ab") as out:
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    procs: dict[str, subprocess.Popen] = {"mlflow": start("mlflow", mlflow_cmd)}
     checks = {"mlflow": (f"{mlflow_url}/health", mlflow_url)}
     if prefect_env_ is not None:
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port)]
-        procs["prefect"] = subprocess.Popen(cmd, env=prefect_env_)
+        procs["prefect"] = start("prefect", cmd, prefect_env_)
         base = f"http://{host}:{prefect_port}"
         checks["prefect"] = (f"{base}/api/health", base)
     def interrupt(*_):
@@ -323,6 +336,9 @@ def serve_uis(mlflow_cmd: list[str], mlflow_url: str, prefect_env_: dict[str, st
             for name, (health, _) in list(pending.items()):
                 if procs[name].poll() is not None:
                     print(f"{name} exited during start-up (rc {procs[name].returncode})", file=sys.stderr, flush=True)
+                    if name in logs:
+                        tail = logs[name].read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
+                        print("\n".join([f"the end of {logs[name]}:", *tail]), file=sys.stderr, flush=True)
                     return 1
                 if _answers(health):
                     pending.pop(name)
@@ -332,7 +348,7 @@ def serve_uis(mlflow_cmd: list[str], mlflow_url: str, prefect_env_: dict[str, st
             return 1
         for name, (_, url) in checks.items():
             print(f"{name} UI: {url}", flush=True)
-        print("Ctrl-C stops both.", flush=True)
+        print("Ctrl-C stops both." + (f" Their logs: {', '.join(map(str, logs.values()))}" if logs else ""), flush=True)
         while all(p.poll() is None for p in procs.values()):
             time.sleep(0.5)
         return next(p.returncode for p in procs.values() if p.poll() is not None) or 0

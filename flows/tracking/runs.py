@@ -400,6 +400,20 @@ def run_url(run_id: str, experiment_id: str) -> str:
     return f"runs:/{run_id} (open with `selfattn ui`, experiment {experiment_id})"
 
 
+def training_links(base: str) -> list[tuple[str, str]]:
+    """``(experiment name, link to its training runs)`` for every training experiment of the configured store.
+
+    MLflow 3.17's UI does not read the experiment's ``mlflow.experimentKind`` tag: its sidebar
+    switch (GenAI / Model training, kept in the browser's ``localStorage`` as
+    ``mlflow.workflowType_v1``, default GenAI) decides, so from the home page an experiment opens
+    on the GenAI overview until the switch is set once. These links set it for the page they open.
+    """
+    from mlflow import MlflowClient
+
+    experiments = MlflowClient().search_experiments(filter_string=f"tags.`{TAG_EXPERIMENT_KIND}` = '{EXPERIMENT_KIND}'")
+    return [(e.name, ui_url(base, f"experiments/{e.experiment_id}/runs")) for e in experiments]
+
+
 def ui_url(base: str, route: str, **query: str) -> str:
     """A link into the MLflow UI that opens in its "Model training" layout.
 

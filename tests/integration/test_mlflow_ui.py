@@ -152,3 +152,114 @@ def test_console_is_quiet_and_verbose_shows_everything(ui):
     assert not [w for w in QUIET if w in quiet]
     assert "Beginning subflow run" not in quiet  # Prefect's INFO stays in the Prefect UI
     assert "interpreted in multiple ways" in verbose and "Beginning subflow run" in verbose
+
+
+class _Browser:
+    """Headless Chromium driven over the DevTools protocol: navigate, click a link, read the page."""
+
+    def __init__(self, profile: Path):
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--remote-debugging-port={self.port}",
+             f"--user-data-dir={profile}", "--window-size=1600,1400", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(self._tabs, timeout=60, what="chromium's DevTools endpoint")
+        self.ws_url = next(t["webSocketDebuggerUrl"] for t in self._tabs() if t["type"] == "page")
+
+    def _tabs(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json", timeout=2) as resp:
+                return json.load(resp)
+        except OSError:
+            return None
+
+    def run(self, steps):
+        """``steps``: ("go", url) | ("click", link or button text) | ("read", text expected on an experiment's page);
+        returns [(url, text)] per read."""
+        import asyncio
+        import time
+
+        import websockets
+
+        async def session():
+            async with websockets.connect(self.ws_url, max_size=50_000_000) as ws:
+                counter = iter(range(1, 10**6))
+
+                async def call(method, **params):
+                    my = next(counter)
+                    await ws.send(json.dumps({"id": my, "method": method, "params": params}))
+                    while True:
+                        msg = json.loads(await ws.recv())
+                        if msg.get("id") == my:
+                            return msg.get("result", {}).get("result", {}).get("value")
+
+                async def text_when(needle, timeout=180, url_part=""):
+                    end = time.monotonic() + timeout
+                    while True:
+                        text = " ".join((await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True) or "").split())
+                        url = await call("Runtime.evaluate", expression="location.href", returnByValue=True) or ""
+                        if (needle in text and url_part in url) or time.monotonic() > end:
+                            return text
+                        await asyncio.sleep(1)
+
+                reads = []
+                for kind, arg in steps:
+                    if kind == "go":
+                        await call("Page.navigate", url=arg)
+                        await asyncio.sleep(3)  # the new document replaces the old one
+                    elif kind == "click":
+                        click = (
+                            "(() => { const named = s => [...document.querySelectorAll(s)]"
+                            f".find(e => e.innerText && e.innerText.trim() === {json.dumps(arg)});"
+                            " const e = named('a') || named('button, [role=radio], span'); if (!e) return false; e.click(); return true; })()"
+                        )  # fmt: skip
+                        end = time.monotonic() + 180
+                        while not await call("Runtime.evaluate", returnByValue=True, expression=click):
+                            assert time.monotonic() < end, f"nothing to click named {arg!r}"
+                            await asyncio.sleep(1)
+                    else:  # read: the text on a page of an experiment
+                        await text_when(arg, url_part="/experiments/")
+                        await asyncio.sleep(3)  # the page settles (tabs redirect once)
+                        text = await text_when(arg, url_part="/experiments/")
+                        reads.append((await call("Runtime.evaluate", expression="location.href", returnByValue=True), text))
+                return reads
+
+        return asyncio.run(session())
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def test_from_the_home_page_an_experiment_opens_on_its_training_runs_once_the_switch_says_so(ui, tmp_path):
+    """MLflow 3.17 picks GenAI or Model training from the sidebar switch kept in the browser
+    (``localStorage`` ``mlflow.workflowType_v1``, default GenAI), not from the experiment's
+    ``mlflow.experimentKind`` tag. A fresh browser lands on the GenAI overview; once the switch is
+    set, the home page's link lands on the training runs; the links selfattn prints always do."""
+    from flows.tracking.runs import training_links
+
+    name, home = ui["experiment"]["name"], ui["mlflow_url"] + "/"
+    browser = _Browser(tmp_path / "profile")
+    try:
+        [(url, fresh)] = browser.run([("go", home), ("click", name), ("read", "Detect Issues")])
+        assert "Detect Issues" in fresh and "/overview" in url, url
+        reads = browser.run([("click", "Model training"), ("go", home), ("click", name), ("read", ui["parents"][0]["info"]["run_name"])])
+        [(url, switched)] = reads
+        assert "/runs" in url and "workflowType=machine_learning" in url
+        for r in ui["parents"]:
+            assert r["info"]["run_name"] in switched
+        assert "Detect Issues" not in switched
+    finally:
+        browser.close()
+    import mlflow
+
+    mlflow.set_tracking_uri(ui["mlflow_url"])
+    links = dict(training_links(ui["mlflow_url"]))
+    assert links[name] == ui_url(ui["mlflow_url"], f"experiments/{ui['experiment']['experiment_id']}/runs")
+    fresh_browser = _Browser(tmp_path / "profile2")
+    try:
+        [(_, text)] = fresh_browser.run([("go", links[name]), ("read", ui["parents"][0]["info"]["run_name"])])
+        assert ui["parents"][0]["info"]["run_name"] in text and "Detect Issues" not in text
+    finally:
+        fresh_browser.close()

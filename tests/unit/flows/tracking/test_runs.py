@@ -91,3 +91,15 @@ def test_stage_run_nests_fails_on_error_and_log_stage_records_the_declarations(m
     with runs.stage_run("c", ctx) as c:
         pass
     assert client.get_run(c).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_training_links_open_each_training_experiment_on_its_runs(mlflow_home):
+    from mlflow import MlflowClient
+
+    from flows.tracking.runs import ensure_experiment, training_links, ui_url
+
+    exp_id = ensure_experiment("first-hour", mlflow_home)
+    MlflowClient().create_experiment("a-genai-app", artifact_location=(mlflow_home / "other").as_uri())
+    links = training_links("http://127.0.0.1:5000")
+    assert links == [("first-hour", ui_url("http://127.0.0.1:5000", f"experiments/{exp_id}/runs"))]
+    assert links[0][1].endswith("?workflowType=machine_learning")
