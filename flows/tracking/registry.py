@@ -133,6 +133,12 @@ def _registry_lease(model_name: str, timeout_s: float, client=None) -> Iterator[
             )
             break
         except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                # the server's create met the holder's lock, then looked it up to say so and found
+                # it released in between (MLflow's create_registered_model): free again, try again
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"registry lock {lock!r} contended for {timeout_s:.0f}s") from exc
+                continue
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         held = _lease_tags(client, lock)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flows.tracking import registry
@@ -121,3 +123,28 @@ def test_gate_refuses_a_slice_regression_only_when_asked(model_uri, mlflow_home)
 def test_history_reads_its_own_text_and_the_older_comma_form():
     assert registry.parse_history(registry.format_history(["1", "3", "12"])) == ["1", "3", "12"]
     assert registry.parse_history("1,3,12") == ["1", "3", "12"] and registry.parse_history("") == []
+
+
+def test_the_lease_is_taken_when_its_holder_releases_between_the_stores_create_and_lookup(mlflow_home, monkeypatch):
+    """MLflow's create_registered_model meets an existing name, then looks the model up to say so:
+    when the holder deletes its lock in between, the create answers RESOURCE_DOES_NOT_EXIST. That
+    is a free lock, not an error (two hosts gating at once hit it)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    lock = f"{NAME}{registry.LOCK_SUFFIX}"
+    client.create_registered_model(lock, tags={registry.TAG_LOCK_OWNER: "other-host:1:x"})  # held by another host
+    store = client._get_registry_client().store
+    lookup, released = store.get_registered_model, []
+
+    def holder_releases_first(name):
+        if name == lock and not released:
+            released.append(name)
+            store.delete_registered_model(lock)  # the holder's release lands between create and lookup
+        return lookup(name)
+
+    monkeypatch.setattr(store, "get_registered_model", holder_releases_first)
+    with registry._registry_lease(NAME, timeout_s=30, client=client):
+        owner = registry._lease_tags(client, lock).get(registry.TAG_LOCK_OWNER, "")
+        assert released and owner.split(":")[1] == str(os.getpid())
+    assert registry._lease_tags(client, lock) == {}  # released on exit
