@@ -419,16 +419,22 @@ def _versions_line(model_name: str, client) -> str:
     return f"its versions: {', '.join(map(str, versions)) or 'none'}; its aliases: {aliases}"
 
 
-def _check_version(model_name: str, version: str, client) -> None:
+def _check_member(model_name: str, kind: str, value: str, lookup, client) -> None:
+    """Refuse a version or alias (``kind``) that ``lookup(model_name, value)`` cannot find, naming the
+    store and listing the model's versions and aliases."""
     _check_model(model_name, client)
     try:
-        client.get_model_version(model_name, version)
+        lookup(model_name, value)
     except Exception as exc:
         if _is_missing(exc):
             raise UserError(
-                f"model {model_name!r} has no version {version!r} in the model store {registry_uri()}; {_versions_line(model_name, client)}"
+                f"model {model_name!r} has no {kind} {value!r} in the model store {registry_uri()}; {_versions_line(model_name, client)}"
             ) from None
         raise
+
+
+def _check_version(model_name: str, version: str, client) -> None:
+    _check_member(model_name, "version", version, client.get_model_version, client)
 
 
 def check_model_uri(model_uri: str, client=None) -> None:
@@ -445,15 +451,7 @@ def check_model_uri(model_uri: str, client=None) -> None:
         else:
             _check_model(name, client)
         return
-    _check_model(name, client)
-    try:
-        client.get_model_version_by_alias(name, alias)
-    except Exception as exc:
-        if _is_missing(exc):
-            raise UserError(
-                f"model {name!r} has no alias {alias!r} in the model store {registry_uri()}; {_versions_line(name, client)}"
-            ) from None
-        raise
+    _check_member(name, "alias", alias, client.get_model_version_by_alias, client)
 
 
 __all__ = [
