@@ -127,12 +127,20 @@ def run(
     config: str = typer.Option("demo", "--config", "-c", metavar="PRESET|FILE", help=CONFIG_HELP),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help=SET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show every library log line and warning"),
+    new_run: bool = typer.Option(
+        False, "--new-run", help="record a new pipeline run even when every stage is cached "
+        "(without it, a config whose stages all finished earlier reports that run and stops)"),
 ) -> None:
-    """Run the pipeline: validate -> pretrain -> search -> fine-tune -> evaluate -> register -> promote."""
+    """Run the pipeline: validate -> pretrain -> search -> fine-tune -> evaluate -> register -> promote.
+
+    Each stage is cached by its inputs; when all of them finished earlier in this home, the command
+    says so and prints that run's summary (--new-run records a new run from the cache)."""
     cfg = _load(config, overrides or [])  # refused before any work (and before the heavy imports)
     from flows import console
 
     console.install(verbose=verbose)
+    if not new_run and _report_up_to_date(cfg):
+        return
     _start(cfg)
     from flows.pipeline import pipeline
     from flows.summary import console_lines
@@ -140,6 +148,18 @@ def run(
     with _embedded_settings():
         result = pipeline(cfg)
     print("\n".join(console_lines(result, ui_hint(result.mlflow_run_id, result.experiment_id))))
+
+
+def _report_up_to_date(cfg) -> bool:
+    """Print the earlier run and return True when every stage of ``cfg`` is done in this home."""
+    from flows import uptodate
+    from flows.paths import selfattn_home
+
+    found = uptodate.find(cfg, selfattn_home())
+    if found is None:
+        return False
+    print("\n".join(uptodate.console(found, ui_hint(found.result.mlflow_run_id, found.result.experiment_id))))
+    return True
 
 
 def ui_hint(run_id: str, experiment_id: str) -> str:
@@ -293,18 +313,29 @@ def status(
         print(f"no flow runs yet in {home} (`selfattn run` starts one)")
         return
     from flows import console
+    from flows.prefect_ops import check_states, pool_report, recent_runs, recent_runs_from_database, worker_command
 
-    console.install()  # before Prefect is imported: its start-up banners are not for this command
-    from prefect import get_client
+    runs, report = None, None
+    if state or not embedded or pool:
+        console.install()  # before Prefect is imported: its start-up banners are not for this command
+    state = check_states(state) if state else None  # Prefect's state names: imports it, only for --state
+    if embedded and not pool:
+        import sqlite3
+
+        try:  # the embedded API's file, read directly: no server to start for a table
+            runs = recent_runs_from_database(database, limit=limit, states=state)
+        except sqlite3.Error as exc:
+            print(f"note: reading {database} directly failed ({exc}); asking Prefect's API instead", file=sys.stderr)
+    if runs is None:
+        console.install()
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            runs = recent_runs(client, limit=limit, states=state)
+            report = pool_report(client, pool) if pool else None
     from rich.console import Console
     from rich.table import Table
 
-    from flows.prefect_ops import check_states, pool_report, recent_runs, worker_command
-
-    state = check_states(state) if state else None
-    with get_client(sync_client=True) as client:
-        runs = recent_runs(client, limit=limit, states=state)
-        report = pool_report(client, pool) if pool else None
     table = Table("flow run", "state", "expected start (UTC)", "work pool", title="recent flow runs")
     for r in runs:
         table.add_row(r["name"], r["state"], r["expected_start"], r["work_pool"])

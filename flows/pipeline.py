@@ -218,7 +218,7 @@ def pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None 
         out["evaluate"] = evaluate_flow(cfg, out["data"], out["finetune"], ctx)
         result = PipelineResult(
             pipeline_run_id=ctx.pipeline_run_id, mlflow_run_id=ctx.parent_run_id, experiment_id=ctx.experiment_id,
-            stages=out, metrics=out["evaluate"].result["metrics"],
+            stages=out, metrics=out["evaluate"].result["metrics"], identity=summary.run_identity(cfg),
         )
         if cfg.registry.enabled:
             reg = register_flow(cfg, out["finetune"], out["evaluate"], ctx)

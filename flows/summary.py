@@ -22,6 +22,25 @@ class PipelineResult(BaseModel):
     model_name: str | None = None
     model_version: str | None = None
     decision: dict[str, Any] | None = None
+    # what asked for this run: the validated config and the pipeline's code (run_identity); a later
+    # `selfattn run` with the same identity and every stage cached has nothing to do
+    identity: str = ""
+
+
+def run_identity(cfg: Any) -> str:
+    """Digest of the validated config (every section: the gate's margin and the experiment too)
+    and of the ``flows`` code (the stage keys cover ``selfattn`` and ``flows/stages``; the gate,
+    registration and tracking code live beside them)."""
+    import hashlib
+
+    from flows.stages.base import digest
+
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return digest({"config": cfg.model_dump(mode="json"), "flows": h.hexdigest()})[:24]
 
 
 # the metrics the console shows (the rest are in the MLflow run and summary.md), in this order
@@ -86,15 +105,16 @@ def markdown(config_name: str, result: PipelineResult, url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def console_lines(result: PipelineResult, ui_hint: str = "selfattn ui") -> list[str]:
-    """The run's summary as ``selfattn run`` prints it: stages, headline metrics, the decision, what next."""
+def console_lines(result: PipelineResult, ui_hint: str = "selfattn ui", model_line: str | None = None) -> list[str]:
+    """The run's summary as ``selfattn run`` prints it: stages, headline metrics, the decision
+    (or ``model_line`` in its place), what next."""
     lines = [f"pipeline run {result.pipeline_run_id} (MLflow run {result.mlflow_run_id})"]
     lines += [f"  {name:<9} {'cached' if out.cached else 'ran   '} {out.dir}" for name, out in result.stages.items()]
     shown = [k for k in HEADLINE if k in result.metrics]
     lines += [f"  {k:<17} {format_metric(k, result.metrics[k])}" for k in shown]
     if len(result.metrics) > len(shown):
         lines.append(f"  ({len(result.metrics) - len(shown)} more metrics in the MLflow run and summary.md)")
-    if decision := decision_line(result):
+    if decision := model_line or decision_line(result):
         lines.append(decision)
     if warning := baseline_warning(result):
         lines.append(warning)

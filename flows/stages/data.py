@@ -90,10 +90,15 @@ def _write_split(cfg: PipelineConfig, split: str, src: dict[str, Any], target: P
     _write_table(table, target)
 
 
+def data_plan(cfg: PipelineConfig, home: Path) -> tuple[Stage, dict[str, dict[str, Any]]]:
+    """The data stage (keyed by the data section, the sources' identities and the seed) and those sources."""
+    sources = _sources(cfg, home)
+    return Stage(home, "data", {"data": cfg.data.model_dump(), "sources": sources, "seed": cfg.seed}), sources
+
+
 def prepare_data(cfg: PipelineConfig, home: Path) -> StageOutput:
     """Materialise the run's data files (subsampled: exactly what is trained, checked and logged)."""
-    sources = _sources(cfg, home)
-    stage = Stage(home, "data", {"data": cfg.data.model_dump(), "sources": sources, "seed": cfg.seed})
+    stage, sources = data_plan(cfg, home)
     with stage.claim() as (out, out_dir):
         if out is None:
             atomic_write_text(out_dir / "corpus.txt", _corpus_text(cfg, sources))
@@ -125,6 +130,12 @@ def _data_log(cfg: PipelineConfig, out: StageOutput) -> Logged:
 # --------------------------------------------------------------------------- the gate
 
 
+def validate_plan(cfg: PipelineConfig, data: StageOutput, home: Path) -> Stage:
+    """The gate's stage, keyed by the data digests, the labels and the columns (its marker: the checks passed)."""
+    d = cfg.data
+    return Stage(home, "validate", {"data": data.result["digests"], "labels": d.labels, "cols": [d.text_column, d.label_column]})
+
+
 def validate_data(cfg: PipelineConfig, data: StageOutput, home: Path) -> StageOutput:
     """data_checks on the corpus, the training split and the dev split (against train).
 
@@ -132,8 +143,7 @@ def validate_data(cfg: PipelineConfig, data: StageOutput, home: Path) -> StageOu
     ``passed``, the failures and the paths of report.json and the GX Data Docs; a file the checks
     cannot read at all holds ``unusable`` (the error) instead.
     """
-    d = cfg.data
-    stage = Stage(home, "validate", {"data": data.result["digests"], "labels": d.labels, "cols": [d.text_column, d.label_column]})
+    stage = validate_plan(cfg, data, home)
     with stage.claim() as (out, out_dir):
         if out is None:
             try:

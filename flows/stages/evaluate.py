@@ -40,10 +40,15 @@ SUMMARY_FILE = "summary.json"
 DETAIL_METRIC_PREFIXES = ("behaviour.", "slice.", "calibration.", "ece_uncalibrated")
 
 
+def evaluate_plan(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> Stage:
+    """The evaluate stage, keyed by the fine-tune, the dev split and the evaluation section."""
+    inputs = {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump()}
+    return Stage(home, "evaluate", inputs)
+
+
 def evaluate_stage(cfg: PipelineConfig, data: StageOutput, finetuned: StageOutput, home: Path) -> StageOutput:
     """Metrics on the dev split, plots (learning curves, confusion matrix, reliability, attention), explained examples."""
-    inputs = {"finetune": finetuned.key, "dev": data.result["digests"]["dev.tsv"], "evaluation": cfg.evaluation.model_dump()}
-    stage = Stage(home, "evaluate", inputs)
+    stage = evaluate_plan(cfg, data, finetuned, home)
     with stage.claim() as (out, out_dir):
         if out is None:
             out = stage.finish(_evaluate(cfg, data, finetuned, out_dir))

@@ -51,13 +51,30 @@ def init_from_stage(cfg: PipelineConfig, home: Path) -> StageOutput:
     )
 
 
-def _import_hf(spec: str, home: Path) -> StageOutput:
-    """A Hugging Face checkpoint converted once into the stage's directory."""
-    from selfattn.io.hf import convert_from_hf
+def _hf_plan(spec: str, home: Path) -> tuple[Stage, Path]:
+    """The import of a Hugging Face checkpoint, keyed by the digests of its files, and its directory."""
     from selfattn.io.sources import resolve_source
 
     source = resolve_source(spec[len(HF_PREFIX) :])
-    stage = Stage(home, "init_from", {"hf": _source_files(source)})
+    return Stage(home, "init_from", {"hf": _source_files(source)}), source
+
+
+def init_from_done(cfg: PipelineConfig, home: Path) -> StageOutput | None:
+    """The stage's stored output when its import finished earlier (an existing checkpoint: always),
+    else None; converts and writes nothing."""
+    spec = str(cfg.init_from)
+    if spec.startswith(HF_PREFIX):
+        return _hf_plan(spec, home)[0].done()
+    if spec.startswith(GGUF_PREFIX):
+        return _gguf_plan(spec, home)[0].done()
+    return _existing(spec, home)
+
+
+def _import_hf(spec: str, home: Path) -> StageOutput:
+    """A Hugging Face checkpoint converted once into the stage's directory."""
+    from selfattn.io.hf import convert_from_hf
+
+    stage, source = _hf_plan(spec, home)
     with stage.claim() as (out, out_dir):
         if out is None:
             best = convert_from_hf(source, out_dir / "model")
@@ -65,13 +82,19 @@ def _import_hf(spec: str, home: Path) -> StageOutput:
     return out
 
 
-def _import_gguf(spec: str, home: Path) -> StageOutput:
-    """A GGUF file converted once into the stage's directory (keyed by the file's digest)."""
-    from selfattn.io.gguf import convert_from_gguf
+def _gguf_plan(spec: str, home: Path) -> tuple[Stage, Path]:
+    """The import of a GGUF file, keyed by the file's digest, and the file."""
     from selfattn.io.sources import resolve_file
 
     source = resolve_file(spec[len(GGUF_PREFIX) :])
-    stage = Stage(home, "init_from", {"gguf": {source.name: file_digest(source.resolve())}})
+    return Stage(home, "init_from", {"gguf": {source.name: file_digest(source.resolve())}}), source
+
+
+def _import_gguf(spec: str, home: Path) -> StageOutput:
+    """A GGUF file converted once into the stage's directory (keyed by the file's digest)."""
+    from selfattn.io.gguf import convert_from_gguf
+
+    stage, source = _gguf_plan(spec, home)
     with stage.claim() as (out, out_dir):
         if out is None:
             best = convert_from_gguf(source, out_dir / "model")

@@ -65,6 +65,15 @@ def is_tracking_server(uri: str) -> bool:
     return uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc")
 
 
+def run_is_in(run_id: str, experiment: str) -> bool:
+    """Whether MLflow run ``run_id`` exists, is not deleted, and belongs to experiment ``experiment``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    return run.info.lifecycle_stage == "active" and client.get_experiment(run.info.experiment_id).name == experiment
+
+
 def ensure_experiment(name: str, home: Path | None = None) -> str:
     """The id of experiment ``name``, created if new; with a local store (SQLite, a file store, a
     database URL) its artifacts go under ``<home>/mlartifacts``, never the working directory's ``./mlruns``."""

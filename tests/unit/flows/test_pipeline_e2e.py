@@ -220,3 +220,71 @@ def test_prefect_summary_artifact(smoke):
     first = smoke["first"]
     assert "| pretrain | no |" in md and "| accuracy |" in md
     assert "promoted to champion" in md and first.mlflow_run_id in md
+
+
+# --------------------------------------------------------------------------- nothing to do: `selfattn run` on a finished config
+
+
+def _config(*overrides: str):
+    from flows.config import load_pipeline_config
+
+    return load_pipeline_config("smoke", list(overrides))
+
+
+def test_the_stage_lookup_finds_each_finished_run_and_nothing_else(smoke, data_dir, monkeypatch):
+    from flows.stages.lookup import completed
+
+    monkeypatch.setenv("SELFATTN_DATA_DIR", str(data_dir))
+    home = smoke["home"]
+    for run, overrides in ((smoke["first"], ()), (smoke["second"], SECOND)):
+        found = completed(_config(*overrides), home)
+        assert found is not None and {k: v.key for k, v in found.items()} == {k: v.key for k, v in run.stages.items()}
+        assert all(out.cached for out in found.values())
+    assert completed(_config("finetune.train.max_steps=9"), home) is None  # a fine-tune that never ran
+    assert completed(_config("evaluation.behaviour=false"), home) is None  # only the evaluation differs
+    marker = Path(smoke["first"].stages["evaluate"].dir) / "_SUCCESS"
+    hidden = marker.with_name("_SUCCESS.hidden")
+    marker.rename(hidden)
+    try:
+        assert completed(_config(), home) is None  # a stage whose marker is gone would run again
+    finally:
+        hidden.rename(marker)
+
+
+def test_up_to_date_reports_the_earlier_run_and_the_registry_now(smoke, data_dir, monkeypatch):
+    from flows import uptodate
+
+    monkeypatch.setenv("SELFATTN_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("SELFATTN_HOME", str(smoke["home"]))
+    home, first, second = smoke["home"], smoke["first"], smoke["second"]
+    found = uptodate.find(_config(), home)
+    assert found is not None and found.result.pipeline_run_id == first.pipeline_run_id
+    assert (found.result.model_version, found.champion) == ("1", "1")
+    lines = uptodate.console(found, "selfattn ui")
+    assert lines[0].startswith(f"up to date: every stage of this config, code and data finished earlier in pipeline run {first.pipeline_run_id}")
+    assert f"model {MODEL} v1: the champion" in lines
+    stage_lines = [line.split() for line in lines if line.startswith("  ") and line.split()[0] in first.stages]
+    assert [(s[0], s[1]) for s in stage_lines] == [(name, "cached") for name in first.stages]
+    assert f'selfattn predict --model models:/{MODEL}@champion "a gripping , beautifully acted film ."' in "\n".join(lines)
+    later = uptodate.find(_config(*SECOND), home)
+    assert later is not None and later.result.pipeline_run_id == second.pipeline_run_id and later.result.model_version == "2"
+    assert f"model {MODEL} v2: registered, not the champion (the champion is v1)" in uptodate.console(later, "selfattn ui")
+    # what a run would do differently is never "up to date": another registered name, another experiment
+    assert uptodate.find(_config("registry.model_name=another-model"), home) is None
+    assert uptodate.find(_config("tracking.experiment=another-experiment"), home) is None
+    assert uptodate.find(_config("finetune.train.max_steps=9"), home) is None
+    assert uptodate.find(_config("promotion.margin=0.5"), home) is None  # every stage cached, but the gate would decide anew
+
+
+def test_run_on_a_finished_config_says_so_without_starting_prefect(smoke, data_dir):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(SELFATTN_HOME=str(smoke["home"]), SELFATTN_DATA_DIR=str(data_dir))
+    code = "import sys; from selfattn.cli import main; rc = main(['run', '--config', 'smoke']); print('exit', rc, 'prefect' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.rstrip().endswith("exit 0 False"), done.stdout + done.stderr
+    assert f"finished earlier in pipeline run {smoke['first'].pipeline_run_id}" in done.stdout
+    assert "> validate" not in done.stdout + done.stderr  # no stage started
