@@ -74,7 +74,11 @@ def decision_line(result: PipelineResult) -> str | None:
     """``model NAME vN: promoted to champion (reason)`` or ``not promoted (reason)``."""
     if not result.decision:
         return None
+    from flows.stages.register import ALREADY_CHAMPION
+
     d = result.decision
+    if d["promoted"] and d.get("reason") == ALREADY_CHAMPION:
+        return f"model {result.model_name} v{result.model_version}: the champion already (the same model as before)"
     verdict = "promoted to champion" if d["promoted"] else "not promoted, the champion stays"
     return f"model {result.model_name} v{result.model_version}: {verdict} ({d['reason']})"
 

@@ -18,6 +18,8 @@ TAG_PIPELINE_RUN_ID = "selfattn.pipeline_run_id"
 TAG_METRIC = "eval.metric"
 TAG_SCORE = "eval.score"
 TAG_EVAL_DIGEST = "eval.dataset_digest"
+# the gate's reason when the challenger is the champion already (a rerun of the same model)
+ALREADY_CHAMPION = "already champion"
 
 
 def run_key(finetuned: StageOutput, evaluated: StageOutput, model_name: str) -> str:
@@ -151,7 +153,7 @@ def _compare(
     if champion_tags is None:
         return True, "no champion yet"
     if champion_version == version:
-        return True, "already champion"
+        return True, ALREADY_CHAMPION
     if champion_tags.get(TAG_EVAL_DIGEST) != tags.get(TAG_EVAL_DIGEST):
         return False, (
             f"champion v{champion_version} was evaluated on different data "

@@ -39,6 +39,13 @@ def test_a_model_at_the_majority_baseline_is_flagged_and_a_rejected_one_points_a
     assert "--model models:/m/3 " in rejected[-2]
 
 
+def test_a_rerun_of_the_champion_is_not_called_a_promotion():
+    lines = console_lines(_result(0.81, 0.51, promoted=True, reason="already champion"))
+    assert "model m v3: the champion already (the same model as before)" in lines
+    assert not [line for line in lines if "promoted" in line]
+    assert "--model models:/m@champion " in lines[-2]
+
+
 def test_markdown_keeps_every_metric_with_integer_counts():
     md = markdown("smoke", _result(0.5, 0.5, promoted=True), "runs:/r1")
     assert "| n | 872 |" in md and "| calibration.heldout_n | 50 |" in md and "| slice.negation.accuracy | 0.6000 |" in md
