@@ -175,12 +175,26 @@ _PIPELINE_PACKAGES = {"prefect", "mlflow", "optuna", "great_expectations", "rich
 EXIT_MISSING_EXTRA = 4
 
 
+def _plain_argument(param) -> None:
+    """Click's form for an argument in the usage line and the help (``NAME``, ``[NAME]``, ``TEXTS...``)
+    instead of Typer's (``{name}``, ``name <str>``)."""
+    name = (param.name or "").upper() + ("..." if param.nargs != 1 else "")
+    usage = name if param.required else f"[{name}]"
+    param._usage_display_name = lambda: usage
+    param._rich_display_name = lambda: name
+    param.display_type = param.display_type_rich = lambda ctx=None: ""
+    param.get_error_hint = lambda ctx=None: f"'{name.removesuffix('...')}'"
+
+
 def readable_metavars(command) -> None:
     """Metavars in the conventional form (``--port INTEGER``, ``--host TEXT``, a flag with none)
     instead of Typer's type names (``<int>``, ``<list[str]>``, ``<bool>``); explicit ones are kept."""
     names = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "Path": "PATH", "bool": ""}
     for param in command.params:
         if param.metavar is not None:
+            continue
+        if getattr(param, "param_type_name", "") == "argument":  # TEXTS..., not {texts}... <list[str]>
+            _plain_argument(param)
             continue
         if getattr(param, "param_type_name", "") != "option":
             continue

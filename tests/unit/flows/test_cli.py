@@ -64,6 +64,14 @@ def test_help_follows_the_conventions(capsys):
     assert "--set KEY=VALUE" in out and "--config PRESET|FILE" in out and "<bool>" not in out and "<list[str]>" not in out
     assert main(["status", "-h"]) == 0
     assert "--limit INTEGER" in capsys.readouterr().out
+    # arguments in Click's form: TEXTS..., NAME, [NAME]; never Typer's {texts}... <list[str]>
+    assert main(["predict", "-h"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage: selfattn predict [OPTIONS] TEXTS..." in out and any(line.split()[:2] == ["TEXTS...", "texts"] for line in out.splitlines())
+    assert "{" not in out and "<" not in out
+    assert main(["promote", "-h"]) == 0 and "Usage: selfattn promote [OPTIONS] NAME VERSION" in capsys.readouterr().out
+    assert main(["presets", "-h"]) == 0 and "Usage: selfattn presets [OPTIONS] [NAME]" in capsys.readouterr().out
+    assert main(["predict"]) == 2 and "Missing argument 'TEXTS'" in capsys.readouterr().err
 
 
 def test_presets_are_listed_and_printed(capsys):
