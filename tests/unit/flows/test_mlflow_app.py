@@ -146,3 +146,12 @@ def test_entry_points_name_the_factories():
     assert apps["selfattn"].value == "flows.mlflow_app:create_app" and apps["selfattn"].load() is create_app
     assert apps["selfattn-auth"].value == "flows.mlflow_app:create_auth_app" and apps["selfattn-auth"].load() is create_auth_app
 
+
+def test_ui_command_runs_the_selfattn_app(tmp_path):
+    from flows.cli import mlflow_ui_command
+
+    cmd = mlflow_ui_command(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlartifacts", "127.0.0.1", 5000)
+    assert cmd[1:4] == ["-m", "mlflow", "server"]
+    assert cmd[cmd.index("--app-name") + 1] == "selfattn"
+    assert cmd[cmd.index("--default-artifact-root") + 1] == (tmp_path / "mlartifacts").as_uri()
+    assert "--default-artifact-root" not in mlflow_ui_command("http://tracking:5000", tmp_path, "127.0.0.1", 5000)
