@@ -359,12 +359,7 @@ def ui(
     from flows.prefect_ops import prefect_server_env, serve_uis
 
     home = setup_home()
-    uri = mlflow_tracking_uri(home)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
-    from flows.tracking.runs import is_tracking_server
-
-    if not is_tracking_server(uri):
-        cmd += ["--default-artifact-root", Path(mlflow_artifact_root(home)).as_uri()]
+    cmd = mlflow_ui_command(mlflow_tracking_uri(home), Path(mlflow_artifact_root(home)), host, port)
     # MLflow's GenAI job runner adds ~8 processes that a local UI does not need
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     server_env = None
@@ -377,9 +372,25 @@ def ui(
     runs.configure(home)
     links = runs.training_links(f"http://{host}:{port}")
     if links:
-        print("training runs (MLflow opens an experiment on its GenAI overview until the sidebar switch says 'Model training'; these links set it):")
+        print("training runs (MLflow's home page opens an experiment on its runs unless this browser's sidebar switch was set to GenAI; these links open the runs either way):")
         print("\n".join(f"  {name}: {url}" for name, url in links))
     raise typer.Exit(serve_uis(cmd, f"http://{host}:{port}", server_env, host, prefect_port, log_dir=home / "logs"))
+
+
+MLFLOW_APP = "selfattn"  # flows/mlflow_app.py:create_app, an `mlflow.app` entry point (pyproject.toml)
+
+
+def mlflow_ui_command(uri: str, artifact_root: Path, host: str, port: int) -> list[str]:
+    """The ``mlflow server`` that ``selfattn ui`` runs on store ``uri``: MLflow's app with the
+    ``selfattn`` index page, on which a fresh browser opens an experiment on its training runs
+    (flows/mlflow_app.py); a local store keeps its artifacts under ``artifact_root``."""
+    from flows.tracking.runs import is_tracking_server
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", MLFLOW_APP, "--backend-store-uri", uri,
+           "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
+    if not is_tracking_server(uri):
+        cmd += ["--default-artifact-root", artifact_root.as_uri()]
+    return cmd
 
 
 def presets(name: Optional[str] = typer.Argument(None, help="a preset to print (as a start for your own file)")) -> None:

@@ -4,8 +4,10 @@ The same services as ``infra/docker-compose.yml``, without a container engine:
 
 * PostgreSQL is expected to run already (``--pg-url``, default ``postgresql://postgres@127.0.0.1:5432``);
   ``up`` creates the databases ``<prefix>_mlflow``, ``<prefix>_prefect`` and ``<prefix>_optuna``.
-* ``mlflow server`` with the PostgreSQL backend store and proxied artifacts in ``<state>/mlartifacts``
-  (optionally the ``basic-auth`` app, admin password from ``MLFLOW_AUTH_ADMIN_PASSWORD``).
+* ``mlflow server`` with the PostgreSQL backend store and proxied artifacts in ``<state>/mlartifacts``,
+  as the ``selfattn`` app (MLflow's own, its UI opening an experiment on its training runs in a
+  fresh browser: flows/mlflow_app.py); with ``--mlflow-auth`` the ``selfattn-auth`` app (the same
+  behind MLflow's basic-auth app, admin password from ``MLFLOW_AUTH_ADMIN_PASSWORD``).
 * ``prefect server start`` on PostgreSQL (``PREFECT_HOME`` under the state directory).
 * a process work pool and ``prefect worker start --pool <pool>``, which runs deployments with the
   stack's URLs in its environment.
@@ -305,11 +307,14 @@ class Service:
 
 
 def mlflow_service(settings: StackSettings, port: int) -> Service:
-    """``mlflow server`` on PostgreSQL with proxied artifacts; with auth, the basic-auth app."""
+    """``mlflow server`` on PostgreSQL with proxied artifacts, as the ``selfattn`` app (MLflow's,
+    its UI opening an experiment on its training runs: flows/mlflow_app.py); with auth, the
+    ``selfattn-auth`` app (the same behind MLflow's basic-auth app)."""
     state = settings.state_dir
     (state / "mlartifacts").mkdir(parents=True, exist_ok=True)
     env = _base_env(settings)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "true" if settings.mlflow_jobs else "false"
+    app = "selfattn-auth" if settings.mlflow_auth else "selfattn"  # flows/mlflow_app.py (pyproject's mlflow.app entry points)
     cmd = [
         _bin("mlflow"), "server",
         "--backend-store-uri", settings.db_url("mlflow", driver="psycopg2"),
@@ -317,6 +322,7 @@ def mlflow_service(settings: StackSettings, port: int) -> Service:
         "--serve-artifacts",
         "--host", settings.host, "--port", str(port),
         "--workers", str(settings.mlflow_workers),
+        "--app-name", app,
     ]  # fmt: skip
     auth = None
     if settings.mlflow_auth:
@@ -332,7 +338,6 @@ def mlflow_service(settings: StackSettings, port: int) -> Service:
         )
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
         env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", os.urandom(16).hex())
-        cmd += ["--app-name", "basic-auth"]
         auth = (os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"), password)
     url = f"http://{settings.host}:{port}/health"
     return Service("mlflow", cmd, env, state, lambda: _http(url, auth=auth)[0] == 200)
@@ -517,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-worker", action="store_true", help="do not start a Prefect worker")
     p.add_argument("--no-prefect-ui", action="store_true", help="serve the Prefect API only")
     p.add_argument("--mlflow-jobs", action="store_true", help="enable the MLflow server's job runner (GenAI jobs; extra processes)")
-    p.add_argument("--mlflow-auth", action="store_true", help="MLflow basic-auth app; admin password from MLFLOW_AUTH_ADMIN_PASSWORD")
+    p.add_argument("--mlflow-auth", action="store_true", help="MLflow's basic-auth app (selfattn-auth); admin password from MLFLOW_AUTH_ADMIN_PASSWORD")
     p.add_argument("--timeout", type=float, default=float(e("SELFATTN_STACK_TIMEOUT", "180")), help="seconds to wait for each service")
     p.add_argument("--drop-databases", action="store_true", help="down: also drop the stack's databases")
     return p

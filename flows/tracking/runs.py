@@ -33,9 +33,11 @@ TAG_STAGE = "selfattn.stage"
 TAG_HOST = "selfattn.host"
 TAG_PID = "selfattn.pid"
 TAG_GIT = "mlflow.source.git.commit"
-# The MLflow 3 UI picks its layout from this experiment tag (values in its JS bundle:
-# genai_development, custom_model_development, finetuning, ...); without it an experiment
-# whose runs have no logged model yet opens in GenAI mode (traces, "Detect issues").
+# The experiment's kind as MLflow 3 names it (values in its JS bundle: genai_development,
+# custom_model_development, finetuning, ...): it marks our training experiments (`training_links`).
+# MLflow 3.17's UI does not read it for its layout: a sidebar switch kept in the browser
+# (`localStorage` `mlflow.workflowType_v1`, default GenAI) decides; the server app of
+# flows/mlflow_app.py (`selfattn ui`, infra/) makes "Model training" a fresh browser's default.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -414,8 +416,9 @@ def training_links(base: str) -> list[tuple[str, str]]:
 
     MLflow 3.17's UI does not read the experiment's ``mlflow.experimentKind`` tag: its sidebar
     switch (GenAI / Model training, kept in the browser's ``localStorage`` as
-    ``mlflow.workflowType_v1``, default GenAI) decides, so from the home page an experiment opens
-    on the GenAI overview until the switch is set once. These links set it for the page they open.
+    ``mlflow.workflowType_v1``) decides. On the server ``selfattn ui`` runs (the ``selfattn`` app,
+    flows/mlflow_app.py) a browser with no choice yet starts on Model training, so the home page's
+    links open the runs too; these links open them also where the switch says GenAI.
     """
     from mlflow import MlflowClient
 
@@ -426,9 +429,12 @@ def training_links(base: str) -> list[tuple[str, str]]:
 def ui_url(base: str, route: str, **query: str) -> str:
     """A link into the MLflow UI that opens in its "Model training" layout.
 
-    MLflow 3.17's UI picks GenAI or Model training from a global toggle (saved in the browser),
-    default GenAI, whatever the experiment's kind tag says; the ``workflowType`` query parameter
-    sets that toggle, so links we print open on runs, models and charts, not traces.
+    MLflow 3.17's UI picks GenAI or Model training from a sidebar switch kept in the browser
+    (``localStorage`` ``mlflow.workflowType_v1``; MLflow's default GenAI, Model training on the
+    ``selfattn`` server app of flows/mlflow_app.py), whatever the experiment's kind tag says. The
+    ``workflowType`` query parameter overrides the switch for the page it opens, so the links we
+    print open on runs, models and charts, not traces, in a browser whose switch says GenAI and on
+    a server started without the ``selfattn`` app.
     """
     from urllib.parse import urlencode
 

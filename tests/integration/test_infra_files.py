@@ -43,9 +43,10 @@ def test_compose_reads_every_variable_from_env_example_and_holds_no_secrets():
         for key, value in env.items():
             if any(word in key for word in ("PASSWORD", "SECRET", "ACCESS_KEY")):
                 assert isinstance(value, str) and value.startswith("${"), f"{service}.{key} must come from .env"
-    # the tracking server: basic-auth app, admin password from the environment, PostgreSQL + MinIO behind it
+    # the tracking server: MLflow's basic-auth app with our index page (selfattn-auth, flows/mlflow_app.py),
+    # admin password from the environment, PostgreSQL + MinIO behind it
     mlflow = compose["services"]["mlflow"]
-    assert "--app-name=basic-auth" in mlflow["command"]
+    assert "--app-name=selfattn-auth" in mlflow["command"]
     assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_AUTH_ADMIN_PASSWORD")
     assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
     assert mlflow["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")

@@ -1,5 +1,6 @@
 """The MLflow tracking server of the stack: a run logged with the client, read back over REST;
-artifacts proxied into the server's artifact store; the basic-auth app guarding the API."""
+artifacts proxied into the server's artifact store; the basic-auth app (``selfattn-auth``) guarding
+the API and serving the index page that opens experiments on their training runs."""
 
 from __future__ import annotations
 
@@ -61,18 +62,23 @@ def test_run_logged_to_server_reads_back_over_rest(stack, stack_env, tmp_path):
 
 
 def _get(url: str, user: str | None = None, password: str | None = None) -> int:
+    return _fetch(url, user, password)[0]
+
+
+def _fetch(url: str, user: str | None = None, password: str | None = None) -> tuple[int, str]:
     req = urllib.request.Request(url)
     if user:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status
+            return resp.status, resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, ""
 
 
 def test_basic_auth_app_with_admin_password_from_env(tmp_path):
-    """The docker-compose setting (``--app-name basic-auth``, password from the environment), natively."""
+    """The docker-compose setting (``--app-name selfattn-auth``: MLflow's basic-auth app with our
+    index page; password from the environment), natively."""
     reason = _pg_available()
     if reason:
         pytest.skip(reason)
@@ -93,6 +99,9 @@ def test_basic_auth_app_with_admin_password_from_env(tmp_path):
         assert _get(api) == 401
         assert _get(api, "admin", "wrong-" + password) == 401
         assert _get(api, "admin", password) == 200
+        # the UI's index page is behind the login too, and carries the default-workflow script
+        status, index = _fetch(f"{url}/", "admin", password)
+        assert status == 200 and "mlflow.workflowType_v1" in index and "static-files/static/js/main." in index
         # the password is nowhere on disk or on a command line
         assert password not in (tmp_path / "mlflow_auth.ini").read_text()
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

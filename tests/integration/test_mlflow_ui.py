@@ -1,7 +1,8 @@
 """The MLflow 3.17 UI as a user sees it, in headless Chromium, after two real pipeline runs.
 
 Two ``selfattn run --config smoke`` runs (the second with a longer fine-tune) on an embedded
-home, then ``mlflow server`` on that home's SQLite store. Each check takes a screenshot (left in
+home, then the ``mlflow server`` that ``selfattn ui`` starts (``--app-name selfattn``,
+flows/mlflow_app.py) on that home's SQLite store. Each check takes a screenshot (left in
 the test output folder) and reads the rendered page's text: the experiment opens as a training
 experiment, the parent run lists its datasets and registered version, the compare view shows the
 param that differs, and the chart view draws both runs' learning curves on one chart. The same
@@ -14,13 +15,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from flows.cli import mlflow_ui_command
 from flows.tracking.runs import EXPERIMENT_KIND, ui_url
 
 from .conftest import (
@@ -65,10 +66,12 @@ def ui(tmp_path_factory, output_dir):
         assert proc.returncode == 0, proc.stderr[-4000:]
         logs[name] = proc.stdout + proc.stderr
     port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--default-artifact-root", (home / "mlartifacts").as_uri()]  # fmt: skip
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the server `selfattn ui` starts: MLflow's app with our index page (--app-name selfattn)
+    cmd = mlflow_ui_command(f"sqlite:///{home / 'mlflow.db'}", home / "mlartifacts", "127.0.0.1", port)
+    assert cmd[cmd.index("--app-name") + 1] == "selfattn"
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # as `selfattn ui` does
+    with open(output_dir / "ui_mlflow_server.log", "wb") as log:
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     info = {"mlflow_url": f"http://127.0.0.1:{port}", "logs": logs, "output": output_dir}
 
     def healthy():
@@ -175,8 +178,9 @@ class _Browser:
             return None
 
     def run(self, steps):
-        """``steps``: ("go", url) | ("click", link or button text) | ("read", text expected on an experiment's page);
-        returns [(url, text)] per read."""
+        """``steps``: ("go", url) | ("click", link or button text) | ("read", text expected on an experiment's page)
+        | ("eval", JavaScript expression) | ("shot", PNG path); returns [(url, text)] per read and
+        [(expression, value)] per eval, in order."""
         import asyncio
         import time
 
@@ -186,13 +190,16 @@ class _Browser:
             async with websockets.connect(self.ws_url, max_size=50_000_000) as ws:
                 counter = iter(range(1, 10**6))
 
-                async def call(method, **params):
+                async def raw(method, **params):
                     my = next(counter)
                     await ws.send(json.dumps({"id": my, "method": method, "params": params}))
                     while True:
                         msg = json.loads(await ws.recv())
                         if msg.get("id") == my:
-                            return msg.get("result", {}).get("result", {}).get("value")
+                            return msg.get("result", {})
+
+                async def call(method, **params):
+                    return (await raw(method, **params)).get("result", {}).get("value")
 
                 async def text_when(needle, timeout=180, url_part=""):
                     end = time.monotonic() + timeout
@@ -212,12 +219,19 @@ class _Browser:
                         click = (
                             "(() => { const named = s => [...document.querySelectorAll(s)]"
                             f".find(e => e.innerText && e.innerText.trim() === {json.dumps(arg)});"
-                            " const e = named('a') || named('button, [role=radio], span'); if (!e) return false; e.click(); return true; })()"
+                            " const e = named('a') || named('button, [role=radio], [role=button], span'); if (!e) return false; e.click(); return true; })()"
                         )  # fmt: skip
                         end = time.monotonic() + 180
                         while not await call("Runtime.evaluate", returnByValue=True, expression=click):
                             assert time.monotonic() < end, f"nothing to click named {arg!r}"
                             await asyncio.sleep(1)
+                    elif kind == "eval":
+                        reads.append((arg, await call("Runtime.evaluate", expression=arg, returnByValue=True)))
+                    elif kind == "shot":
+                        import base64
+
+                        shot = await raw("Page.captureScreenshot", format="png")
+                        Path(arg).write_bytes(base64.b64decode(shot["data"]))
                     else:  # read: the text on a page of an experiment
                         await text_when(arg, url_part="/experiments/")
                         await asyncio.sleep(3)  # the page settles (tabs redirect once)
@@ -232,34 +246,45 @@ class _Browser:
         self.proc.wait(timeout=30)
 
 
-def test_from_the_home_page_an_experiment_opens_on_its_training_runs_once_the_switch_says_so(ui, tmp_path):
+def test_from_the_home_page_a_fresh_browser_opens_an_experiment_on_its_training_runs(ui, tmp_path):
     """MLflow 3.17 picks GenAI or Model training from the sidebar switch kept in the browser
-    (``localStorage`` ``mlflow.workflowType_v1``, default GenAI), not from the experiment's
-    ``mlflow.experimentKind`` tag. A fresh browser lands on the GenAI overview; once the switch is
-    set, the home page's link lands on the training runs; the links selfattn prints always do."""
+    (``localStorage`` ``mlflow.workflowType_v1``, MLflow's default GenAI), not from the experiment's
+    ``mlflow.experimentKind`` tag. The ``selfattn`` app's index page sets it to Model training in a
+    browser with no value yet: a fresh browser that opens the home page and clicks the experiment
+    lands on its training runs. A user who then flips the switch to GenAI keeps that choice (the
+    home page's link opens the GenAI overview), and the links selfattn prints still open the runs."""
     from flows.tracking.runs import training_links
 
     name, home = ui["experiment"]["name"], ui["mlflow_url"] + "/"
+    first = ui["parents"][0]["info"]["run_name"]
+    stored = "localStorage.getItem('mlflow.workflowType_v1')"
     browser = _Browser(tmp_path / "profile")
     try:
-        [(url, fresh)] = browser.run([("go", home), ("click", name), ("read", "Detect Issues")])
-        assert "Detect Issues" in fresh and "/overview" in url, url
-        reads = browser.run([("click", "Model training"), ("go", home), ("click", name), ("read", ui["parents"][0]["info"]["run_name"])])
-        [(url, switched)] = reads
-        assert "/runs" in url and "workflowType=machine_learning" in url
+        shot = ui["output"] / "mlflow_ui_home_page_fresh_browser.png"
+        reads = browser.run([("go", home), ("eval", stored), ("click", name), ("read", first), ("shot", shot), ("eval", stored)])
+        [(_, on_home), (url, fresh), (_, after)] = reads
+        assert on_home == after == json.dumps("machine_learning")  # set by the index page, before MLflow's code
+        assert "/runs" in url, url  # (MLflow then writes the switch's value into the URL's query)
         for r in ui["parents"]:
-            assert r["info"]["run_name"] in switched
-        assert "Detect Issues" not in switched
+            assert r["info"]["run_name"] in fresh
+        assert "Detect Issues" not in fresh
+        assert shot.is_file() and shot.stat().st_size > 10_000
+
+        # the user flips the switch to GenAI: kept, and the home page's link now opens the GenAI overview
+        reads = browser.run([("click", "GenAI"), ("read", "Detect Issues"), ("eval", stored), ("go", home), ("eval", stored), ("click", name),
+                             ("read", "Detect Issues"), ("shot", ui["output"] / "mlflow_ui_home_page_genai_chosen.png")])  # fmt: skip
+        [(_, _), (_, chosen), (_, still), (url, genai)] = reads
+        assert chosen == still == json.dumps("genai"), (chosen, still)  # the index page left the choice alone
+        assert "/overview" in url and "Detect Issues" in genai, url
+
+        # the links selfattn prints open the runs even in this browser, and leave its choice alone
+        import mlflow
+
+        mlflow.set_tracking_uri(ui["mlflow_url"])
+        links = dict(training_links(ui["mlflow_url"]))
+        assert links[name] == ui_url(ui["mlflow_url"], f"experiments/{ui['experiment']['experiment_id']}/runs")
+        [(url, text), (_, kept)] = browser.run([("go", links[name]), ("read", first), ("eval", stored)])
+        assert "/runs" in url and first in text and "Detect Issues" not in text, url
+        assert kept == json.dumps("genai")
     finally:
         browser.close()
-    import mlflow
-
-    mlflow.set_tracking_uri(ui["mlflow_url"])
-    links = dict(training_links(ui["mlflow_url"]))
-    assert links[name] == ui_url(ui["mlflow_url"], f"experiments/{ui['experiment']['experiment_id']}/runs")
-    fresh_browser = _Browser(tmp_path / "profile2")
-    try:
-        [(_, text)] = fresh_browser.run([("go", links[name]), ("read", ui["parents"][0]["info"]["run_name"])])
-        assert ui["parents"][0]["info"]["run_name"] in text and "Detect Issues" not in text
-    finally:
-        fresh_browser.close()
