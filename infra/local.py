@@ -315,6 +315,10 @@ def mlflow_service(settings: StackSettings, port: int) -> Service:
     env = _base_env(settings)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "true" if settings.mlflow_jobs else "false"
     app = "selfattn-auth" if settings.mlflow_auth else "selfattn"  # flows/mlflow_app.py (pyproject's mlflow.app entry points)
+    if settings.mlflow_auth and settings.mlflow_jobs:
+        # MLflow gives its job runner the token for the auth-protected gateway routes only when the
+        # app is named basic-auth: jobs win over the UI's default view
+        app = "basic-auth"
     cmd = [
         _bin("mlflow"), "server",
         "--backend-store-uri", settings.db_url("mlflow", driver="psycopg2"),
