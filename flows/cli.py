@@ -386,7 +386,14 @@ def mlflow_ui_command(uri: str, artifact_root: Path, host: str, port: int) -> li
     (flows/mlflow_app.py); a local store keeps its artifacts under ``artifact_root``."""
     from flows.tracking.runs import is_tracking_server
 
-    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", MLFLOW_APP, "--backend-store-uri", uri,
+    from importlib.metadata import entry_points
+
+    app = ["--app-name", MLFLOW_APP]
+    if MLFLOW_APP not in {e.name for e in entry_points(group="mlflow.app")}:  # an install older than the entry point
+        print(f"note: the MLflow app {MLFLOW_APP!r} is not installed (reinstall: pip install -e .); "
+              "MLflow's own UI opens experiments on its GenAI view", file=sys.stderr)  # fmt: skip
+        app = []
+    cmd = [sys.executable, "-m", "mlflow", "server", *app, "--backend-store-uri", uri,
            "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
     if not is_tracking_server(uri):
         cmd += ["--default-artifact-root", artifact_root.as_uri()]

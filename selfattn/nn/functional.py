@@ -264,9 +264,15 @@ def scaled_dot_product_attention(
     _validate(q, k, v, attn_mask, dropout_p, scale)
     if return_weights:
         return _reference(q, k, v, attn_mask, is_causal, float(dropout_p), scale)
-    if composed_is_faster(q, k, v):
+    if composed_is_faster(q, k, v, attn_mask, is_causal, scale):
         return _reference(q, k, v, attn_mask, is_causal, float(dropout_p), scale)[0]
+    return _fused(q, k, v, attn_mask, is_causal, float(dropout_p), scale)
 
+
+def _fused(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float, scale: float | None
+) -> Tensor:
+    """PyTorch's fused kernel with selfattn's mask semantics (bottom-right causal, zeros on dead rows)."""
     lq, lk = q.shape[-2], k.shape[-2]
     mask, alive, torch_causal = _prepare_mask(attn_mask, is_causal, lq, lk, q.dtype, q.device)
     gqa = q.dim() >= 4 and k.shape[-3] != q.shape[-3]  # grouped or multi-query heads
@@ -281,25 +287,79 @@ def scaled_dot_product_attention(
     return out
 
 
-# PyTorch's fused CPU kernel is slow to differentiate in bf16 at short lengths (no AMX needed to see
-# it: on an AMD EPYC with avx512_bf16, B=56, H=12, T=36, hd=32, forward + backward took 181 ms fused
-# against 19 ms composed of two matmuls and a float32 softmax; the two meet near T=256). In float32
-# the fused kernel is as fast or faster, and in fp16 too (150 against 162 ms at T=36: the CPU does
-# not speed up fp16 matmuls). Training with bf16 autocast on short sequences (a fine-tuned encoder,
-# a classifier) takes the composed path.
-COMPOSED_MAX_KEYS = 128
+# PyTorch's fused CPU kernel can be slow to differentiate in reduced precision at short lengths: on
+# an AMD EPYC with avx512_bf16, B=56, H=12, T=36, hd=32, bf16 forward + backward took 181 ms fused
+# against 19 ms composed of two matmuls and a float32 softmax (the two meet near T=256), while in
+# fp16 the fused kernel was as fast (150 against 162 ms). Another CPU (AMX, another PyTorch) can
+# rank them differently, so the choice is measured, not assumed: the first time autograd records
+# a CPU attention in bf16 or fp16 for a (dtype, head dim, key-length bucket), both paths run
+# forward + backward on that very call's shapes (one warm-up, then the best of two), and the
+# faster one is kept for the process (the composed path must win by 10%). The composed path holds
+# the [..., Lq, Lk] scores, so it is never tried above COMPOSED_MAX_KEYS keys. Inference and
+# float32 stay fused. SELFATTN_CPU_ATTENTION=fused|composed fixes the choice (reproducible
+# numerics across machines); unset or "measure" measures.
+COMPOSED_MAX_KEYS = 256
+CPU_ATTENTION_ENV = "SELFATTN_CPU_ATTENTION"
+_COMPOSED_MARGIN = 0.9  # composed is kept only when it takes < 90% of the fused time
+_measured: dict[tuple, bool] = {}  # (dtype, head dim, key bucket) -> composed is faster
 
 
-def composed_is_faster(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True where the composed path (:func:`_reference`) beats PyTorch's fused kernel: on CPU, in bf16, with
-    at most :data:`COMPOSED_MAX_KEYS` keys, while autograd records (inference stays fused)."""
-    return (
+def _key_bucket(lk: int) -> int:
+    """Key lengths measured together: powers of two (1-16, 17-32, 33-64, ...)."""
+    return max(16, 1 << (max(lk, 1) - 1).bit_length())
+
+
+def _time_both(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None) -> tuple[float, float]:
+    """Seconds of forward + backward for (fused, composed) on detached copies of this call's tensors."""
+    import time
+
+    def step(path) -> float:
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        t0 = time.perf_counter()
+        out = path(*leaves)
+        out.backward(torch.ones_like(out))
+        return time.perf_counter() - t0
+
+    fused = lambda a, b, c: _fused(a, b, c, attn_mask, is_causal, 0.0, scale)  # noqa: E731
+    composed = lambda a, b, c: _reference(a, b, c, attn_mask, is_causal, 0.0, scale)[0]  # noqa: E731
+    with torch.enable_grad():
+        step(fused), step(composed)  # warm-up: first-call allocations and kernel selection
+        return min(step(fused) for _ in range(2)), min(step(composed) for _ in range(2))
+
+
+def composed_is_faster(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, scale: float | None = None
+) -> bool:
+    """True where the composed path (:func:`_reference`) is measured faster than PyTorch's fused kernel
+    on this machine: on CPU, in bf16 or fp16, with at most :data:`COMPOSED_MAX_KEYS` keys, while
+    autograd records (inference stays fused). See the comment above :data:`COMPOSED_MAX_KEYS`."""
+    if not (
         q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
+        and q.dtype in (torch.bfloat16, torch.float16)
         and k.shape[-2] <= COMPOSED_MAX_KEYS
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
-    )
+    ):
+        return False
+    import os
+
+    forced = os.environ.get(CPU_ATTENTION_ENV, "measure").strip().lower()
+    if forced in ("fused", "composed"):
+        return forced == "composed"
+    if forced not in ("", "measure"):
+        raise ValueError(f"{CPU_ATTENTION_ENV}={forced!r}: expected fused, composed or measure")
+    key = (q.dtype, q.shape[-1], _key_bucket(k.shape[-2]))
+    if key not in _measured:
+        fused_s, composed_s = _time_both(q, k, v, attn_mask, is_causal, scale)
+        _measured[key] = composed_s < _COMPOSED_MARGIN * fused_s
+        import logging
+
+        logging.getLogger(__name__).info(
+            "CPU attention, %s, head dim %d, up to %d keys: fused %.1f ms, composed %.1f ms per forward + backward -> %s",
+            str(q.dtype).removeprefix("torch."), key[1], key[2], fused_s * 1e3, composed_s * 1e3,
+            "composed" if _measured[key] else "fused",
+        )  # fmt: skip
+    return _measured[key]
 
 
 def _reference(

@@ -60,7 +60,7 @@ def ui(tmp_path_factory, output_dir):
     env.update(SELFATTN_HOME=str(home), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
     env["SELFATTN_DATA_DIR"] = real_data_dir()
     logs = {}
-    for name, extra in (("first", []), ("longer", ["--set", "finetune.train.max_steps=24"]), ("verbose", ["--verbose"])):
+    for name, extra in (("first", []), ("longer", ["--set", "finetune.train.max_steps=24"]), ("verbose", ["--verbose", "--new-run"])):
         proc = subprocess.run([*selfattn_cmd(), "run", "--config", "smoke", *extra], env=env, capture_output=True, text=True, timeout=1800)
         (output_dir / f"ui_run_{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -82,7 +82,8 @@ def ui(tmp_path_factory, output_dir):
             return False
 
     try:
-        wait_for(healthy, timeout=300, what="mlflow server")
+        wait_for(lambda: server.poll() is not None or healthy(), timeout=300, what="mlflow server")
+        assert server.poll() is None, (output_dir / "ui_mlflow_server.log").read_text(errors="replace")[-3000:]
         exp = mlflow_get(info, "experiments/get-by-name", experiment_name="selfattn-smoke")["experiment"]
         runs = mlflow_post(info, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 500})["runs"]
         parents = [r for r in runs if not any(t["key"] in ("mlflow.parentRunId", "selfattn.stage") for t in r["data"].get("tags", []))]

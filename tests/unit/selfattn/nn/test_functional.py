@@ -240,10 +240,12 @@ def test_low_precision_masked_no_nan(dtype, path):
 
 
 @pytest.mark.parametrize("gqa", [False, True])
-def test_bf16_cpu_training_takes_the_composed_path_with_the_fused_results(gqa):
-    """bf16 on CPU with autograd recording and short keys: the composed path (two matmuls, a float32
-    softmax) gives the fused kernel's outputs and gradients, padded keys and a fully padded row included."""
-    from selfattn.nn.functional import COMPOSED_MAX_KEYS, composed_is_faster
+def test_bf16_cpu_training_on_the_composed_path_gives_the_fused_results(gqa, monkeypatch):
+    """bf16 on CPU with autograd recording and short keys, the composed path (two matmuls, a float32
+    softmax) forced: the fused kernel's outputs and gradients, padded keys and a fully padded row included."""
+    from selfattn.nn.functional import CPU_ATTENTION_ENV, COMPOSED_MAX_KEYS, composed_is_faster
+
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "composed")
 
     dtype = torch.bfloat16
     q, k, v = _qkv(3, 4, lq=9, lk=9, kv_lead=(3, 2 if gqa else 4), dtype=torch.float32)
@@ -269,12 +271,65 @@ def test_bf16_cpu_training_takes_the_composed_path_with_the_fused_results(gqa):
         assert (ours - exact).abs().max() <= (fused - exact).abs().max() * 2 + 1e-3  # no worse than the fused kernel
 
     fp32 = [t.clone().requires_grad_() for t in (q, k, v)]
-    assert not composed_is_faster(*fp32)  # float32: the fused kernel is as fast
-    assert not composed_is_faster(*[t.detach().half().requires_grad_() for t in (q, k, v)])  # so is it in fp16
+    assert not composed_is_faster(*fp32)  # float32: the fused kernel, never measured
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "fused")
+    assert not composed_is_faster(*[t.detach().to(dtype).requires_grad_() for t in (q, k, v)])
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "composed")
     low = [t.to(dtype) for t in (q, k, v)]
     assert not composed_is_faster(*low)  # inference: nothing records, the fused forward is fast
     long_k = torch.zeros(3, 4, COMPOSED_MAX_KEYS + 1, 8, dtype=dtype, requires_grad=True)
     assert not composed_is_faster(low[0].requires_grad_(), long_k, long_k)
+
+
+def test_the_cpu_attention_path_is_the_one_measured_faster_once_per_bucket(monkeypatch):
+    """Measured, not assumed: the composed path is taken where it ran faster (by 10%) on this very
+    call's shapes, each (dtype, head dim, key bucket) is measured once per process, and nothing is
+    measured for float32, inference or keys past COMPOSED_MAX_KEYS."""
+    from selfattn.nn import functional as fn
+
+    monkeypatch.delenv(fn.CPU_ATTENTION_ENV, raising=False)
+    monkeypatch.setattr(fn, "_measured", {})
+    timings = {}  # key length -> (fused s, composed s)
+    calls = []
+
+    def fake_time_both(q, k, v, attn_mask, is_causal, scale):
+        calls.append((q.dtype, q.shape[-1], k.shape[-2]))
+        return timings[k.shape[-2]]
+
+    monkeypatch.setattr(fn, "_time_both", fake_time_both)
+
+    def leaves(lk, dtype=torch.bfloat16, hd=8):
+        return [torch.zeros(2, 4, n, hd, dtype=dtype, requires_grad=True) for n in (lk, lk, lk)]
+
+    timings.update({20: (0.100, 0.050), 40: (0.100, 0.095), 200: (0.100, 0.080)})
+    assert fn.composed_is_faster(*leaves(20))  # half the time: composed
+    assert not fn.composed_is_faster(*leaves(40))  # 95%: within the margin, the fused kernel stays
+    assert fn.composed_is_faster(*leaves(200))
+    assert fn.composed_is_faster(*leaves(30)) and not fn.composed_is_faster(*leaves(64))  # same buckets: no new measurement
+    assert calls == [(torch.bfloat16, 8, 20), (torch.bfloat16, 8, 40), (torch.bfloat16, 8, 200)]
+    timings[20] = (0.100, 0.500)
+    assert not fn.composed_is_faster(*leaves(20, hd=16))  # another head dim: measured again
+    assert not fn.composed_is_faster(*leaves(20, dtype=torch.float16))  # another dtype too
+    assert len(calls) == 5
+    # never measured: float32, inference, past the key limit
+    assert not fn.composed_is_faster(*leaves(20, dtype=torch.float32))
+    with torch.no_grad():
+        assert not fn.composed_is_faster(*leaves(20))
+    assert not fn.composed_is_faster(*leaves(fn.COMPOSED_MAX_KEYS + 1))
+    assert len(calls) == 5
+    monkeypatch.setenv(fn.CPU_ATTENTION_ENV, "sometimes")
+    with pytest.raises(ValueError, match="SELFATTN_CPU_ATTENTION='sometimes'"):
+        fn.composed_is_faster(*leaves(20))
+
+
+def test_the_measurement_times_both_paths_on_copies_and_leaves_the_inputs_alone():
+    from selfattn.nn import functional as fn
+
+    q, k, v = [torch.randn(2, 3, 12, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    keep = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    fused_s, composed_s = fn._time_both(q, k, v, keep, False, None)
+    assert fused_s > 0 and composed_s > 0
+    assert q.grad is None and k.grad is None and v.grad is None  # copies were differentiated, not the inputs
 
 
 # --------------------------------------------------------------------------- helpers
