@@ -1,7 +1,7 @@
 """``selfattn run`` when there is nothing to do: the earlier pipeline run that did it all, in seconds.
 
 A rerun whose every stage is cached (:func:`flows.stages.lookup.completed`) would start Prefect's
-API, import the flows, open an MLflow run per stage and register nothing new: about 17 s on two
+API, import the flows, open an MLflow run per stage and register nothing new: 13 s on two
 cores for stage work of under one second. So before any of that, ``run`` asks :func:`find`: are
 all stages done, is there an earlier pipeline run in this home with the same config (every
 section, the gate's margin included), the same pipeline code and these stage keys (its
