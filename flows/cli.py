@@ -316,9 +316,9 @@ def status(
     from flows.prefect_ops import check_states, pool_report, recent_runs, recent_runs_from_database, worker_command
 
     runs, report = None, None
-    if state or not embedded or pool:
-        console.install()  # before Prefect is imported: its start-up banners are not for this command
-    state = check_states(state) if state else None  # Prefect's state names: imports it, only for --state
+    if state:  # Prefect's state names: imports it (its start-up banners are not for this command)
+        console.install()
+        state = check_states(state)
     if embedded and not pool:
         import sqlite3
 
@@ -384,9 +384,9 @@ def mlflow_ui_command(uri: str, artifact_root: Path, host: str, port: int) -> li
     """The ``mlflow server`` that ``selfattn ui`` runs on store ``uri``: MLflow's app with the
     ``selfattn`` index page, on which a fresh browser opens an experiment on its training runs
     (flows/mlflow_app.py); a local store keeps its artifacts under ``artifact_root``."""
-    from flows.tracking.runs import is_tracking_server
-
     from importlib.metadata import entry_points
+
+    from flows.tracking.runs import is_tracking_server
 
     app = ["--app-name", MLFLOW_APP]
     if MLFLOW_APP not in {e.name for e in entry_points(group="mlflow.app")}:  # an install older than the entry point

@@ -31,16 +31,9 @@ def run_identity(cfg: Any) -> str:
     """Digest of the validated config (every section: the gate's margin and the experiment too)
     and of the ``flows`` code (the stage keys cover ``selfattn`` and ``flows/stages``; the gate,
     registration and tracking code live beside them)."""
-    import hashlib
+    from flows.stages.base import digest, sources_digest
 
-    from flows.stages.base import digest
-
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for p in sorted(root.rglob("*.py")):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(p.read_bytes())
-    return digest({"config": cfg.model_dump(mode="json"), "flows": h.hexdigest()})[:24]
+    return digest({"config": cfg.model_dump(mode="json"), "flows": sources_digest(Path(__file__).resolve().parent)})[:24]
 
 
 # the metrics the console shows (the rest are in the MLflow run and summary.md), in this order

@@ -112,15 +112,19 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Digest of the code that computes a stage's result: the ``selfattn`` package and ``flows/stages/``."""
-    roots = [Path(selfattn.__file__).resolve().parent, Path(__file__).resolve().parent]
+def sources_digest(*roots: Path) -> str:
+    """SHA-256 of the ``*.py`` files under ``roots``: their paths (from their parent folder) and bytes."""
     h = hashlib.sha256()
     for p in sorted(p for root in roots for p in root.rglob("*.py")):
         h.update(str(p.relative_to(p.parents[1])).encode())
         h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Digest of the code that computes a stage's result: the ``selfattn`` package and ``flows/stages/``."""
+    return sources_digest(Path(selfattn.__file__).resolve().parent, Path(__file__).resolve().parent)[:16]
 
 
 @dataclass

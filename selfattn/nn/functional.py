@@ -10,11 +10,16 @@ Mask helpers: :func:`causal_mask`, :func:`sliding_window_mask`. The sliding-wind
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -311,8 +316,6 @@ def _key_bucket(lk: int) -> int:
 
 def _time_both(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None) -> tuple[float, float]:
     """Seconds of forward + backward for (fused, composed) on detached copies of this call's tensors."""
-    import time
-
     def step(path) -> float:
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         t0 = time.perf_counter()
@@ -341,8 +344,6 @@ def composed_is_faster(
         and (q.requires_grad or k.requires_grad or v.requires_grad)
     ):
         return False
-    import os
-
     forced = os.environ.get(CPU_ATTENTION_ENV, "measure").strip().lower()
     if forced in ("fused", "composed"):
         return forced == "composed"
@@ -352,9 +353,7 @@ def composed_is_faster(
     if key not in _measured:
         fused_s, composed_s = _time_both(q, k, v, attn_mask, is_causal, scale)
         _measured[key] = composed_s < _COMPOSED_MARGIN * fused_s
-        import logging
-
-        logging.getLogger(__name__).info(
+        logger.info(
             "CPU attention, %s, head dim %d, up to %d keys: fused %.1f ms, composed %.1f ms per forward + backward -> %s",
             str(q.dtype).removeprefix("torch."), key[1], key[2], fused_s * 1e3, composed_s * 1e3,
             "composed" if _measured[key] else "fused",
