@@ -33,11 +33,10 @@ class UpToDate:
     """The earlier pipeline run that did everything this config asks, and the registry now."""
 
     result: PipelineResult  # as that run wrote it (its stages: the current keys)
-    result_path: Path
     champion: str | None = None  # the version holding the alias now (None: no champion, or no registry)
 
 
-def earlier_result(home: Path, stages: dict, identity: str) -> tuple[PipelineResult, Path] | None:
+def earlier_result(home: Path, stages: dict, identity: str) -> PipelineResult | None:
     """The newest ``runs/pipeline-*/result.json`` of ``home`` with this run identity (config and
     pipeline code) and these stage keys."""
     want = {name: out.key for name, out in stages.items()}
@@ -48,7 +47,7 @@ def earlier_result(home: Path, stages: dict, identity: str) -> tuple[PipelineRes
         except (OSError, ValueError):
             continue
         if result.identity == identity and {name: out.key for name, out in result.stages.items()} == want:
-            return result, path
+            return result
     return None
 
 
@@ -58,19 +57,19 @@ def find(cfg: PipelineConfig, home: Path) -> UpToDate | None:
 
     try:
         stages = completed(cfg, home)
-        found = earlier_result(home, stages, run_identity(cfg)) if stages is not None else None
-        if found is None:
+        result = earlier_result(home, stages, run_identity(cfg)) if stages is not None else None
+        if result is None:
             return None
-        result, path = found
         # the stages as they stand: all cached now, whatever that run had to do
-        return _in_stores(cfg, home, result.model_copy(update={"stages": stages}), path, stages)
+        return _in_stores(cfg, home, result.model_copy(update={"stages": stages}))
     except Exception as exc:  # never a reason to fail: the full run checks everything again
         logger.debug("up-to-date check skipped: %s", exc)
         return None
 
 
-def _in_stores(cfg: PipelineConfig, home: Path, result: PipelineResult, path: Path, stages: dict) -> UpToDate | None:
-    """``result`` if its MLflow run is still in the configured experiment and its version in the registry."""
+def _in_stores(cfg: PipelineConfig, home: Path, result: PipelineResult) -> UpToDate | None:
+    """``result`` if its MLflow run is still in the configured experiment and its version in the
+    registry (the same config, so the same experiment and model name: the identity says so)."""
     from flows.stages.register import run_key
     from flows.tracking import registry, runs
 
@@ -78,14 +77,14 @@ def _in_stores(cfg: PipelineConfig, home: Path, result: PipelineResult, path: Pa
     if not runs.run_is_in(result.mlflow_run_id, cfg.tracking.experiment):
         return None
     if not cfg.registry.enabled:
-        return UpToDate(result, path)
+        return UpToDate(result)
     name = cfg.registry.model_name
-    version = registry.find_version(name, run_key(stages["finetune"], stages["evaluate"], name))
-    if version is None or result.model_name != name:
+    version = registry.find_version(name, run_key(result.stages["finetune"], result.stages["evaluate"], name))
+    if version is None:
         return None
     champion = registry.champion_version(name)
     result = result.model_copy(update={"model_version": str(version.version)})
-    return UpToDate(result, path, champion=str(champion.version) if champion is not None else None)
+    return UpToDate(result, champion=str(champion.version) if champion is not None else None)
 
 
 def console(found: UpToDate, ui_hint: str) -> list[str]:
